@@ -1,0 +1,5 @@
+import sys
+
+from masqued.cli import main
+
+sys.exit(main())

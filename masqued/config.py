@@ -1,0 +1,683 @@
+"""``/etc/masque/NAME.conf`` -> frozen dataclasses, with clear errors.
+
+A config is flat top-level TOML keys; ``mode = "relay"`` or ``mode = "client"``
+picks which keys are allowed. Every problem is collected and reported at once,
+one per line, each as ``PATH: WHAT`` (``masqued check NAME`` prints them all, so
+an operator fixes a config in one pass rather than one error per restart).
+"""
+
+from __future__ import annotations
+
+import difflib
+import ipaddress
+import os
+import re
+import stat
+import tomllib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, TypeVar, cast
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+
+from masqued.host.naming import InvalidInstanceName, check_instance_name
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+NatMode = Literal["auto", "nftables", "iptables", "off"]
+Transport = Literal["stream"]
+
+DEFAULT_CONFIG_DIR = Path("/etc/masque")
+DEFAULT_PORT = 443
+DEFAULT_LISTEN = "0.0.0.0:443"
+DEFAULT_MTU = 1300
+MIN_MTU = 576  # RFC 791: every IPv4 host must accept 576-byte datagrams
+MAX_MTU = 9000
+MIN_MTU_IPV6 = 1280  # RFC 8200 §5
+DEFAULT_KEEPALIVE = 1.0
+DEFAULT_RECONNECT_MAX = 4.0
+LOG_LEVELS = ("debug", "info", "warning", "error")
+NAT_MODES: tuple[NatMode, ...] = ("auto", "nftables", "iptables", "off")
+TRANSPORTS_LATER = ("datagram", "auto")
+IFNAMSIZ = 16
+MAX_PEM_BYTES = 1 << 20  # a certificate bundle is a few KiB; refuse to slurp huge files
+
+RELAY_KEYS = (
+    "mode",
+    "listen",
+    "certificate",
+    "private_key",
+    "pool",
+    "routes",
+    "egress",
+    "nat",
+    "mtu",
+    "log_level",
+    "max_clients",
+)
+CLIENT_KEYS = (
+    "mode",
+    "relay",
+    "server_name",
+    "ca",
+    "routes",
+    "transport",
+    "mtu",
+    "fwmark",
+    "log_level",
+    "keepalive",
+    "reconnect_max",
+)
+# Attributes of a config that name files holding secrets (checked by check_permissions).
+SECRET_FILE_ATTRS = ("private_key", "token_file")
+
+
+class ConfigError(Exception):
+    """A config that cannot be used. ``str()`` is one ``PATH: WHAT`` line per problem."""
+
+    def __init__(self, path: Path | str, problems: str | Sequence[str]) -> None:
+        self.path = Path(path)
+        self.problems: tuple[str, ...] = (
+            (problems,) if isinstance(problems, str) else tuple(problems)
+        )
+        super().__init__("\n".join(f"{path}: {p}" for p in self.problems))
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    name: str
+    path: Path
+    listen_host: str
+    listen_port: int
+    certificate: Path
+    private_key: Path
+    pool: tuple[Network, ...]
+    routes: tuple[Network, ...]  # advertised to clients: what they may reach
+    egress: str  # "auto" or an interface name
+    nat: NatMode
+    mtu: int = DEFAULT_MTU
+    log_level: str = "info"
+    max_clients: int | None = None
+
+    mode: Literal["relay"] = "relay"
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    name: str
+    path: Path
+    relay_host: str
+    relay_port: int
+    server_name: str
+    ca: Path
+    routes: tuple[Network, ...]
+    transport: Transport = "stream"
+    mtu: int = DEFAULT_MTU
+    fwmark: int | None = None  # None: the instance default; 0: no mark ("off")
+    log_level: str = "info"
+    keepalive: float = DEFAULT_KEEPALIVE
+    reconnect_max: float = DEFAULT_RECONNECT_MAX
+
+    mode: Literal["client"] = "client"
+
+    @property
+    def full_tunnel(self) -> bool:
+        """True if any route is a default route (0.0.0.0/0 or ::/0)."""
+        return any(r.prefixlen == 0 for r in self.routes)
+
+
+Config = RelayConfig | ClientConfig
+
+
+def config_dir() -> Path:
+    """Directory of instance configs: ``$MASQUED_CONFIG_DIR`` or ``/etc/masque``."""
+    return Path(os.environ.get("MASQUED_CONFIG_DIR") or DEFAULT_CONFIG_DIR)
+
+
+def config_path(name: str) -> Path:
+    """``config_dir()/NAME.conf``; raises InvalidInstanceName for a bad name."""
+    return config_dir() / f"{check_instance_name(name)}.conf"
+
+
+# --- small parsers; each raises ValueError with a message fit for an operator ---
+
+_TOML_TYPES: tuple[tuple[type, str], ...] = (
+    (bool, "boolean"),  # before int: bool is a subclass of int
+    (str, "string"),
+    (int, "integer"),
+    (float, "float"),
+    (list, "array"),
+    (dict, "table"),
+)
+_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+def _show(value: object) -> str:
+    """A value for an error message: repr, cut short."""
+    tname = next(
+        (n for t, n in _TOML_TYPES if isinstance(value, t)),
+        type(value).__name__,  # datetime, date, time
+    )
+    text = repr(value)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return f"{tname} {text}"
+
+
+def _is_hostname(name: str) -> bool:
+    name = name.removesuffix(".")
+    if not name or len(name) > 253:
+        return False
+    return all(_LABEL.match(label) for label in name.split("."))
+
+
+def _ip_or_none(text: str) -> IPAddress | None:
+    try:
+        return ipaddress.ip_address(text)
+    except ValueError:
+        return None
+
+
+def parse_host_port(text: str, default_port: int | None = DEFAULT_PORT) -> tuple[str, int]:
+    """Split ``HOST:PORT`` / ``[V6]:PORT`` / ``HOST`` (port ``default_port``).
+
+    Returns the host without brackets. Does not check what kind of host it is.
+    """
+    port_text: str | None
+    if text.startswith("["):
+        end = text.find("]")
+        if end < 0:
+            raise ValueError(f"{text!r}: missing ']' after the IPv6 address")
+        host, rest = text[1:end], text[end + 1 :]
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"{text!r}: expected ':PORT' after ']'")
+        port_text = rest[1:] if rest else None
+        ip = _ip_or_none(host)
+        if ip is None or ip.version != 6:
+            raise ValueError(f"{text!r}: only IPv6 addresses go in brackets")
+    elif _ip_or_none(text) is not None:
+        host, port_text = text, None  # a bare address, IPv6 included
+    elif text.count(":") > 1:
+        raise ValueError(f"{text!r}: put an IPv6 address in brackets, e.g. '[2001:db8::1]:443'")
+    elif ":" in text:
+        host, port_text = text.split(":")
+    else:
+        host, port_text = text, None
+    if not host:
+        raise ValueError(f"{text!r}: missing host")
+    if port_text is None:
+        if default_port is None:
+            raise ValueError(f"{text!r}: missing ':PORT'")
+        return host, default_port
+    if not port_text.isascii() or not port_text.isdigit():
+        raise ValueError(f"{text!r}: port {port_text!r} is not a number")
+    port = int(port_text)
+    if not 1 <= port <= 65535:
+        raise ValueError(f"{text!r}: port {port} is out of range 1..65535")
+    return host, port
+
+
+def parse_network(text: str) -> Network:
+    """A CIDR with an explicit prefix length and no host bits set."""
+    if "/" not in text:
+        raise ValueError(f"{text!r} is not a valid CIDR (missing '/PREFIX')")
+    try:
+        return ipaddress.ip_network(text, strict=True)
+    except ValueError:
+        pass
+    try:
+        loose = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a valid CIDR") from None
+    raise ValueError(f"{text!r} has host bits set (did you mean '{loose}'?)")
+
+
+def _check_egress(name: str) -> str:
+    if name != "auto":
+        _check_ifname(name)
+    return name
+
+
+def _check_ifname(name: str) -> None:
+    """Linux ``dev_valid_name()``: 1..15 bytes, not '.'/'..', no '/', ':' or whitespace."""
+    if not name or len(name.encode()) >= IFNAMSIZ:
+        raise ValueError(f"{name!r} is not a valid interface name (1-15 characters)")
+    if name in (".", "..") or any(c in "/:" or c.isspace() for c in name):
+        raise ValueError(f"{name!r} is not a valid interface name (no '/', ':' or spaces)")
+
+
+# --- the reader: one key at a time, errors collected ---
+
+T = TypeVar("T")
+
+
+class _Reader:
+    def __init__(self, path: Path, data: dict[str, Any]) -> None:
+        self.path = path
+        self.base = Path(os.path.abspath(path)).parent
+        self.data = data
+        self.errors: list[str] = []
+
+    def error(self, key: str, what: str) -> None:
+        self.errors.append(f"{key}: {what}" if key else what)
+
+    def has(self, key: str) -> bool:
+        return key in self.data
+
+    def _get(self, key: str, types: tuple[type, ...], expected: str, required: bool) -> Any:
+        """The raw value if present with the right type; None if absent or wrong."""
+        if key not in self.data:
+            if required:
+                self.error("", f"missing required key {key!r}")
+            return None
+        value = self.data[key]
+        if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
+            self.error(key, f"expected {expected}, got {_show(value)}")
+            return None
+        return value
+
+    def string(self, key: str, default: str | None = None) -> str | None:
+        value = self._get(key, (str,), "a string", default is None)
+        return cast(str | None, value) if value is not None else default
+
+    def choice(self, key: str, choices: Sequence[str], default: str) -> str:
+        value = self.string(key, default)
+        if value is None or value in choices:
+            return value or default
+        allowed = ", ".join(f'"{c}"' for c in choices)
+        self.error(key, f"{value!r} is not one of {allowed}")
+        return default
+
+    def integer(self, key: str, default: int, lo: int, hi: int) -> int:
+        value = self._get(key, (int,), "an integer", False)
+        if value is None:
+            return default
+        if not lo <= value <= hi:
+            self.error(key, f"{value} is out of range {lo}..{hi}")
+            return default
+        return cast(int, value)
+
+    def number(self, key: str, default: float, lo: float, hi: float) -> float:
+        value = self._get(key, (int, float), "a number", False)
+        if value is None:
+            return default
+        if not lo <= value <= hi:  # also false for NaN
+            self.error(key, f"{value} is out of range {lo}..{hi}")
+            return default
+        return float(value)
+
+    def parsed(self, key: str, parse: Callable[[str], T], default: str | None = None) -> T | None:
+        text = self.string(key, default)
+        if text is None:
+            return None
+        try:
+            return parse(text)
+        except ValueError as e:
+            self.error(key, str(e))
+            return None
+
+    def networks(self, key: str, required: bool) -> tuple[Network, ...] | None:
+        value = self._get(key, (list,), "an array of CIDR strings", required)
+        if value is None:
+            return None
+        if not value:
+            self.error(key, "must not be empty")
+            return None
+        # Keep the good entries even when others are bad, so that checks built on
+        # them (mtu, routing loop) still run and every problem shows in one pass.
+        nets: list[Network] = []
+        for item in value:
+            if not isinstance(item, str):
+                self.error(key, f"expected CIDR strings, got {_show(item)}")
+                continue
+            try:
+                net = parse_network(item)
+            except ValueError as e:
+                self.error(key, str(e))
+                continue
+            if net in nets:
+                self.error(key, f"{net} is listed twice")
+                continue
+            nets.append(net)
+        return tuple(nets)
+
+    def file(self, key: str) -> tuple[Path, bytes] | None:
+        """A path (resolved against the config's directory) and its contents."""
+        text = self.string(key)
+        if text is None:
+            return None
+        if not text or "\0" in text:
+            self.error(key, f"{text!r} is not a valid file name")
+            return None
+        path = self.base / text
+        try:
+            with open(path, "rb") as f:
+                data = f.read(MAX_PEM_BYTES + 1)
+        except (FileNotFoundError, NotADirectoryError):
+            self.error(key, f"file {path} does not exist")
+            return None
+        except IsADirectoryError:
+            self.error(key, f"{path} is a directory, not a file")
+            return None
+        except PermissionError:
+            self.error(key, f"file {path} is not readable (permission denied)")
+            return None
+        except OSError as e:
+            self.error(key, f"cannot read {path}: {e.strerror or e}")
+            return None
+        if len(data) > MAX_PEM_BYTES:
+            self.error(key, f"file {path} is too large for a PEM file")
+            return None
+        return path, data
+
+    def certificates(self, key: str) -> tuple[Path, list[x509.Certificate]] | None:
+        loaded = self.file(key)
+        if loaded is None:
+            return None
+        path, data = loaded
+        try:
+            certs = x509.load_pem_x509_certificates(data)
+        except ValueError:
+            certs = []
+        if not certs:
+            self.error(key, f"{path} is not a PEM X.509 certificate")
+            return None
+        return path, certs
+
+    def private_key(self, key: str) -> tuple[Path, PrivateKeyTypes] | None:
+        loaded = self.file(key)
+        if loaded is None:
+            return None
+        path, data = loaded
+        try:
+            return path, serialization.load_pem_private_key(data, password=None)
+        except TypeError:
+            self.error(key, f"{path} is encrypted; masqued needs an unencrypted PEM key")
+        except (ValueError, UnsupportedAlgorithm):
+            self.error(key, f"{path} is not a PEM private key")
+        return None
+
+
+def _spki(key: Any) -> bytes:
+    return cast(
+        bytes,
+        key.public_bytes(
+            serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+        ),
+    )
+
+
+def _unknown_keys(data: dict[str, Any], mode: str | None) -> list[str]:
+    allowed: tuple[str, ...]
+    other: tuple[str, tuple[str, ...]]
+    if mode == "relay":
+        allowed, other = RELAY_KEYS, ("client", CLIENT_KEYS)
+    elif mode == "client":
+        allowed, other = CLIENT_KEYS, ("relay", RELAY_KEYS)
+    else:
+        allowed, other = tuple(dict.fromkeys(RELAY_KEYS + CLIENT_KEYS)), ("", ())
+    problems = []
+    for key, value in data.items():
+        if key in allowed:
+            continue
+        if key in other[1]:
+            problems.append(f"key {key!r} is only valid in a {other[0]} config (mode = {mode!r})")
+            continue
+        close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        if isinstance(value, dict):
+            problems.append(f"invalid table [{key}]{hint}; masqued configs use top-level keys only")
+        else:
+            problems.append(f"invalid key {key!r}{hint}")
+    return problems
+
+
+def _ipv6_reason(key: str, nets: Iterable[Network]) -> str | None:
+    for net in nets:
+        if net.version == 6:
+            return f"{key} has {net}"
+    return None
+
+
+def _check_mtu(r: _Reader, mtu: int, v6_reason: str | None) -> None:
+    if v6_reason is not None and mtu < MIN_MTU_IPV6:
+        r.error("mtu", f"{mtu} is below {MIN_MTU_IPV6}, the minimum for IPv6 ({v6_reason})")
+
+
+def _load_relay(r: _Reader, name: str) -> RelayConfig:
+    listen = r.parsed("listen", parse_host_port, DEFAULT_LISTEN)
+    listen_host = ""
+    if listen is not None:
+        ip = _ip_or_none(listen[0])
+        if ip is None:
+            r.error(
+                "listen",
+                f"{listen[0]!r} is not an IP address (use e.g. '0.0.0.0:443' or '[::]:443')",
+            )
+        else:
+            listen_host = str(ip)
+
+    cert = r.certificates("certificate")
+    key = r.private_key("private_key")
+    if (
+        cert is not None
+        and key is not None
+        and _spki(cert[1][0].public_key()) != _spki(key[1].public_key())
+    ):
+        r.error("private_key", f"{key[0]} does not match certificate {cert[0]}")
+
+    pool = r.networks("pool", required=True)
+    if pool is not None:
+        for i, net in enumerate(pool):
+            if net.prefixlen >= net.max_prefixlen - 1:
+                r.error("pool", f"{net} is too small (no client addresses)")
+            for other in pool[:i]:
+                if net.overlaps(other):
+                    r.error("pool", f"{net} overlaps {other}")
+
+    routes = r.networks("routes", required=False)
+    if routes is None and not r.has("routes") and pool is not None:
+        families = {n.version for n in pool}
+        routes = tuple(
+            ipaddress.ip_network(default)
+            for version, default in ((4, "0.0.0.0/0"), (6, "::/0"))
+            if version in families
+        )
+    if routes is not None and pool is not None:
+        families = {n.version for n in pool}
+        for route in routes:
+            if route.version not in families:
+                r.error(
+                    "routes",
+                    f"{route} is IPv{route.version} but the pool has no IPv{route.version} network",
+                )
+
+    egress = r.parsed("egress", _check_egress, "auto")
+    nat = r.choice("nat", NAT_MODES, "auto")
+    mtu = r.integer("mtu", DEFAULT_MTU, MIN_MTU, MAX_MTU)
+    _check_mtu(r, mtu, _ipv6_reason("pool", pool or ()) or _ipv6_reason("routes", routes or ()))
+    log_level = r.choice("log_level", LOG_LEVELS, "info")
+    max_clients: int | None = None
+    if r.has("max_clients"):
+        max_clients = r.integer("max_clients", 1, 1, 1 << 24)
+
+    if r.errors:
+        raise ConfigError(r.path, r.errors)
+    assert cert is not None and key is not None and pool is not None and routes is not None
+    assert egress is not None
+    return RelayConfig(
+        name=name,
+        path=r.path,
+        listen_host=listen_host,
+        listen_port=listen[1] if listen else DEFAULT_PORT,
+        certificate=cert[0],
+        private_key=key[0],
+        pool=pool,
+        routes=routes,
+        egress=egress,
+        nat=cast(NatMode, nat),
+        mtu=mtu,
+        log_level=log_level,
+        max_clients=max_clients,
+    )
+
+
+def _check_relay_host(host: str) -> str:
+    ip = _ip_or_none(host)
+    if ip is not None:
+        return str(ip)
+    if not _is_hostname(host):
+        raise ValueError(f"{host!r} is neither a valid host name nor an IP address")
+    return host
+
+
+def _load_client(r: _Reader, name: str) -> ClientConfig:
+    relay = r.parsed("relay", parse_host_port)
+    relay_host = ""
+    if relay is not None:
+        try:
+            relay_host = _check_relay_host(relay[0])
+        except ValueError as e:
+            r.error("relay", str(e))
+    server_name = r.parsed("server_name", _check_relay_host) if r.has("server_name") else None
+
+    ca = r.certificates("ca")
+    routes = r.networks("routes", required=True)
+
+    transport = r.string("transport", "stream")
+    if transport in TRANSPORTS_LATER:
+        r.error("transport", f'{transport!r} is not supported yet; use "stream"')
+    elif transport != "stream":
+        r.error("transport", f'{transport!r} is not valid; expected "stream"')
+
+    mtu = r.integer("mtu", DEFAULT_MTU, MIN_MTU, MAX_MTU)
+    _check_mtu(r, mtu, _ipv6_reason("routes", routes or ()))
+
+    fwmark: int | None = None
+    if r.has("fwmark"):
+        value = r.data["fwmark"]
+        if value == "auto":
+            fwmark = None
+        elif value == "off":
+            fwmark = 0
+        elif isinstance(value, int) and not isinstance(value, bool):
+            fwmark = r.integer("fwmark", 0, 1, 0xFFFFFFFF)
+        else:
+            r.error("fwmark", f'expected "auto", "off" or an integer, got {_show(value)}')
+
+    relay_ip = _ip_or_none(relay_host)
+    if fwmark == 0 and relay_ip is not None and routes is not None:
+        for route in routes:
+            if relay_ip.version == route.version and relay_ip in route:
+                r.error(
+                    "routes",
+                    f'{route} covers the relay address {relay_ip}; with fwmark = "off" this '
+                    'would route the relay into the tunnel (routing loop); remove fwmark = "off" '
+                    "or exclude the relay's address from routes",
+                )
+
+    log_level = r.choice("log_level", LOG_LEVELS, "info")
+    keepalive = r.number("keepalive", DEFAULT_KEEPALIVE, 0.2, 60.0)
+    reconnect_max = r.number("reconnect_max", DEFAULT_RECONNECT_MAX, 0.1, 3600.0)
+
+    if r.errors:
+        raise ConfigError(r.path, r.errors)
+    assert relay is not None and ca is not None and routes is not None
+    return ClientConfig(
+        name=name,
+        path=r.path,
+        relay_host=relay_host,
+        relay_port=relay[1],
+        server_name=server_name or relay_host,
+        ca=ca[0],
+        routes=routes,
+        transport="stream",
+        mtu=mtu,
+        fwmark=fwmark,
+        log_level=log_level,
+        keepalive=keepalive,
+        reconnect_max=reconnect_max,
+    )
+
+
+def load_config(path: Path, name: str | None = None) -> Config:
+    """Read and check one instance config. Raises ConfigError listing every problem.
+
+    ``name`` (the instance name) defaults to the file's stem. Relative file paths
+    in the config are resolved against the config file's directory.
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(path, f"cannot read config: {e.strerror or e}") from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise ConfigError(path, f"not valid UTF-8 (at line {line})") from None
+    except tomllib.TOMLDecodeError as e:
+        # tomllib says "(at line L, column C)", or "(at end of document)": give a line there too
+        last = raw.rstrip(b"\n").count(b"\n") + 1
+        what = str(e).replace("(at end of document)", f"(at end of document, line {last})")
+        raise ConfigError(path, f"TOML syntax error: {what}") from None
+
+    problems: list[str] = []
+    name = path.stem if name is None else name
+    try:
+        check_instance_name(name)
+    except InvalidInstanceName as e:
+        problems.append(str(e))
+
+    mode = data.get("mode")
+    if "mode" not in data:
+        problems.append('missing required key \'mode\' ("relay" or "client")')
+    elif not isinstance(mode, str):
+        problems.append(f'mode: expected "relay" or "client", got {_show(mode)}')
+    elif mode not in ("relay", "client"):
+        close = difflib.get_close_matches(mode, ("relay", "client"), n=1, cutoff=0.6)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        problems.append(f'mode: {mode!r} is not "relay" or "client"{hint}')
+    problems += _unknown_keys(data, mode if isinstance(mode, str) else None)
+    if mode not in ("relay", "client"):
+        raise ConfigError(path, problems)
+
+    reader = _Reader(path, data)
+    reader.errors = problems
+    if mode == "relay":
+        return _load_relay(reader, name)
+    return _load_client(reader, name)
+
+
+def _mode_warning(path: Path, what: str) -> list[str]:
+    try:
+        st = path.stat()
+    except OSError as e:
+        return [f"{path}: cannot check permissions: {e.strerror or e}"]
+    warnings = []
+    if st.st_mode & stat.S_IWOTH:
+        warnings.append(f"{path}: {what} is world-writable; anyone can change it (chmod o-w)")
+    if st.st_mode & stat.S_IROTH:
+        warnings.append(f"{path}: {what} is world-readable (chmod o-r)")
+    return warnings
+
+
+def check_permissions(path: Path, cfg: Config) -> list[str]:
+    """Warnings (not errors) about files others can read or change, as wg-quick warns.
+
+    A world-readable config or a world-readable file holding secrets (private
+    key, token file) gets a warning; so does anything world-writable.
+    """
+    warnings = _mode_warning(Path(path), "config file")
+    for attr in SECRET_FILE_ATTRS:
+        secret = getattr(cfg, attr, None)
+        if isinstance(secret, Path):
+            warnings += [
+                w.replace(" is world-readable", " is world-readable (holding secrets)")
+                for w in _mode_warning(secret, attr.replace("_", " "))
+            ]
+    return warnings

@@ -1,0 +1,374 @@
+"""One instance's life: host set-up, the data path, reload and clean shutdown.
+
+Order on start: clean up leftovers of a crashed earlier run, create the TUN, set
+addresses/routes/rules, forwarding and NAT, then open the socket and tell systemd
+READY. On stop everything is torn down by the same name-derived cleanup that
+``masqued cleanup NAME`` runs, so nothing depends on in-memory state surviving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import signal
+import socket
+import time
+from collections.abc import Callable
+from typing import Any
+
+from masqued.config import ClientConfig, ConfigError, RelayConfig, load_config
+from masqued.host.cleanup import cleanup_instance
+from masqued.host.nat import NatBackend, make_nat
+from masqued.host.naming import (
+    RULE_PRIORITY_SUPPRESS,
+    RULE_PRIORITY_TABLE,
+    InstanceIds,
+)
+from masqued.host.routes import (
+    NetState,
+    PyRoute2Netlink,
+    Route,
+    Router,
+    Rule,
+    default_interface,
+    enable_forwarding,
+)
+from masqued.host.tun import open_tun
+from masqued.ipam import AddressPool
+from masqued.proto.request import TunnelParams
+from masqued.service import Notifier, set_level
+from masqued.transport.client import ClientSettings, ClientStatus, ClientTunnel
+from masqued.transport.relay import RelayServer, RelaySettings
+
+log = logging.getLogger("masqued")
+
+MAIN_TABLE = 254
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+class StartupError(Exception):
+    """The instance cannot start; the message says why and what to do."""
+
+
+class Instance:
+    """Shared plumbing: signals, reload, status, shutdown."""
+
+    def __init__(self, config: RelayConfig | ClientConfig, notifier: Notifier) -> None:
+        self.config = config
+        self.ids = InstanceIds(config.name)
+        self.notifier = notifier
+        self.loop = asyncio.get_running_loop()
+        self.stop_event = asyncio.Event()
+        self.started = time.time()
+
+    def install_signals(self, reload: Callable[[], None]) -> None:
+        # Handlers only wake the loop; the work happens in the loop.
+        self.loop.add_signal_handler(signal.SIGTERM, self.stop_event.set)
+        self.loop.add_signal_handler(signal.SIGINT, self.stop_event.set)
+        self.loop.add_signal_handler(signal.SIGHUP, reload)
+
+    def remove_signals(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            self.loop.remove_signal_handler(sig)
+
+    def reread(self) -> RelayConfig | ClientConfig | None:
+        """Load the config again; on error log it and keep the running one."""
+        self.notifier.reloading()
+        try:
+            new = load_config(self.config.path, self.config.name)
+        except ConfigError as exc:
+            log.error("reload rejected, keeping the running configuration: %s", exc)
+            return None
+        if type(new) is not type(self.config):
+            log.error("reload rejected: mode changed (restart the instance to change it)")
+            return None
+        return new
+
+    def cleanup(self) -> None:
+        cleanup_instance(self.ids)  # logs each removal itself
+
+
+def _changed_keys(old: Any, new: Any, keys: tuple[str, ...]) -> list[str]:
+    return [k for k in keys if getattr(old, k) != getattr(new, k)]
+
+
+# -- relay ---------------------------------------------------------------------------
+
+
+async def run_relay(config: RelayConfig, notifier: Notifier) -> int:
+    inst = Instance(config, notifier)
+    ids = inst.ids
+    nl = PyRoute2Netlink()
+    nat: NatBackend | None = None
+    server: RelayServer | None = None
+    tun = None
+    inst.cleanup()  # leftovers of a crashed earlier run
+    try:
+        pool = AddressPool(config.pool)
+        tun = open_tun(ids.tun, config.mtu)
+        router = Router(nl, ids)
+        router.set(NetState(addresses=frozenset(pool.gateways()), routes=frozenset(),
+                            rules=frozenset()))
+        v4 = any(n.version == 4 for n in config.pool)
+        v6 = any(n.version == 6 for n in config.pool)
+        egress = config.egress
+        if egress == "auto":
+            found = default_interface(4 if v4 else 6) or default_interface(6 if v4 else 4)
+            if found is None:
+                raise StartupError(
+                    "egress = \"auto\" but this host has no default route; "
+                    "set egress = \"IFNAME\" in the config"
+                )
+            egress = found
+        enable_forwarding([tun.name, egress], v4=v4, v6=v6)
+        nat = make_nat(config.nat, ids)
+        if nat is not None:
+            nat.apply(list(config.pool), egress)
+            log.info("NAT (%s): masquerading %s out of %s", nat.kind,
+                     ", ".join(map(str, config.pool)), egress)
+        sock = _bind_udp(config.listen_host, config.listen_port)
+        server = RelayServer(inst.loop, sock, tun, pool, _relay_settings(config))
+
+        def status() -> str:
+            assert server is not None
+            return (f"relay: {len(server.sessions)} clients, pool {pool.used()}/"
+                    f"{pool.capacity()} used, listening on {config.listen_host}:"
+                    f"{config.listen_port}")
+
+        server.on_change = lambda: notifier.status(status())
+
+        def reload() -> None:
+            nonlocal config
+            new = inst.reread()
+            if not isinstance(new, RelayConfig):
+                notifier.ready(status())
+                return
+            restart = _changed_keys(config, new, ("listen_host", "listen_port", "pool",
+                                                   "egress", "nat", "mtu"))
+            if restart:
+                log.warning("reload: %s changed; restart the instance to apply "
+                            "(running sessions kept as they are)", ", ".join(restart))
+            assert server is not None
+            server.update_settings(_relay_settings(new))
+            set_level(new.log_level)
+            config = new
+            inst.config = new
+            log.info("reloaded %s", new.path)
+            notifier.ready(status())
+
+        inst.install_signals(reload)
+        server.start()
+        log.info("relay %s listening on %s:%d (udp), tun %s, pool %s", ids.name,
+                 config.listen_host, config.listen_port, tun.name,
+                 ", ".join(map(str, config.pool)))
+        notifier.ready(status())
+        await inst.stop_event.wait()
+        log.info("stopping")
+        notifier.stopping()
+        return 0
+    finally:
+        with contextlib.suppress(Exception):
+            inst.remove_signals()
+        if server is not None:
+            server.close()
+            # Give the CONNECTION_CLOSE frames a moment to leave.
+            await asyncio.sleep(0.05)
+        if tun is not None:
+            tun.close()
+        inst.cleanup()
+
+
+def _relay_settings(config: RelayConfig) -> RelaySettings:
+    return RelaySettings(
+        mtu=config.mtu,
+        routes=tuple(config.routes),
+        certificate=str(config.certificate),
+        private_key=str(config.private_key),
+        max_clients=config.max_clients,
+    )
+
+
+def _bind_udp(host: str, port: int) -> socket.socket:
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_DGRAM,
+                               flags=socket.AI_PASSIVE)
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    if family == socket.AF_INET6:
+        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+    try:
+        sock.bind(addr)
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f"cannot listen on {host}:{port}/udp: {exc.strerror}") from exc
+    return sock
+
+
+# -- client ----------------------------------------------------------------------------
+
+
+def client_netstate(
+    ids: InstanceIds, routes: tuple[IPNetwork, ...], params: TunnelParams, fwmark: int
+) -> NetState:
+    """What the client's host should look like once the tunnel is up.
+
+    With a fwmark (default) the tunnel routes live in the instance's own table,
+    consulted for every packet not carrying the mark; the QUIC socket carries the
+    mark, so the relay stays reachable whatever the routes cover. Full-tunnel routes
+    also get wg-quick's ``suppress_prefixlength 0`` rule so that the main table's
+    specific routes keep working.
+    """
+    families = {a.version for a in params.addresses}
+    usable = tuple(r for r in routes if r.version in families)
+    table = ids.table if fwmark else MAIN_TABLE
+    route_set = frozenset(Route(dst=r, dev=ids.tun, table=table) for r in usable)
+    rules: set[Rule] = set()
+    if fwmark:
+        for family in sorted({r.version for r in usable}):
+            rules.add(Rule(family=family, priority=RULE_PRIORITY_TABLE, table=ids.table,
+                           fwmark=fwmark, invert=True))
+            if any(r.prefixlen == 0 for r in usable if r.version == family):
+                rules.add(Rule(family=family, priority=RULE_PRIORITY_SUPPRESS,
+                               table=MAIN_TABLE, fwmark=fwmark, invert=True,
+                               suppress_prefixlength=0))
+    return NetState(addresses=frozenset(params.addresses), routes=route_set,
+                    rules=frozenset(rules))
+
+
+async def run_client(config: ClientConfig, notifier: Notifier) -> int:
+    inst = Instance(config, notifier)
+    ids = inst.ids
+    nl = PyRoute2Netlink()
+    router = Router(nl, ids)
+    fwmark = ids.fwmark if config.fwmark is None else config.fwmark
+    tunnel: ClientTunnel | None = None
+    tun = None
+    routes = tuple(config.routes)
+    inst.cleanup()
+    try:
+        if not fwmark:
+            await _refuse_loop(config)
+        tun = open_tun(ids.tun, config.mtu)
+        last_params: TunnelParams | None = None
+
+        def on_params(params: TunnelParams) -> None:
+            nonlocal last_params
+            if params.mtu != config.mtu:
+                log.info("relay announces mtu %d (ours %d)", params.mtu, config.mtu)
+            missing = [r for r in routes
+                       if not any(r.version == a.version and r.subnet_of(a)  # type: ignore[arg-type]
+                                  for a in params.routes)]
+            if missing:
+                log.warning("relay does not advertise %s; packets there may be dropped",
+                            ", ".join(map(str, missing)))
+            reached = router.set(client_netstate(ids, routes, params, fwmark))
+            log.debug("host state: %s", reached)
+            last_params = params
+
+        def status_line(st: ClientStatus | None = None) -> str:
+            assert tunnel is not None
+            st = tunnel.status
+            if st.state == "connected" and st.params is not None:
+                addrs = ", ".join(str(a.ip) for a in st.params.addresses)
+                return f"client: connected to {config.relay_host}:{config.relay_port} as {addrs}"
+            err = f" ({st.last_error})" if st.last_error else ""
+            return f"client: {st.state} to {config.relay_host}:{config.relay_port}{err}"
+
+        tunnel = ClientTunnel(
+            inst.loop,
+            _client_settings(config, fwmark),
+            tun,
+            on_params,
+            on_state=lambda st: notifier.status(status_line(st)),
+        )
+
+        def reload() -> None:
+            nonlocal config, routes
+            new = inst.reread()
+            if not isinstance(new, ClientConfig):
+                notifier.ready(status_line())
+                return
+            restart = _changed_keys(config, new, ("relay_host", "relay_port", "server_name",
+                                                   "ca", "mtu", "fwmark", "transport"))
+            if restart:
+                log.warning("reload: %s changed; restart the instance to apply",
+                            ", ".join(restart))
+            if new.routes != config.routes:
+                routes = tuple(new.routes)
+                if last_params is not None:
+                    router.set(client_netstate(ids, routes, last_params, fwmark))
+                log.info("reload: routes now %s", ", ".join(map(str, routes)))
+            set_level(new.log_level)
+            config = new
+            inst.config = new
+            notifier.ready(status_line())
+
+        inst.install_signals(reload)
+        first_up: asyncio.Future[None] = inst.loop.create_future()
+        runner = inst.loop.create_task(tunnel.run(first_up))
+        stopper = inst.loop.create_task(inst.stop_event.wait())
+        await asyncio.wait({first_up, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        if first_up.done():
+            notifier.ready(status_line())
+            await stopper
+        log.info("stopping")
+        notifier.stopping()
+        tunnel.stop()
+        await asyncio.wait_for(runner, 2.0)
+        return 0
+    finally:
+        with contextlib.suppress(Exception):
+            inst.remove_signals()
+        if tunnel is not None:
+            tunnel.stop()
+        if tun is not None:
+            tun.close()
+        inst.cleanup()
+
+
+def _client_settings(config: ClientConfig, fwmark: int) -> ClientSettings:
+    return ClientSettings(
+        relay_host=config.relay_host,
+        relay_port=config.relay_port,
+        server_name=config.server_name,
+        ca=str(config.ca),
+        mtu=config.mtu,
+        fwmark=fwmark,
+        keepalive=config.keepalive,
+        reconnect_max=config.reconnect_max,
+    )
+
+
+async def _refuse_loop(config: ClientConfig) -> None:
+    """Without a fwmark, routes covering the relay would send QUIC into the tunnel."""
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(config.relay_host, config.relay_port,
+                                       type=socket.SOCK_DGRAM)
+    except OSError:
+        return  # resolution failures are reported by the connect loop
+    for info in infos:
+        addr = ipaddress.ip_address(info[4][0])
+        for route in config.routes:
+            if addr.version == route.version and addr in route:
+                raise StartupError(
+                    f"{config.path}: routes: {route} covers the relay {addr} and fwmark is "
+                    "off: the tunnel would carry its own packets (routing loop); "
+                    "remove fwmark = \"off\" or narrow the routes"
+                )
+
+
+def run(config: RelayConfig | ClientConfig, notifier: Notifier | None = None) -> int:
+    """Run one instance until SIGTERM/SIGINT; returns the exit code."""
+    notifier = notifier or Notifier()
+    try:
+        if isinstance(config, RelayConfig):
+            return asyncio.run(run_relay(config, notifier))
+        return asyncio.run(run_client(config, notifier))
+    except StartupError as exc:
+        log.error("%s", exc)
+        notifier.status(f"failed: {exc}")
+        return 1
+    finally:
+        notifier.close()

@@ -1,0 +1,78 @@
+"""Names and numbers that mark host objects as belonging to one instance.
+
+Everything an instance creates is found again from its name alone, so
+``masqued cleanup NAME`` needs no saved state.
+"""
+
+from __future__ import annotations
+
+import re
+import zlib
+from dataclasses import dataclass
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,31}$")
+
+# rtm_protocol value stamped on every route we add (see /etc/iproute2/rt_protos;
+# 0x6d is unassigned). Tells "ours" apart from the kernel's and the operator's routes.
+ROUTE_PROTO = 0x6D
+
+# Policy-rule priorities: after the local table (0), before main (32766).
+RULE_PRIORITY_SUPPRESS = 5209
+RULE_PRIORITY_TABLE = 5210
+
+
+class InvalidInstanceName(ValueError):
+    pass
+
+
+def check_instance_name(name: str) -> str:
+    """Return ``name`` if it is a usable instance name, else raise InvalidInstanceName."""
+    if not _NAME_RE.match(name):
+        raise InvalidInstanceName(
+            f"invalid instance name {name!r}: use 1-32 of A-Z a-z 0-9 _ . - "
+            "(starting with a letter or digit)"
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class InstanceIds:
+    """Identifiers derived from an instance name (pure function of the name)."""
+
+    name: str
+
+    @property
+    def _hash(self) -> int:
+        return zlib.crc32(self.name.encode())
+
+    @property
+    def tun(self) -> str:
+        """TUN device name, at most 15 characters (IFNAMSIZ - 1)."""
+        if len(self.name) <= 12:
+            return f"mq-{self.name}"
+        return f"mq-{self.name[:7]}-{self._hash & 0xFFFF:04x}"
+
+    @property
+    def table(self) -> int:
+        """Own routing table id; also used as the fwmark of the QUIC socket."""
+        return 0x4D0000 | (self._hash & 0xFFFF)
+
+    @property
+    def fwmark(self) -> int:
+        return self.table
+
+    @property
+    def nft_table(self) -> str:
+        return f"masqued_{self.name}".replace(".", "_").replace("-", "_")
+
+    @property
+    def ipt_chain(self) -> str:
+        """Own iptables chain (names are limited to 28 characters)."""
+        if len(self.name) <= 20:
+            return f"MASQUED-{self.name}"
+        return f"MASQUED-{self.name[:15]}-{self._hash & 0xFFFF:04x}"
+
+    @property
+    def comment(self) -> str:
+        """Comment stamped on rules we add to chains we do not own."""
+        return f"masqued:{self.name}"

@@ -1,0 +1,204 @@
+"""TUN device: IP packets in and out of the kernel (IFF_TUN | IFF_NO_PI, non-blocking).
+
+``TunDevice`` is the real device over python-pytun; ``FakeTun`` keeps packets in memory
+and still offers a pollable ``fileno()`` so event-loop code runs unchanged in tests.
+Both satisfy the ``Tun`` protocol, which is all the transport layer should depend on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+from collections import deque
+from typing import Any, Protocol
+
+log = logging.getLogger("masqued.host")
+
+# write() reports these as a dropped packet instead of raising: the queue is full
+# (EAGAIN, ENOBUFS) or the kernel rejected this one packet (EINVAL: not IP, bad length).
+_DROP_ERRNOS = frozenset({errno.EAGAIN, errno.ENOBUFS, errno.EINVAL})
+
+# Extra room above the MTU for a read, so an oversized packet is seen whole, not cut.
+_READ_SLACK = 64
+
+
+class Tun(Protocol):
+    """What the packet pumps need from a TUN device."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def mtu(self) -> int: ...
+
+    def fileno(self) -> int:
+        """A non-blocking fd that polls readable when packets are waiting."""
+        ...
+
+    def read_batch(self, max_packets: int = 256) -> list[bytes]:
+        """Up to ``max_packets`` packets, stopping early when none are left."""
+        ...
+
+    def write(self, packet: bytes) -> bool:
+        """Hand one IP packet to the kernel; False (no exception) when it was dropped."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class TunDevice:
+    """A real TUN device; the kernel deletes it when the fd is closed."""
+
+    def __init__(self, dev: Any, name: str, mtu: int) -> None:
+        self._dev = dev
+        self._fd: int = dev.fileno()
+        self._name = name
+        self._mtu = mtu
+        self._bufsize = mtu + _READ_SLACK
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def mtu(self) -> int:
+        return self._mtu
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def read_batch(self, max_packets: int = 256) -> list[bytes]:
+        # Hot path: plain os.read, one syscall per packet, no per-call allocation
+        # beyond the packet itself.
+        out: list[bytes] = []
+        read, fd, size = os.read, self._fd, self._bufsize
+        try:
+            while len(out) < max_packets:
+                out.append(read(fd, size))
+        except BlockingIOError:
+            pass
+        return out
+
+    def write(self, packet: bytes) -> bool:
+        try:
+            os.write(self._fd, packet)
+        except OSError as e:
+            if e.errno in _DROP_ERRNOS:
+                return False
+            raise
+        return True
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            log.info("[#] ip link delete dev %s", self._name)
+            self._dev.close()
+            self._fd = -1
+
+    def __enter__(self) -> TunDevice:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def open_tun(name: str, mtu: int) -> TunDevice:
+    """Create TUN ``name`` (IFF_TUN|IFF_NO_PI), set its MTU, bring it up, non-blocking."""
+    import pytun
+
+    if not 0 < len(name) <= 15:
+        raise ValueError(f"TUN name {name!r} must be 1-15 characters")
+    log.info("[#] ip tuntap add dev %s mode tun", name)
+    try:
+        dev = pytun.TunTapDevice(name=name, flags=pytun.IFF_TUN | pytun.IFF_NO_PI)
+    except pytun.Error as e:
+        raise OSError(f"cannot create TUN {name}: {e}") from None
+    try:
+        log.info("[#] ip link set mtu %d up dev %s", mtu, name)
+        dev.mtu = mtu
+        dev.up()
+        os.set_blocking(dev.fileno(), False)
+    except BaseException:
+        dev.close()
+        raise
+    return TunDevice(dev, dev.name, mtu)
+
+
+class FakeTun:
+    """In-memory TUN: ``inject`` plays the kernel sending, ``written`` what we sent it.
+
+    ``capacity`` bounds the kernel-side queue: writes beyond it are dropped (False),
+    as a full real TUN would. A pipe makes ``fileno()`` readable while packets wait.
+    """
+
+    def __init__(self, name: str = "mq-fake", mtu: int = 1400, capacity: int = 1024) -> None:
+        self._name = name
+        self._mtu = mtu
+        self.capacity = capacity
+        self.inbound: deque[bytes] = deque()  # kernel -> daemon (read_batch)
+        self.written: deque[bytes] = deque()  # daemon -> kernel (write)
+        self.dropped = 0
+        self.closed = False
+        self._rfd, self._wfd = os.pipe()
+        os.set_blocking(self._rfd, False)
+        os.set_blocking(self._wfd, False)
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def mtu(self) -> int:
+        return self._mtu
+
+    def fileno(self) -> int:
+        return self._rfd
+
+    def inject(self, *packets: bytes) -> None:
+        """Queue packets as if the kernel routed them into the TUN."""
+        if self.closed:
+            raise OSError(errno.EBADF, "closed")
+        for p in packets:
+            self.inbound.append(bytes(p)[: self._mtu + _READ_SLACK])
+        self._signal()
+
+    def _signal(self) -> None:
+        if self.inbound:
+            with contextlib.suppress(BlockingIOError):  # already readable
+                os.write(self._wfd, b"\0")
+
+    def read_batch(self, max_packets: int = 256) -> list[bytes]:
+        if self.closed:
+            raise OSError(errno.EBADF, "closed")
+        out: list[bytes] = []
+        while self.inbound and len(out) < max_packets:
+            out.append(self.inbound.popleft())
+        try:
+            while os.read(self._rfd, 4096):
+                pass
+        except BlockingIOError:
+            pass
+        self._signal()  # stay readable if packets are left
+        return out
+
+    def write(self, packet: bytes) -> bool:
+        if self.closed:
+            raise OSError(errno.EBADF, "closed")
+        if len(self.written) >= self.capacity or not packet or packet[0] >> 4 not in (4, 6):
+            self.dropped += 1
+            return False
+        self.written.append(bytes(packet))
+        return True
+
+    def take_written(self) -> list[bytes]:
+        """Everything written so far, emptying the queue (the kernel consumed it)."""
+        out = list(self.written)
+        self.written.clear()
+        return out
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            os.close(self._rfd)
+            os.close(self._wfd)

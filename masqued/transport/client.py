@@ -1,0 +1,467 @@
+"""The client's data path: the TUN device <-> one CONNECT-IP tunnel to the relay.
+
+``ClientTunnel.run`` keeps a tunnel up for as long as the daemon runs: it connects,
+sends the extended CONNECT, applies the relay's answer (addresses, MTU) through a
+callback, moves packets, and when the relay goes away it keeps the TUN and routes in
+place and reconnects with capped exponential backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import socket
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aioquic.h3.connection import ErrorCode as H3ErrorCode
+from aioquic.h3.connection import H3Connection, Setting
+from aioquic.h3.events import DataReceived, H3Event, HeadersReceived
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.events import (
+    ConnectionTerminated,
+    HandshakeCompleted,
+    PingAcknowledged,
+    StreamReset,
+)
+
+from masqued.logutil import RateLimitedLog
+from masqued.metrics import (
+    DROP_DISCONNECTED,
+    DROP_MALFORMED,
+    DROP_OVERSIZED,
+    DROP_QUEUE_FULL,
+    DROP_TUN_WRITE,
+    TrafficCounters,
+)
+from masqued.proto.errors import FramingError, ProtocolError, ResponseError
+from masqued.proto.framing import FrameDecoder, encode_frames
+from masqued.proto.request import TunnelParams, build_connect_request, parse_stream_response
+from masqued.transport.quic import (
+    Address,
+    QuicPeer,
+    UdpSocket,
+    monotonic,
+    quic_configuration,
+    stream_send_backlog,
+    tune_socket,
+)
+from masqued.transport.relay import SEND_BACKLOG_LIMIT, TUN_READ_BATCH, Tun
+
+log = logging.getLogger("masqued.client")
+
+# The handshake, SETTINGS and the CONNECT response must all arrive within this time.
+CONNECT_TIMEOUT = 5.0
+BACKOFF_INITIAL = 0.25
+
+
+class TunnelFailed(Exception):
+    """This attempt is over; the reason is logged and we back off and retry."""
+
+
+class TunnelRefused(TunnelFailed):
+    """The relay answered the CONNECT with a non-2xx status."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    relay_host: str
+    relay_port: int
+    server_name: str
+    ca: str
+    mtu: int
+    fwmark: int  # 0: do not mark
+    keepalive: float = 1.0
+    reconnect_max: float = 4.0
+
+    @property
+    def dead_after(self) -> float:
+        """Silence from the relay after which the tunnel is declared dead."""
+        return max(3.0, 3 * self.keepalive)
+
+    @property
+    def authority(self) -> str:
+        host = self.server_name
+        return f"[{host}]:{self.relay_port}" if ":" in host else f"{host}:{self.relay_port}"
+
+
+@dataclass
+class ClientStatus:
+    state: str = "starting"
+    relay_addr: str | None = None
+    params: TunnelParams | None = None
+    connected_since: float | None = None
+    last_error: str | None = None
+    connects: int = 0
+    counters: TrafficCounters = field(default_factory=TrafficCounters)
+
+
+class ClientConnection(QuicPeer):
+    """One attempt: QUIC connection + CONNECT-IP stream."""
+
+    def __init__(
+        self,
+        tunnel: ClientTunnel,
+        quic: QuicConnection,
+        udp: UdpSocket,
+    ) -> None:
+        super().__init__(tunnel.loop, quic, udp.send)
+        self.tunnel = tunnel
+        self.udp = udp
+        self.h3 = H3Connection(quic)
+        self.stream_id: int | None = None
+        self.params: TunnelParams | None = None
+        self.decoder = FrameDecoder(tunnel.settings.mtu)
+        self.ready: asyncio.Future[TunnelParams] = tunnel.loop.create_future()
+        self.done: asyncio.Future[str] = tunnel.loop.create_future()
+        self.last_rx = monotonic()
+        self._ping_uid = 0
+
+    def datagrams_received(self, batch: list[tuple[bytes, Address]]) -> None:
+        now = monotonic()
+        self.last_rx = now
+        receive = self.quic.receive_datagram
+        for data, addr in batch:
+            receive(data, addr, now)
+        self.process_events()
+        if not self.closed:
+            self.flush()
+
+    def process_events(self) -> None:
+        h3 = self.h3
+        assert h3 is not None
+        while (event := self.quic.next_event()) is not None:
+            if isinstance(event, ConnectionTerminated):
+                reason = event.reason_phrase or f"code {event.error_code:#x}"
+                self.finish(f"connection closed by relay or timeout ({reason})")
+                return
+            if isinstance(event, StreamReset) and event.stream_id == self.stream_id:
+                self.finish(f"relay reset the tunnel stream (code {event.error_code:#x})")
+                return
+            if isinstance(event, (HandshakeCompleted, PingAcknowledged)):
+                pass
+            for h3_event in h3.handle_event(event):
+                self._h3_event(h3_event)
+                if self.closed:
+                    return
+        if self.stream_id is None and h3.received_settings is not None:
+            self._send_request(h3.received_settings)
+
+    def _send_request(self, settings: dict[int, int]) -> None:
+        # RFC 9220 §3: extended CONNECT only once the peer's SETTINGS allow it.
+        if settings.get(Setting.ENABLE_CONNECT_PROTOCOL) != 1:
+            self.fail("relay does not support extended CONNECT (SETTINGS_ENABLE_CONNECT_PROTOCOL)")
+            return
+        assert self.h3 is not None
+        self.stream_id = self.quic.get_next_available_stream_id()
+        headers = build_connect_request(self.tunnel.settings.authority, transport="stream")
+        self.h3.send_headers(self.stream_id, headers, end_stream=False)
+
+    def _h3_event(self, event: H3Event) -> None:
+        if isinstance(event, HeadersReceived) and event.stream_id == self.stream_id:
+            if self.params is not None:
+                self.fail("unexpected HEADERS on the tunnel stream")
+                return
+            status = dict(event.headers).get(b":status", b"")
+            try:
+                params = parse_stream_response(event.headers)
+            except ResponseError as exc:
+                if status.isdigit() and not status.startswith(b"2"):
+                    self.fail(TunnelRefused(int(status), f"relay refused the tunnel: {exc.reason}"))
+                else:
+                    self.fail(f"unusable response from relay: {exc.reason}")
+                return
+            self.params = params
+            if not self.ready.done():
+                self.ready.set_result(params)
+            if event.stream_ended:
+                self.finish("relay closed the tunnel stream")
+        elif isinstance(event, DataReceived) and event.stream_id == self.stream_id:
+            if self.params is None:
+                self.fail("tunnel data before the response")
+                return
+            if event.data:
+                self.tunnel.packets_from_relay(self, event.data)
+            if event.stream_ended and not self.closed:
+                self.finish("relay closed the tunnel stream")
+
+    def keepalive(self) -> None:
+        """Ping when idle; declare the tunnel dead when the relay stays silent."""
+        now = monotonic()
+        silent = now - self.last_rx
+        settings = self.tunnel.settings
+        if silent >= settings.dead_after:
+            self.fail(f"no answer from relay for {silent:.1f}s")
+            return
+        if silent >= settings.keepalive:
+            self._ping_uid += 1
+            self.quic.send_ping(self._ping_uid)
+            self.flush()
+
+    def fail(self, reason: str | Exception) -> None:
+        """Close the QUIC connection and end this attempt with ``reason``."""
+        if self.closed:
+            return
+        message = str(reason)
+        with contextlib.suppress(Exception):
+            self.quic.close(error_code=H3ErrorCode.H3_NO_ERROR, reason_phrase=message[:64])
+            self.flush()
+        if isinstance(reason, Exception) and not self.ready.done():
+            self.ready.set_exception(reason)
+        self.finish(message)
+
+    def finish(self, reason: str) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.cancel_timer()
+        if not self.ready.done():
+            self.ready.set_exception(TunnelFailed(reason))
+        if not self.done.done():
+            self.done.set_result(reason)
+
+
+class ClientTunnel:
+    """Keeps one CONNECT-IP tunnel up and pumps packets between it and the TUN."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        settings: ClientSettings,
+        tun: Tun,
+        on_params: Callable[[TunnelParams], None],
+        on_state: Callable[[ClientStatus], None] | None = None,
+    ) -> None:
+        self.loop = loop
+        self.settings = settings
+        self.tun = tun
+        self.on_params = on_params
+        self.on_state = on_state
+        self.status = ClientStatus()
+        self.conn: ClientConnection | None = None
+        self._ratelog = RateLimitedLog(log)
+        self._stopping = False
+        self._attempting: ClientConnection | None = None
+
+    # -- lifecycle --------------------------------------------------------------
+
+    async def run(self, first_up: asyncio.Future[None] | None = None) -> None:
+        """Connect and reconnect until ``stop()``; ``first_up`` resolves at the first tunnel."""
+        self.loop.add_reader(self.tun.fileno(), self._tun_ready)
+        backoff = BACKOFF_INITIAL
+        try:
+            while not self._stopping:
+                began = monotonic()
+                try:
+                    reason = await self._attempt(first_up)
+                except TunnelRefused as exc:
+                    reason = str(exc)
+                    self.status.last_error = reason
+                except TunnelFailed as exc:
+                    reason = str(exc)
+                    self.status.last_error = reason
+                except OSError as exc:
+                    reason = f"cannot reach relay: {exc.strerror or exc}"
+                    self.status.last_error = reason
+                if self._stopping:
+                    break
+                if monotonic() - began > 2 * self.settings.dead_after:
+                    backoff = BACKOFF_INITIAL  # the tunnel was up for a while: retry soon
+                delay = min(backoff, self.settings.reconnect_max) * random.uniform(0.8, 1.2)
+                self._set_state("reconnecting")
+                self._ratelog.warning(
+                    "down",
+                    "tunnel down: %s; reconnecting in %.1fs",
+                    reason,
+                    delay,
+                )
+                backoff = min(backoff * 2, self.settings.reconnect_max)
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._stopped_event().wait(), delay)
+        finally:
+            with contextlib.suppress(ValueError, OSError):
+                self.loop.remove_reader(self.tun.fileno())
+
+    def _stopped_event(self) -> asyncio.Event:
+        if not hasattr(self, "_stop_event"):
+            self._stop_event = asyncio.Event()
+            if self._stopping:
+                self._stop_event.set()
+        return self._stop_event
+
+    def stop(self) -> None:
+        self._stopping = True
+        self._stopped_event().set()
+        for conn in (self.conn, self._attempting):
+            if conn is not None:
+                conn.fail("client shutting down")
+
+    def _set_state(self, state: str) -> None:
+        self.status.state = state
+        if self.on_state is not None:
+            self.on_state(self.status)
+
+    async def _attempt(self, first_up: asyncio.Future[None] | None) -> str:
+        settings = self.settings
+        self._set_state("connecting")
+        infos = await self.loop.getaddrinfo(
+            settings.relay_host, settings.relay_port, type=socket.SOCK_DGRAM
+        )
+        if not infos:
+            raise TunnelFailed(f"cannot resolve {settings.relay_host}")
+        if self._stopping:
+            raise TunnelFailed("client shutting down")
+        family, _, _, _, addr = infos[0]
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            if settings.fwmark:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, settings.fwmark)
+            tune_socket(sock)
+            sock.connect(addr)
+        except OSError:
+            sock.close()
+            raise
+        config = quic_configuration(is_client=True, server_name=settings.server_name)
+        config.load_verify_locations(cafile=settings.ca)
+        quic = QuicConnection(configuration=config)
+        conn: ClientConnection | None = None
+
+        def on_batch(batch: list[tuple[bytes, Address]]) -> None:
+            if conn is not None and not conn.closed:
+                conn.datagrams_received(batch)
+
+        udp = UdpSocket(self.loop, sock, on_batch)
+        conn = ClientConnection(self, quic, udp)
+        # Nobody awaits ``ready`` after a timeout or a stop: mark its exception seen.
+        conn.ready.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._attempting = conn
+        udp.start()
+        keepalive: asyncio.Task[None] | None = None
+        try:
+            quic.connect(addr, now=monotonic())
+            conn.flush()
+            try:
+                params = await asyncio.wait_for(asyncio.shield(conn.ready), CONNECT_TIMEOUT)
+            except asyncio.TimeoutError:
+                conn.fail("timed out connecting")
+                raise TunnelFailed(
+                    f"no tunnel within {CONNECT_TIMEOUT:.0f}s (relay down or UDP blocked?)"
+                ) from None
+            self.on_params(params)
+            self.conn = conn
+            self.status.relay_addr = _format(addr)
+            self.status.params = params
+            self.status.connected_since = time.time()
+            self.status.connects += 1
+            self.status.last_error = None
+            self._set_state("connected")
+            addrs = ", ".join(str(a.ip) for a in params.addresses)
+            log.info("tunnel up: %s via %s as %s, mtu %d", settings.authority, _format(addr), addrs, params.mtu)
+            if first_up is not None and not first_up.done():
+                first_up.set_result(None)
+            keepalive = self.loop.create_task(self._keepalive(conn))
+            return await conn.done
+        finally:
+            if keepalive is not None:
+                keepalive.cancel()
+            if self.conn is conn:
+                self.conn = None
+            self._attempting = None
+            if not conn.closed:
+                conn.fail("attempt ended")
+            conn.cancel_timer()
+            udp.close()
+
+    async def _keepalive(self, conn: ClientConnection) -> None:
+        interval = min(self.settings.keepalive, 1.0)
+        while not conn.closed:
+            await asyncio.sleep(interval)
+            conn.keepalive()
+
+    # -- packets ------------------------------------------------------------------
+
+    def packets_from_relay(self, conn: ClientConnection, data: bytes) -> None:
+        counters = self.status.counters
+        try:
+            packets = conn.decoder.feed(data)
+        except FramingError as exc:
+            counters.drops[DROP_MALFORMED] += 1
+            conn.fail(f"malformed frame from relay: {exc.reason}")
+            return
+        write = self.tun.write
+        for pkt in packets:
+            counters.rx_packets += 1
+            counters.rx_bytes += len(pkt)
+            if not write(pkt):
+                counters.drops[DROP_TUN_WRITE] += 1
+
+    def _tun_ready(self) -> None:
+        packets = self.tun.read_batch(TUN_READ_BATCH)
+        if not packets:
+            return
+        counters = self.status.counters
+        conn = self.conn
+        if conn is None or conn.closed or conn.stream_id is None:
+            counters.drops[DROP_DISCONNECTED] += len(packets)
+            return
+        mtu = self.settings.mtu
+        budget = SEND_BACKLOG_LIMIT - stream_send_backlog(conn.quic, conn.stream_id)
+        batch: list[bytes] = []
+        nbytes = 0
+        for pkt in packets:
+            size = len(pkt)
+            if size > mtu:
+                counters.drops[DROP_OVERSIZED] += 1
+                continue
+            if nbytes + size + 2 > budget:
+                counters.drops[DROP_QUEUE_FULL] += 1
+                continue
+            batch.append(pkt)
+            nbytes += size + 2
+        if not batch:
+            return
+        counters.tx_packets += len(batch)
+        counters.tx_bytes += nbytes - 2 * len(batch)
+        assert conn.h3 is not None
+        try:
+            conn.h3.send_data(conn.stream_id, encode_frames(batch), end_stream=False)
+        except ProtocolError as exc:  # pragma: no cover - defensive
+            conn.fail(str(exc))
+            return
+        except Exception as exc:
+            # aioquic raises if the stream is already closed for sending.
+            conn.fail(f"tunnel stream unusable: {exc}")
+            return
+        conn.flush()
+
+    def snapshot(self) -> dict[str, Any]:
+        st = self.status
+        conn = self.conn
+        rtt = None
+        if conn is not None and conn.quic._rtt_initialized:
+            rtt = round(conn.quic._rtt_smoothed * 1000, 3)
+        return {
+            "role": "client",
+            "state": st.state,
+            "relay": st.relay_addr,
+            "addresses": [str(a) for a in st.params.addresses] if st.params else [],
+            "mtu": st.params.mtu if st.params else None,
+            "connected_since": st.connected_since,
+            "connects": st.connects,
+            "last_error": st.last_error,
+            "rtt_ms": rtt,
+            **st.counters.snapshot(),
+        }
+
+
+def _format(addr: Address) -> str:
+    host, port = addr[0], addr[1]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

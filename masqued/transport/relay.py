@@ -1,0 +1,642 @@
+"""The relay's data path: HTTP/3 CONNECT-IP sessions <-> the relay's TUN device.
+
+Each accepted CONNECT-IP request becomes a ``RelaySession`` owning one lease from
+the address pool. Packets from a client are checked (source must be its lease,
+BCP 38) and written to the TUN; the kernel forwards and NATs them. Packets read
+from the TUN are sent to the session that owns their destination address.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import socket
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from aioquic.buffer import Buffer
+from aioquic.h3.connection import ErrorCode as H3ErrorCode
+from aioquic.h3.connection import H3Connection
+from aioquic.h3.events import DataReceived, H3Event, HeadersReceived
+from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.connection import QuicConnection
+from aioquic.quic.events import (
+    ConnectionIdIssued,
+    ConnectionIdRetired,
+    ConnectionTerminated,
+    QuicEvent,
+    StreamReset,
+)
+from aioquic.quic.packet import (
+    QuicPacketType,
+    encode_quic_version_negotiation,
+    pull_quic_header,
+)
+
+from masqued.ipam import AddressPool, Lease, PoolExhausted
+from masqued.logutil import RateLimitedLog
+from masqued.metrics import (
+    DROP_MALFORMED,
+    DROP_NO_SESSION,
+    DROP_OVERSIZED,
+    DROP_QUEUE_FULL,
+    DROP_SPOOFED,
+    DROP_TUN_WRITE,
+    TrafficCounters,
+)
+from masqued.proto.errors import FramingError, RequestError
+from masqued.proto.framing import FrameDecoder, encode_frames
+from masqued.proto.packet import PacketError, parse_packet
+from masqued.proto.request import (
+    ConnectIpRequest,
+    TunnelParams,
+    build_response_headers,
+    parse_connect_request,
+)
+from masqued.transport.quic import (
+    Address,
+    QuicPeer,
+    UdpSocket,
+    monotonic,
+    quic_configuration,
+    stream_send_backlog,
+    tune_socket,
+)
+
+log = logging.getLogger("masqued.relay")
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# A CONNECT stream's unacknowledged send backlog above which packets from the TUN
+# are dropped (tail drop) rather than queued: bounds memory and queueing delay.
+SEND_BACKLOG_LIMIT = 1024 * 1024
+# CONNECT-IP sessions one QUIC connection may open at once.
+MAX_SESSIONS_PER_CONNECTION = 4
+# Smallest UDP payload that may open a connection (RFC 9000 §14.1).
+MIN_INITIAL_SIZE = 1200
+TUN_READ_BATCH = 256
+
+
+class Tun(Protocol):
+    name: str
+
+    def fileno(self) -> int: ...
+    def read_batch(self, max_packets: int = ...) -> list[bytes]: ...
+    def write(self, packet: bytes) -> bool: ...
+
+
+@dataclass(frozen=True)
+class RelaySettings:
+    """What the data path needs from the relay config."""
+
+    mtu: int
+    routes: tuple[IPNetwork, ...]
+    certificate: str
+    private_key: str
+    max_clients: int | None = None
+
+
+@dataclass(eq=False)
+class RelaySession:
+    """One CONNECT-IP tunnel (one request stream) and the client's lease."""
+
+    conn: RelayConnection
+    stream_id: int
+    lease: Lease
+    decoder: FrameDecoder
+    peer: str
+    scope_targets: tuple[IPNetwork, ...] | None = None
+    scope_ipproto: int | None = None
+    started: float = field(default_factory=time.time)
+    counters: TrafficCounters = field(default_factory=TrafficCounters)
+    addr_keys: frozenset[bytes] = frozenset()
+    out: list[bytes] = field(default_factory=list)
+
+    @property
+    def owner(self) -> str:
+        return self.lease.owner
+
+    def describe(self) -> str:
+        addrs = ", ".join(str(a.ip) for a in self.lease.addresses)
+        return f"{self.peer} as {addrs}"
+
+
+class RelayConnection(QuicPeer):
+    def __init__(
+        self,
+        server: RelayServer,
+        quic: QuicConnection,
+        peer_addr: Address,
+        send: Callable[[Iterable[tuple[bytes, Address]]], None],
+    ) -> None:
+        super().__init__(server.loop, quic, send)
+        self.server = server
+        self.peer_addr = peer_addr
+        self.peer = _format_addr(peer_addr)
+        self.h3 = H3Connection(quic)
+        self.sessions: dict[int, RelaySession] = {}
+        self.cids: set[bytes] = set()
+
+    def process_events(self) -> None:
+        quic = self.quic
+        h3 = self.h3
+        assert h3 is not None
+        while (event := quic.next_event()) is not None:
+            if isinstance(event, ConnectionIdIssued):
+                self.server._register_cid(event.connection_id, self)
+            elif isinstance(event, ConnectionIdRetired):
+                self.server._unregister_cid(event.connection_id)
+            elif isinstance(event, ConnectionTerminated):
+                self._terminated(event)
+                return
+            elif isinstance(event, StreamReset):
+                session = self.sessions.get(event.stream_id)
+                if session is not None:
+                    self.server.end_session(session, f"reset by client (code {event.error_code})")
+                continue
+            for h3_event in h3.handle_event(event):
+                self._h3_event(h3_event)
+
+    def _h3_event(self, event: H3Event) -> None:
+        if isinstance(event, DataReceived):
+            session = self.sessions.get(event.stream_id)
+            if session is not None:
+                self.server.session_data(session, event.data)
+                if event.stream_ended and session.stream_id in self.sessions:
+                    self.server.end_session(session, "closed by client", fin=True)
+        elif isinstance(event, HeadersReceived):
+            self.server.handle_request(self, event)
+
+    def _terminated(self, event: ConnectionTerminated) -> None:
+        reason = event.reason_phrase or f"code {event.error_code:#x}"
+        for session in list(self.sessions.values()):
+            self.server.end_session(session, f"connection closed ({reason})")
+        self.closed = True
+        self.cancel_timer()
+        self.server._forget_connection(self)
+
+    def abort_stream(self, stream_id: int, code: int) -> None:
+        """Abort one request stream in both directions (RFC 9114 §4.1.2)."""
+        try:
+            self.quic.reset_stream(stream_id, code)
+        except Exception:  # stream already finished on our side
+            pass
+        try:
+            self.quic.stop_stream(stream_id, code)
+        except Exception:
+            pass
+
+
+class RelayServer:
+    """Accepts QUIC connections, serves CONNECT-IP, moves packets to and from the TUN."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        sock: socket.socket,
+        tun: Tun,
+        pool: AddressPool,
+        settings: RelaySettings,
+    ) -> None:
+        self.loop = loop
+        self.tun = tun
+        self.pool = pool
+        self.settings = settings
+        self.udp = UdpSocket(loop, sock, self._datagrams_received)
+        self.connections: dict[bytes, RelayConnection] = {}
+        self.by_addr: dict[bytes, RelaySession] = {}
+        self.sessions: set[RelaySession] = set()
+        self.totals = TrafficCounters()
+        self.results: dict[str, int] = {}
+        self.started = time.time()
+        self._ratelog = RateLimitedLog(log)
+        self._quic_config = self._make_quic_config()
+        self._dirty: set[RelayConnection] = set()
+        self.on_change: Callable[[], None] | None = None
+
+    def _make_quic_config(self) -> QuicConfiguration:
+        config = quic_configuration(is_client=False)
+        config.load_cert_chain(self.settings.certificate, self.settings.private_key)
+        return config
+
+    # -- lifecycle ------------------------------------------------------------
+
+    def start(self) -> None:
+        tune_socket(self.udp.sock)
+        self.udp.start()
+        self.loop.add_reader(self.tun.fileno(), self._tun_ready)
+
+    def update_settings(self, settings: RelaySettings) -> None:
+        """Apply settings that can change live (routes for new sessions, certificates)."""
+        self.settings = settings
+        self._quic_config = self._make_quic_config()
+
+    def close(self) -> None:
+        """Close every connection (CONNECTION_CLOSE, H3_NO_ERROR) and stop reading."""
+        try:
+            self.loop.remove_reader(self.tun.fileno())
+        except (ValueError, OSError):
+            pass
+        conns = {id(c): c for c in self.connections.values()}
+        for conn in conns.values():
+            for session in list(conn.sessions.values()):
+                self.end_session(session, "relay shutting down")
+            conn.quic.close(error_code=H3ErrorCode.H3_NO_ERROR, reason_phrase="relay shutting down")
+            conn.flush()
+            conn.cancel_timer()
+            conn.closed = True
+        self.connections.clear()
+        self.udp.close()
+
+    # -- UDP side --------------------------------------------------------------
+
+    def _datagrams_received(self, batch: list[tuple[bytes, Address]]) -> None:
+        now = monotonic()
+        dirty = self._dirty
+        for data, addr in batch:
+            conn = self.connections.get(_dcid(data))
+            if conn is None:
+                conn = self._new_connection(data, addr)
+                if conn is None:
+                    continue
+            conn.quic.receive_datagram(data, addr, now)
+            dirty.add(conn)
+        for conn in dirty:
+            if not conn.closed:
+                conn.process_events()
+        self._flush()
+
+    def _flush(self) -> None:
+        dirty = self._dirty
+        while dirty:
+            conn = dirty.pop()
+            if not conn.closed:
+                conn.flush()
+
+    def _new_connection(self, data: bytes, addr: Address) -> RelayConnection | None:
+        config = self._quic_config
+        try:
+            header = pull_quic_header(
+                Buffer(data=data), host_cid_length=config.connection_id_length
+            )
+        except ValueError:
+            return None
+        if (
+            header.packet_type != QuicPacketType.VERSION_NEGOTIATION
+            and header.version is not None
+            and header.version not in config.supported_versions
+        ):
+            self.udp.send(
+                [
+                    (
+                        encode_quic_version_negotiation(
+                            source_cid=header.destination_cid,
+                            destination_cid=header.source_cid,
+                            supported_versions=config.supported_versions,
+                        ),
+                        addr,
+                    )
+                ]
+            )
+            return None
+        # Known by another of its CIDs (long headers carry the original one).
+        conn = self.connections.get(header.destination_cid)
+        if conn is not None:
+            return conn
+        if header.packet_type != QuicPacketType.INITIAL or len(data) < MIN_INITIAL_SIZE:
+            return None
+        quic = QuicConnection(
+            configuration=config,
+            original_destination_connection_id=header.destination_cid,
+        )
+        conn = RelayConnection(self, quic, addr, self.udp.send)
+        self._register_cid(header.destination_cid, conn)
+        self._register_cid(quic.host_cid, conn)
+        return conn
+
+    def _register_cid(self, cid: bytes, conn: RelayConnection) -> None:
+        self.connections[cid] = conn
+        conn.cids.add(cid)
+
+    def _unregister_cid(self, cid: bytes) -> None:
+        conn = self.connections.pop(cid, None)
+        if conn is not None:
+            conn.cids.discard(cid)
+
+    def _forget_connection(self, conn: RelayConnection) -> None:
+        for cid in conn.cids:
+            if self.connections.get(cid) is conn:
+                del self.connections[cid]
+        conn.cids.clear()
+        self._dirty.discard(conn)
+
+    # -- requests ----------------------------------------------------------------
+
+    def _count(self, result: str) -> None:
+        self.results[result] = self.results.get(result, 0) + 1
+
+    def handle_request(self, conn: RelayConnection, event: HeadersReceived) -> None:
+        h3 = conn.h3
+        assert h3 is not None
+        stream_id = event.stream_id
+        if stream_id in conn.sessions:
+            # Trailers or a second HEADERS on an open tunnel: not allowed here.
+            self._ratelog.warning(
+                f"hdr:{conn.peer}", "%s: unexpected HEADERS on tunnel stream", conn.peer
+            )
+            self.end_session(conn.sessions[stream_id], "unexpected HEADERS")
+            conn.abort_stream(stream_id, H3ErrorCode.H3_MESSAGE_ERROR)
+            return
+        try:
+            request = parse_connect_request(event.headers)
+            if request.transport != "stream":
+                raise RequestError(
+                    501, "datagram transport (capsule-protocol) is not supported by this relay"
+                )
+            routes = self._scope_routes(request)
+            if len(conn.sessions) >= MAX_SESSIONS_PER_CONNECTION:
+                raise RequestError(429, "too many tunnels on one connection")
+            if self.settings.max_clients is not None and len(self.sessions) >= (
+                self.settings.max_clients
+            ):
+                raise RequestError(503, "client limit reached")
+        except RequestError as exc:
+            self._count("rejected")
+            self._ratelog.warning(
+                f"req:{conn.peer}:{exc.status}",
+                "%s: request refused with %d: %s",
+                conn.peer,
+                exc.status,
+                exc.reason,
+            )
+            self._respond_error(conn, stream_id, exc.status)
+            return
+        owner = f"{conn.peer}#{stream_id}"
+        try:
+            lease = self.pool.allocate(owner)
+        except PoolExhausted:
+            self._count("pool_exhausted")
+            self._ratelog.warning(
+                "pool_exhausted",
+                "%s: address pool exhausted (%d/%d in use): answering 503",
+                conn.peer,
+                self.pool.used(),
+                self.pool.capacity(),
+            )
+            self._respond_error(conn, stream_id, 503)
+            return
+        session = RelaySession(
+            conn=conn,
+            stream_id=stream_id,
+            lease=lease,
+            decoder=FrameDecoder(self.settings.mtu),
+            peer=conn.peer,
+            scope_targets=request.target,
+            scope_ipproto=request.ipproto,
+            addr_keys=frozenset(a.ip.packed for a in lease.addresses),
+        )
+        params = TunnelParams(addresses=lease.addresses, routes=routes, mtu=self.settings.mtu)
+        h3.send_headers(stream_id, build_response_headers(200, params), end_stream=False)
+        conn.sessions[stream_id] = session
+        self.sessions.add(session)
+        for key in session.addr_keys:
+            self.by_addr[key] = session
+        self._count("accepted")
+        log.info(
+            "session opened: %s (stream %d, %d/%d addresses in use)",
+            session.describe(),
+            stream_id,
+            self.pool.used(),
+            self.pool.capacity(),
+        )
+        self._changed()
+
+    def _scope_routes(self, request: ConnectIpRequest) -> tuple[IPNetwork, ...]:
+        """Routes to advertise: the relay's routes, narrowed to a scoped request's target."""
+        allowed = self.settings.routes
+        if request.target is None:
+            return allowed
+        narrowed: list[IPNetwork] = []
+        for target in request.target:
+            covering = [r for r in allowed if r.version == target.version and target.subnet_of(r)]  # type: ignore[arg-type]
+            if not covering:
+                raise RequestError(403, f"target {target} is outside what this relay routes")
+            narrowed.append(target)
+        return tuple(narrowed)
+
+    def _respond_error(self, conn: RelayConnection, stream_id: int, status: int) -> None:
+        assert conn.h3 is not None
+        try:
+            conn.h3.send_headers(stream_id, build_response_headers(status), end_stream=True)
+        except Exception:  # the stream may already be gone
+            conn.abort_stream(stream_id, H3ErrorCode.H3_REQUEST_REJECTED)
+        self._dirty.add(conn)
+
+    def end_session(self, session: RelaySession, reason: str, fin: bool = False) -> None:
+        conn = session.conn
+        if conn.sessions.pop(session.stream_id, None) is None:
+            return
+        self.sessions.discard(session)
+        for key in session.addr_keys:
+            if self.by_addr.get(key) is session:
+                del self.by_addr[key]
+        self.pool.release(session.owner)
+        self.totals.add(session.counters)
+        if fin and not conn.closed:
+            try:
+                assert conn.h3 is not None
+                conn.h3.send_data(session.stream_id, b"", end_stream=True)
+            except Exception:
+                pass
+            self._dirty.add(conn)
+        c = session.counters
+        log.info(
+            "session closed: %s: %s (rx %d pkts/%d B, tx %d pkts/%d B, dropped %s)",
+            session.describe(),
+            reason,
+            c.rx_packets,
+            c.rx_bytes,
+            c.tx_packets,
+            c.tx_bytes,
+            dict(c.drops) or "none",
+        )
+        self._changed()
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change()
+
+    # -- client -> TUN -----------------------------------------------------------
+
+    def session_data(self, session: RelaySession, data: bytes) -> None:
+        try:
+            packets = session.decoder.feed(data)
+        except FramingError as exc:
+            # Whatever complete packets preceded the bad record were already lost with
+            # the exception; the session is over either way (it cannot resynchronise).
+            self._ratelog.warning(
+                f"framing:{session.peer}",
+                "%s: malformed stream frame (%s): closing this tunnel",
+                session.describe(),
+                exc.reason,
+            )
+            session.counters.drops[DROP_MALFORMED] += 1
+            conn = session.conn
+            self.end_session(session, f"protocol error: {exc.reason}")
+            conn.abort_stream(session.stream_id, exc.wire_code)
+            self._dirty.add(conn)
+            return
+        counters = session.counters
+        keys = session.addr_keys
+        write = self.tun.write
+        scoped = session.scope_targets is not None or session.scope_ipproto is not None
+        for pkt in packets:
+            counters.rx_packets += 1
+            counters.rx_bytes += len(pkt)
+            version = pkt[0] >> 4
+            if version == 4 and len(pkt) >= 20:
+                src = pkt[12:16]
+            elif version == 6 and len(pkt) >= 40:
+                src = pkt[8:24]
+            else:
+                counters.drops[DROP_MALFORMED] += 1
+                continue
+            if src not in keys:
+                counters.drops[DROP_SPOOFED] += 1
+                self._ratelog.warning(
+                    f"spoof:{session.peer}",
+                    "%s: dropped packet with spoofed source %s",
+                    session.describe(),
+                    ipaddress.ip_address(src),
+                )
+                continue
+            if scoped and not self._in_scope(session, pkt):
+                continue
+            if not write(pkt):
+                counters.drops[DROP_TUN_WRITE] += 1
+
+    def _in_scope(self, session: RelaySession, pkt: bytes) -> bool:
+        """Scoped requests (RFC 9484 §4.6): only the requested target and protocol."""
+        try:
+            info = parse_packet(pkt)
+        except PacketError:
+            session.counters.drops[DROP_MALFORMED] += 1
+            return False
+        targets = session.scope_targets
+        if targets is not None and not any(info.dst in t for t in targets):
+            session.counters.drops["out_of_scope"] += 1
+            return False
+        if session.scope_ipproto is not None and info.proto != session.scope_ipproto:
+            session.counters.drops["out_of_scope"] += 1
+            return False
+        return True
+
+    # -- TUN -> client ------------------------------------------------------------
+
+    def _tun_ready(self) -> None:
+        packets = self.tun.read_batch(TUN_READ_BATCH)
+        if not packets:
+            return
+        by_addr = self.by_addr
+        touched: list[RelaySession] = []
+        for pkt in packets:
+            version = pkt[0] >> 4
+            if version == 4:
+                dst = pkt[16:20]
+            elif version == 6:
+                dst = pkt[24:40]
+            else:
+                self.totals.drops[DROP_MALFORMED] += 1
+                continue
+            session = by_addr.get(dst)
+            if session is None:
+                self.totals.drops[DROP_NO_SESSION] += 1
+                continue
+            if not session.out:
+                touched.append(session)
+            session.out.append(pkt)
+        mtu = self.settings.mtu
+        for session in touched:
+            self._send_packets(session, mtu)
+        self._flush()
+
+    def _send_packets(self, session: RelaySession, mtu: int) -> None:
+        packets = session.out
+        session.out = []
+        conn = session.conn
+        if conn.closed or session.stream_id not in conn.sessions:
+            return
+        counters = session.counters
+        budget = SEND_BACKLOG_LIMIT - stream_send_backlog(conn.quic, session.stream_id)
+        batch: list[bytes] = []
+        nbytes = 0
+        for pkt in packets:
+            size = len(pkt)
+            if size > mtu:
+                counters.drops[DROP_OVERSIZED] += 1
+                continue
+            if nbytes + size + 2 > budget:
+                counters.drops[DROP_QUEUE_FULL] += 1
+                continue
+            batch.append(pkt)
+            nbytes += size + 2
+        if not batch:
+            return
+        counters.tx_packets += len(batch)
+        counters.tx_bytes += nbytes - 2 * len(batch)
+        assert conn.h3 is not None
+        conn.h3.send_data(session.stream_id, encode_frames(batch), end_stream=False)
+        self._dirty.add(conn)
+
+    # -- status -------------------------------------------------------------------
+
+    def snapshot(self) -> dict[str, Any]:
+        now = time.time()
+        sessions = []
+        for s in sorted(self.sessions, key=lambda s: s.started):
+            rtt = s.conn.quic._rtt_smoothed if s.conn.quic._rtt_initialized else None
+            sessions.append(
+                {
+                    "client": s.peer,
+                    "addresses": [str(a) for a in s.lease.addresses],
+                    "transport": "stream",
+                    "connected_since": s.started,
+                    "connected_for": now - s.started,
+                    "rtt_ms": round(rtt * 1000, 3) if rtt is not None else None,
+                    **s.counters.snapshot(),
+                }
+            )
+        return {
+            "role": "relay",
+            "uptime": now - self.started,
+            "sessions": sessions,
+            "pool": {"used": self.pool.used(), "capacity": self.pool.capacity()},
+            "results": dict(self.results),
+            "totals": self.totals.snapshot(),
+        }
+
+
+def _dcid(data: bytes) -> bytes:
+    """Destination CID of a QUIC packet, for routing it to its connection.
+
+    Short header: the CID follows the first byte (our CIDs are 8 bytes). Long header:
+    byte 5 is the DCID length. Anything malformed yields a key that matches nothing.
+    """
+    if not data:
+        return b""
+    if data[0] & 0x80:
+        if len(data) < 6:
+            return b""
+        n = data[5]
+        return data[6 : 6 + n]
+    return data[1:9]
+
+
+def _format_addr(addr: Address) -> str:
+    host, port = addr[0], addr[1]
+    if host.startswith("::ffff:"):
+        host = host[7:]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"

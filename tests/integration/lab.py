@@ -1,0 +1,333 @@
+"""The namespace lab (DESIGN.md §5): real namespaces, veths, daemons and servers.
+
+    mq-<t>c1..cN (198.18.1.N+1) --bridge-- mq-<t>r (198.18.1.1 | 198.19.0.1) --veth-- mq-<t>t (198.19.0.2)
+    IPv6: 2001:db8:1::/64 on the client side, 2001:db8:19::/64 on the target side.
+    Client pool: 198.18.200.0/24 and 2001:db8:200::/64 (NAT44 and NAT66 on the relay).
+
+Only addresses from 198.18.0.0/15 and 2001:db8::/32. Everything is removed in
+``down()``, which fixtures call also when a test fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+PYTHON = sys.executable
+
+RELAY_V4 = "198.18.1.1"
+RELAY_V6 = "2001:db8:1::1"
+EGRESS_V4 = "198.19.0.1"
+EGRESS_V6 = "2001:db8:19::1"
+TARGET_V4 = "198.19.0.2"
+TARGET_V6 = "2001:db8:19::2"
+POOL_V4 = "198.18.200.0/24"
+POOL_V6 = "2001:db8:200::/64"
+TARGET_NET_V4 = "198.19.0.0/24"
+TARGET_NET_V6 = "2001:db8:19::/64"
+
+
+def sh(*cmd: str, check: bool = True, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, check=check, capture_output=True, text=True, timeout=timeout)
+
+
+def client_addr_v4(i: int) -> str:
+    return f"198.18.1.{10 + i}"
+
+
+def client_addr_v6(i: int) -> str:
+    return f"2001:db8:1::{10 + i:x}"
+
+
+class NotifyListener:
+    """An AF_UNIX datagram socket standing in for systemd's notify socket."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        self.sock.bind(str(path))
+        self.sock.settimeout(0.2)
+        self.messages: list[str] = []
+
+    def wait_for(self, line: str, timeout: float) -> bool:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if any(line in m.split("\n") for m in self.messages):
+                return True
+            with contextlib.suppress(TimeoutError, socket.timeout):
+                self.messages.append(self.sock.recv(4096).decode())
+        return any(line in m.split("\n") for m in self.messages)
+
+    def close(self) -> None:
+        self.sock.close()
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
+@dataclass
+class Daemon:
+    name: str
+    ns: str
+    config: Path
+    log: Path
+    proc: subprocess.Popen[bytes]
+    notify: NotifyListener
+
+    def wait_ready(self, timeout: float = 20) -> None:
+        ok = self.notify.wait_for("READY=1", timeout)
+        if not ok:
+            raise AssertionError(
+                f"{self.name} not READY after {timeout}s (exit {self.proc.poll()}):\n"
+                + self.log_text()
+            )
+
+    def log_text(self) -> str:
+        try:
+            return self.log.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int | None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self.notify.close()
+        return self.proc.returncode
+
+
+@dataclass
+class NamespaceLab:
+    """Creates the namespaces; runs daemons and servers inside them."""
+
+    workdir: Path
+    pki: Path
+    clients: int = 1
+    tag: str = field(default_factory=lambda: secrets.token_hex(2))
+    daemons: list[Daemon] = field(default_factory=list)
+    procs: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def relay_ns(self) -> str:
+        return f"mq-{self.tag}-relay"
+
+    @property
+    def target_ns(self) -> str:
+        return f"mq-{self.tag}-target"
+
+    def client_ns(self, i: int = 1) -> str:
+        return f"mq-{self.tag}-c{i}"
+
+    @property
+    def namespaces(self) -> list[str]:
+        return [self.relay_ns, self.target_ns] + [
+            self.client_ns(i) for i in range(1, self.clients + 1)
+        ]
+
+    # -- topology -------------------------------------------------------------------
+
+    def up(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        r, t = self.relay_ns, self.target_ns
+        for ns in self.namespaces:
+            sh("ip", "netns", "add", ns)
+            self.ip(ns, "link", "set", "lo", "up")
+        # relay <-> target
+        sh("ip", "link", "add", "mq-r-t", "netns", r, "type", "veth", "peer", "name",
+           "mq-t-r", "netns", t)
+        self.ip(r, "addr", "add", f"{EGRESS_V4}/24", "dev", "mq-r-t")
+        self.ip(r, "-6", "addr", "add", f"{EGRESS_V6}/64", "dev", "mq-r-t", "nodad")
+        self.ip(t, "addr", "add", f"{TARGET_V4}/24", "dev", "mq-t-r")
+        self.ip(t, "-6", "addr", "add", f"{TARGET_V6}/64", "dev", "mq-t-r", "nodad")
+        self.ip(r, "link", "set", "mq-r-t", "up")
+        self.ip(t, "link", "set", "mq-t-r", "up")
+        # The relay's default route points at the target's side: that is its egress
+        # for `egress = "auto"`. The target has no route back to the client pool, so
+        # only NAT makes replies come back.
+        self.ip(r, "route", "add", "default", "via", TARGET_V4)
+        self.ip(r, "-6", "route", "add", "default", "via", TARGET_V6)
+        # clients <-> relay, over a bridge in the relay namespace
+        self.ip(r, "link", "add", "mq-br", "type", "bridge")
+        self.ip(r, "addr", "add", f"{RELAY_V4}/24", "dev", "mq-br")
+        self.ip(r, "-6", "addr", "add", f"{RELAY_V6}/64", "dev", "mq-br", "nodad")
+        self.ip(r, "link", "set", "mq-br", "up")
+        for i in range(1, self.clients + 1):
+            c = self.client_ns(i)
+            sh("ip", "link", "add", "mq-c-r", "netns", c, "type", "veth", "peer", "name",
+               f"mq-r-c{i}", "netns", r)
+            self.ip(r, "link", "set", f"mq-r-c{i}", "master", "mq-br", "up")
+            self.ip(c, "addr", "add", f"{client_addr_v4(i)}/24", "dev", "mq-c-r")
+            self.ip(c, "-6", "addr", "add", f"{client_addr_v6(i)}/64", "dev", "mq-c-r", "nodad")
+            self.ip(c, "link", "set", "mq-c-r", "up")
+
+    def down(self) -> None:
+        for d in self.daemons:
+            with contextlib.suppress(Exception):
+                d.stop(signal.SIGKILL, timeout=5)
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+                with contextlib.suppress(Exception):
+                    p.wait(5)
+        for ns in self.namespaces:
+            pids = sh("ip", "netns", "pids", ns, check=False).stdout.split()
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError, ValueError):
+                    os.kill(int(pid), signal.SIGKILL)
+        for ns in self.namespaces:
+            sh("ip", "netns", "del", ns, check=False)
+
+    # -- helpers ----------------------------------------------------------------------
+
+    def ip(self, ns: str, *args: str) -> str:
+        return sh("ip", "-n", ns, *args).stdout
+
+    def run(self, ns: str, *cmd: str, check: bool = True, timeout: float = 60
+            ) -> subprocess.CompletedProcess[str]:
+        return sh("ip", "netns", "exec", ns, *cmd, check=check, timeout=timeout)
+
+    def spawn(self, ns: str, *cmd: str, log: Path | None = None,
+              env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        out = open(log, "wb") if log is not None else subprocess.DEVNULL  # noqa: SIM115
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, *cmd], stdout=out, stderr=subprocess.STDOUT,
+            env={**os.environ, **(env or {})},
+        )
+        self.procs.append(proc)
+        return proc
+
+    def start_daemon(self, name: str, ns: str, config_text: str, run: str = "") -> Daemon:
+        """Start ``masqued run`` for instance ``name``; ``run`` tells apart restarts."""
+        confdir = self.workdir / (run or "conf")
+        confdir.mkdir(exist_ok=True)
+        config = confdir / f"{name}.conf"
+        config.write_text(config_text)
+        config.chmod(0o600)
+        log = self.workdir / f"{name}{run}.log"
+        sock_path = self.workdir / f"{name}-{secrets.token_hex(3)}.notify"
+        notify = NotifyListener(sock_path)
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, PYTHON, "-m", "masqued", "run", "--config",
+             str(config), "--log-level", "debug"],
+            stdout=open(log, "ab"),  # noqa: SIM115
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "NOTIFY_SOCKET": str(sock_path), "PYTHONUNBUFFERED": "1"},
+            cwd=REPO,
+        )
+        daemon = Daemon(name, ns, config, log, proc, notify)
+        self.daemons.append(daemon)
+        return daemon
+
+    def start_servers(self) -> None:
+        """TCP sink/hash server and UDP echo on the target, v4 and v6."""
+        self.spawn(self.target_ns, PYTHON, str(REPO / "tests" / "integration" / "servers.py"),
+                   log=self.workdir / "servers.log")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            out = self.run(self.target_ns, "ss", "-Hltn", check=False).stdout
+            if ":5201" in out:
+                return
+            time.sleep(0.1)
+        raise AssertionError("target servers did not start")
+
+    def relay_config(self, *, pool: Sequence[str] = (POOL_V4, POOL_V6), nat: str = "auto",
+                     extra: str = "") -> str:
+        pki = self.pki
+        pool_list = ", ".join(f'"{p}"' for p in pool)
+        return (
+            'mode = "relay"\n'
+            'listen = "0.0.0.0:4433"\n'
+            f'certificate = "{pki / "relay.example.pem"}"\n'
+            f'private_key = "{pki / "relay.example.key"}"\n'
+            f"pool = [{pool_list}]\n"
+            'egress = "auto"\n'
+            f'nat = "{nat}"\n'
+            "mtu = 1300\n" + extra
+        )
+
+    def client_config(self, *, routes: Sequence[str] = (TARGET_NET_V4, TARGET_NET_V6),
+                      relay: str = f"{RELAY_V4}:4433", extra: str = "") -> str:
+        pki = self.pki
+        route_list = ", ".join(f'"{r}"' for r in routes)
+        return (
+            'mode = "client"\n'
+            f'relay = "{relay}"\n'
+            'server_name = "relay.example"\n'
+            f'ca = "{pki / "ca.pem"}"\n'
+            f"routes = [{route_list}]\n"
+            "mtu = 1300\n" + extra
+        )
+
+    # -- traffic --------------------------------------------------------------------------
+
+    def ping(self, ns: str, addr: str, count: int = 3, timeout: float = 30
+             ) -> subprocess.CompletedProcess[str]:
+        return self.run(ns, "ping", "-c", str(count), "-i", "0.2", "-W", "2", addr,
+                        check=False, timeout=timeout)
+
+    def wait_ping(self, ns: str, addr: str, timeout: float = 20) -> float:
+        """Ping until one reply arrives; return seconds waited."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            res = self.run(ns, "ping", "-c", "1", "-W", "1", addr, check=False, timeout=5)
+            if res.returncode == 0:
+                return time.monotonic() - start
+        raise AssertionError(f"no ping reply from {addr} in {ns} within {timeout}s")
+
+    def traffic(self, ns: str, *args: str, timeout: float = 120) -> str:
+        """Run the traffic client (tests/integration/traffic.py) in ``ns``."""
+        res = self.run(ns, PYTHON, str(REPO / "tests" / "integration" / "traffic.py"), *args,
+                       timeout=timeout, check=False)
+        if res.returncode != 0:
+            raise AssertionError(f"traffic {args} failed: {res.stdout}\n{res.stderr}")
+        return res.stdout.strip()
+
+    # -- host state -------------------------------------------------------------------------
+
+    def leftovers(self, ns: str) -> list[str]:
+        """Everything of ours still present in ``ns`` (empty when clean)."""
+        found: list[str] = []
+        links = self.ip(ns, "-o", "link", "show")
+        for line in links.splitlines():
+            name = line.split(":")[1].strip().split("@")[0]
+            if name.startswith("mq-") and name not in ("mq-br", "mq-r-t", "mq-t-r", "mq-c-r") \
+                    and not name.startswith("mq-r-c"):
+                found.append(f"link {name}")
+        for fam in ("-4", "-6"):
+            for line in self.ip(ns, fam, "rule", "show").splitlines():
+                if line.startswith(("5209:", "5210:")):
+                    found.append(f"rule {line.strip()}")
+            for line in self.ip(ns, fam, "route", "show", "table", "all").splitlines():
+                if "proto 109" in line:
+                    found.append(f"route {line.strip()}")
+        nft = self.run(ns, "nft", "list", "tables", check=False).stdout
+        found += [f"nft {line}" for line in nft.splitlines() if "masqued" in line]
+        if shutil.which("iptables-legacy"):
+            for tool in ("iptables-legacy", "ip6tables-legacy"):
+                out = self.run(ns, tool, "-t", "nat", "-S", check=False).stdout
+                found += [f"{tool} {line}" for line in out.splitlines() if "MASQUED" in line]
+        return found
+
+
+@contextlib.contextmanager
+def lab(workdir: Path, pki: Path, clients: int = 1) -> Iterator[NamespaceLab]:
+    the_lab = NamespaceLab(workdir, pki, clients)
+    try:
+        the_lab.up()
+        yield the_lab
+    finally:
+        the_lab.down()

@@ -1,0 +1,446 @@
+"""Host layer against a real kernel, entirely inside throw-away ``mq-*`` namespaces.
+
+Host-layer code never runs in the test process: an agent process started with
+``ip netns exec`` executes it, so nothing can touch the root namespace's routes,
+rules or netfilter. The test process only *looks* with ``ip -n`` / ``ip netns exec``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import secrets
+import subprocess
+import sys
+import textwrap
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from masqued.host.naming import InstanceIds
+
+pytestmark = [
+    pytest.mark.root,
+    pytest.mark.skipif(
+        os.geteuid() != 0 or not os.path.exists("/dev/net/tun"),
+        reason="needs root and /dev/net/tun",
+    ),
+]
+
+PY = sys.executable
+
+AGENT = r"""
+import json, logging, sys, traceback
+logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(name)s %(message)s")
+g = {}
+for line in sys.stdin:
+    try:
+        exec(json.loads(line), g)
+        out = {"ok": True, "result": g.pop("result", None)}
+    except Exception:
+        out = {"ok": False, "error": traceback.format_exc()}
+    print(json.dumps(out, default=str), flush=True)
+"""
+
+
+class Agent:
+    """A Python process inside a namespace that executes snippets we send it."""
+
+    def __init__(self, ns: str, logfile: Path) -> None:
+        self.logfile = logfile
+        self._log = logfile.open("w")
+        self.proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, PY, "-c", AGENT],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._log,
+            text=True,
+        )
+
+    def __call__(self, code: str) -> Any:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(textwrap.dedent(code)) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"agent died: {self.logfile.read_text()}")
+        reply = json.loads(line)
+        if not reply["ok"]:
+            raise AssertionError(reply["error"])
+        return reply["result"]
+
+    def log(self) -> str:
+        self._log.flush()
+        return self.logfile.read_text()
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self._log.close()
+
+
+def sh(cmd: str, check: bool = True) -> str:
+    proc = subprocess.run(cmd, shell=True, capture_output=True, text=True, timeout=30)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{cmd}: {proc.stderr}")
+    return proc.stdout
+
+
+@pytest.fixture
+def netns() -> Iterator[Callable[[str], str]]:
+    """Factory of fresh ``mq-h<random>-<suffix>`` namespaces, all deleted afterwards."""
+    token = secrets.token_hex(3)
+    created: list[str] = []
+
+    def make(suffix: str) -> str:
+        name = f"mq-h{token}-{suffix}"
+        sh(f"ip netns add {name}")
+        created.append(name)
+        sh(f"ip -n {name} link set lo up")
+        return name
+
+    try:
+        yield make
+    finally:
+        for name in reversed(created):
+            sh(f"ip netns pids {name} | xargs -r kill", check=False)
+            sh(f"ip netns del {name}", check=False)
+
+
+@pytest.fixture
+def agents(tmp_path: Path) -> Iterator[Callable[[str], Agent]]:
+    started: list[Agent] = []
+
+    def start(ns: str) -> Agent:
+        agent = Agent(ns, tmp_path / f"{ns}.log")
+        started.append(agent)
+        return agent
+
+    try:
+        yield start
+    finally:
+        for agent in started:
+            agent.close()
+
+
+# ------------------------------------------------------------------ routes and rules
+
+ROUTER_SETUP = """
+import ipaddress, socket, struct
+from masqued.host.naming import InstanceIds
+from masqued.host.routes import *
+from masqued.host.tun import open_tun
+from masqued.host.cleanup import cleanup_instance
+ids = InstanceIds({name!r})
+tun = open_tun(ids.tun, 1400)
+nl = PyRoute2Netlink()
+router = Router(nl, ids)
+net, ifc, ip = ipaddress.ip_network, ipaddress.ip_interface, ipaddress.ip_address
+T = ids.table
+def state(addrs, routes, rules):
+    return NetState(frozenset(map(ifc, addrs)), frozenset(routes), frozenset(rules))
+result = [default_interface(4, nl), default_interface(6, nl),
+          route_get(ip("198.51.100.1"), nl), route_get(ip("198.18.1.9"), nl)]
+"""
+
+STATE_A = """
+A = state(
+    ["198.18.200.7/32", "198.18.200.1/24", "198.18.200.2/24", "2001:db8:200::7/128"],
+    [Route(net("198.19.0.0/24"), ids.tun), Route(net("2001:db8:300::/48"), ids.tun),
+     Route(net("0.0.0.0/0"), ids.tun, T), Route(net("::/0"), ids.tun, T),
+     Route(net("198.19.5.5/32"), "mq-e0", T, ip("198.18.1.1"))],
+    full_tunnel_rules(ids),
+)
+reached = router.set(A)
+result = [reached == A, str(reached)]
+"""
+
+# B drops the primary 198.18.200.1/24 (the kernel takes the secondary .2/24 with it
+# unless promote_secondaries is set), changes an IPv6 prefix, drops the v4 rules.
+STATE_B = """
+B = state(
+    ["198.18.200.7/32", "198.18.200.2/24", "2001:db8:200::7/64"],
+    [Route(net("198.19.0.0/24"), ids.tun), Route(net("::/0"), ids.tun, T)],
+    full_tunnel_rules(ids, families=[6]),
+)
+reached = router.set(B)
+again = router.set(B)
+result = [reached == B, again == B, str(reached)]
+"""
+
+
+def icmp_echo(src: str, dst: str) -> str:
+    """Agent code that builds an IPv4 ICMP echo request (checksums computed)."""
+    return f"""
+def csum(b):
+    if len(b) % 2: b += b"\\0"
+    s = sum(struct.unpack("!%dH" % (len(b) // 2), b))
+    while s >> 16: s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+icmp = struct.pack("!BBHHH", 8, 0, 0, 0x4d51, 1) + b"masqued"
+icmp = icmp[:2] + struct.pack("!H", csum(icmp)) + icmp[4:]
+hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(icmp), 1, 0, 64, 1, 0,
+                  ip({src!r}).packed, ip({dst!r}).packed)
+hdr = hdr[:10] + struct.pack("!H", csum(hdr)) + hdr[12:]
+packet = hdr + icmp
+"""
+
+
+def test_router_real(netns: Callable[[str], str], agents: Callable[[str], Agent]) -> None:
+    ns = netns("r")
+    ids = InstanceIds("ti")
+    # an uplink with default routes, as on a client host
+    sh(f"ip -n {ns} link add mq-e0 type veth peer name mq-e1")
+    sh(f"ip -n {ns} link set mq-e0 up && ip -n {ns} link set mq-e1 up")
+    sh(f"ip -n {ns} addr add 198.18.1.2/24 dev mq-e0")
+    sh(f"ip -n {ns} addr add 2001:db8:1::2/64 dev mq-e0 nodad")
+    sh(f"ip -n {ns} route add default via 198.18.1.1 dev mq-e0")
+    sh(f"ip -n {ns} -6 route add default via 2001:db8:1::1 dev mq-e0")
+    sh(f"ip -n {ns} route add 198.19.9.0/24 via 198.18.1.1 table 100")  # foreign
+    sh(f"ip -n {ns} rule add fwmark 0x1 lookup 100 priority 1000")  # foreign
+    foreign_rules = sh(f"ip -n {ns} rule")
+
+    agent = agents(ns)
+    egress4, egress6, far, near = agent(ROUTER_SETUP.format(name=ids.name))
+    assert (egress4, egress6) == ("mq-e0", "mq-e0")
+    assert far == ["mq-e0", "198.18.1.1"]
+    assert near == ["mq-e0", None]
+    assert "mq-ti" in sh(f"ip -n {ns} link show mq-ti")
+    assert "mtu 1400" in sh(f"ip -n {ns} link show mq-ti")
+
+    ok, reached = agent(STATE_A)
+    assert ok, reached
+    routes = sh(f"ip -n {ns} route show table all")
+    t = ids.table
+    for line in (
+        "198.19.0.0/24 dev mq-ti proto 109",
+        f"default dev mq-ti table {t} proto 109",
+        f"198.19.5.5 via 198.18.1.1 dev mq-e0 table {t} proto 109",
+        "2001:db8:300::/48 dev mq-ti proto 109",
+        f"default dev mq-ti table {t} proto 109 metric 1024",
+    ):
+        assert line in routes, routes
+    mark = f"{ids.fwmark:#x}"
+    for fam in ("-4", "-6"):
+        rules = sh(f"ip -n {ns} {fam} rule")
+        assert f"5209:\tnot from all fwmark {mark} lookup main suppress_prefixlength 0" in rules
+        assert f"5210:\tnot from all fwmark {mark} lookup {t}" in rules
+    addrs = sh(f"ip -n {ns} addr show dev mq-ti")
+    assert "inet 198.18.200.7/32" in addrs and "inet6 2001:db8:200::7/128" in addrs
+    assert "tentative" not in addrs
+
+    # the full tunnel in action: unmarked traffic uses our table, marked skips it
+    assert "dev mq-ti table" in sh(f"ip -n {ns} route get 203.0.113.1")
+    assert "via 198.18.1.1 dev mq-e0" in sh(f"ip -n {ns} route get 203.0.113.1 mark {mark}")
+    # suppress_prefixlength 0: specific main-table routes still win over the tunnel
+    assert "dev mq-e0" in sh(f"ip -n {ns} route get 198.18.1.9")
+
+    # real TUN I/O: an echo request to our own address comes back out of the TUN
+    agent(icmp_echo("198.18.200.9", "198.18.200.7"))
+    got = agent(
+        """
+import select, time
+assert tun.write(packet)
+replies = []
+deadline = time.monotonic() + 2
+while not replies and time.monotonic() < deadline:
+    select.select([tun.fileno()], [], [], 0.2)
+    replies = [p for p in tun.read_batch() if p[9] == 1 and p[20] == 0]
+assert tun.write(b"\\x00 not an ip packet") is False
+result = [len(replies), str(ip(replies[0][12:16])), str(ip(replies[0][16:20]))]
+"""
+    )
+    assert got == [1, "198.18.200.7", "198.18.200.9"]
+
+    ok, again, reached = agent(STATE_B)
+    assert ok and again, reached
+    addrs = sh(f"ip -n {ns} addr show dev mq-ti")
+    assert "198.18.200.1/" not in addrs and "inet 198.18.200.2/24" in addrs
+    assert "inet6 2001:db8:200::7/64" in addrs
+    assert f"fwmark {mark}" not in sh(f"ip -n {ns} -4 rule")
+    assert f"fwmark {mark}" in sh(f"ip -n {ns} -6 rule")
+    routes = sh(f"ip -n {ns} route show table all")
+    assert "2001:db8:300::/48" not in routes and "198.19.5.5" not in routes
+    assert "198.19.0.0/24 dev mq-ti proto 109" in routes
+
+    log = agent.log()
+    assert "masqued.host [#] ip -4 route add 198.19.0.0/24 dev mq-ti table main proto 109" in log
+
+    removed = agent("result = cleanup_instance(ids, nl)")
+    assert "ip link delete dev mq-ti" in removed
+    assert agent("result = cleanup_instance(ids, nl)") == []
+    agent("tun.close(); nl.close()")
+    routes = sh(f"ip -n {ns} route show table all")
+    assert "proto 109" not in routes and f"table {t}" not in routes
+    assert "198.19.9.0/24 via 198.18.1.1 dev mq-e0 table 100" in routes
+    assert sh(f"ip -n {ns} rule") == foreign_rules
+    assert f"fwmark {mark}" not in sh(f"ip -n {ns} -6 rule")
+    assert "mq-ti" not in sh(f"ip -n {ns} link")
+
+
+# ------------------------------------------------------------------ NAT
+
+UDP_SERVER = r"""
+import select, socket
+socks = []
+for fam, addr in ((socket.AF_INET, "198.18.3.2"), (socket.AF_INET6, "2001:db8:3::2")):
+    s = socket.socket(fam, socket.SOCK_DGRAM); s.bind((addr, 7777)); socks.append(s)
+print("ready", flush=True)
+while True:
+    for s in select.select(socks, [], [])[0]:
+        data, peer = s.recvfrom(100)
+        try:
+            s.sendto(peer[0].encode(), peer)
+        except OSError:  # no route back: the packet was not masqueraded
+            pass
+"""
+
+UDP_CLIENT = r"""
+import socket, sys
+out = []
+for fam, addr in ((socket.AF_INET, "198.18.3.2"), (socket.AF_INET6, "2001:db8:3::2")):
+    s = socket.socket(fam, socket.SOCK_DGRAM); s.settimeout(0.5)
+    s.sendto(b"who am i", (addr, 7777))
+    try:
+        out.append(s.recv(100).decode())
+    except OSError:
+        out.append("-")
+print(" ".join(out))
+"""
+
+
+@pytest.fixture
+def nat_topology(
+    netns: Callable[[str], str], agents: Callable[[str], Agent]
+) -> Iterator[tuple[Callable[[], str], Agent, str]]:
+    """client 198.18.200.2 -- (mq-in) natbox (mq-eg) 198.18.3.1 -- target 198.18.3.2.
+
+    The target has no route back to the client pool: a reply arrives only if the
+    natbox masqueraded the client's packets to its egress address.
+    """
+    client, natbox, target = netns("c"), netns("n"), netns("t")
+    sh(f"ip -n {natbox} link add mq-in type veth peer name mq-c netns {client}")
+    sh(f"ip -n {natbox} link add mq-eg type veth peer name mq-t netns {target}")
+    for ns, dev, v4, v6 in (
+        (client, "mq-c", "198.18.200.2/24", "2001:db8:200::2/64"),
+        (natbox, "mq-in", "198.18.200.1/24", "2001:db8:200::1/64"),
+        (natbox, "mq-eg", "198.18.3.1/24", "2001:db8:3::1/64"),
+        (target, "mq-t", "198.18.3.2/24", "2001:db8:3::2/64"),
+    ):
+        sh(f"ip -n {ns} addr add {v4} dev {dev}")
+        sh(f"ip -n {ns} addr add {v6} dev {dev} nodad")
+        sh(f"ip -n {ns} link set {dev} up")
+    sh(f"ip -n {client} route add default via 198.18.200.1")
+    sh(f"ip -n {client} -6 route add default via 2001:db8:200::1")
+    agent = agents(natbox)
+    changed = agent(
+        """
+from masqued.host.routes import enable_forwarding, forwarding_status
+result = enable_forwarding(["mq-in", "mq-eg"], v4=True, v6=True)
+assert all(forwarding_status(["mq-in", "mq-eg"]).values())
+"""
+    )
+    assert "net.ipv6.conf.all.forwarding=1" in changed
+    server = subprocess.Popen(
+        ["ip", "netns", "exec", target, PY, "-c", UDP_SERVER],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None and server.stdout.readline().strip() == "ready"
+
+        def probe() -> str:
+            return sh(f"ip netns exec {client} {PY} -c '{UDP_CLIENT}'").strip()
+
+        yield probe, agent, natbox
+    finally:
+        server.kill()
+        server.wait()
+
+
+NAT_SETUP = """
+import ipaddress
+from masqued.host.naming import InstanceIds
+from masqued.host.nat import *
+ids = InstanceIds("tn")
+pool = [ipaddress.ip_network("198.18.200.0/24"), ipaddress.ip_network("2001:db8:200::/64")]
+"""
+
+
+def test_nftables_nat_real(
+    nat_topology: tuple[Callable[[], str], Agent, str],
+) -> None:
+    probe, agent, natbox = nat_topology
+    assert probe() == "- -"  # no NAT: the target cannot answer
+    agent(NAT_SETUP + "nat = NftablesNat(ids); nat.apply(pool, 'mq-eg'); nat.apply(pool, 'mq-eg')")
+    listing = sh(f"ip netns exec {natbox} nft list table inet masqued_tn")
+    assert 'ip saddr 198.18.200.0/24 oifname "mq-eg" masquerade' in listing
+    assert 'ip6 saddr 2001:db8:200::/64 oifname "mq-eg" masquerade' in listing
+    assert listing.count("chain postrouting") == 1
+    assert probe() == "198.18.3.1 2001:db8:3::1"
+    described = agent("result = nat.describe()")
+    assert described.startswith("# nft list table inet masqued_tn")
+    assert "masquerade" in described
+
+    # egress change replaces the rules in one go
+    agent("nat.apply(pool[:1], 'mq-in')")
+    listing = sh(f"ip netns exec {natbox} nft list table inet masqued_tn")
+    assert 'oifname "mq-in"' in listing and "mq-eg" not in listing and "ip6" not in listing
+    agent("nat.apply(pool, 'mq-eg')")
+
+    removed = agent("result = cleanup_nat(ids)")
+    assert removed == ["nft delete table inet masqued_tn"]
+    assert "masqued" not in sh(f"ip netns exec {natbox} nft list tables")
+    assert agent("result = cleanup_nat(ids)") == []
+    agent("nat.remove()")  # idempotent when absent
+    assert probe() == "- -"
+
+
+def test_iptables_nat_real(
+    nat_topology: tuple[Callable[[], str], Agent, str],
+) -> None:
+    probe, agent, natbox = nat_topology
+    assert probe() == "- -"
+    agent(NAT_SETUP + "nat = IptablesNat(ids); nat.apply(pool, 'mq-eg'); nat.apply(pool, 'mq-eg')")
+    for tool, src in (("iptables-legacy", "198.18.200.0/24"), ("ip6tables-legacy", "2001:db8:200::/64")):
+        rules = sh(f"ip netns exec {natbox} {tool} -t nat -S")
+        assert f"-A MASQUED-tn -s {src} -o mq-eg -j MASQUERADE" in rules, rules
+        jumps = re.findall(r"-A POSTROUTING .*-j MASQUED-tn", rules)
+        assert jumps == ['-A POSTROUTING -m comment --comment "masqued:tn" -j MASQUED-tn']
+    assert probe() == "198.18.3.1 2001:db8:3::1"
+    described = agent("result = nat.describe()")
+    assert "-A MASQUED-tn -s 198.18.200.0/24 -o mq-eg -j MASQUERADE" in described
+    assert "iptables-legacy -t nat -S" in described
+
+    # IPv4 only now: the IPv6 chain and jump go away
+    agent("nat.apply(pool[:1], 'mq-eg')")
+    assert "MASQUED" not in sh(f"ip netns exec {natbox} ip6tables-legacy -t nat -S")
+    assert "MASQUED-tn" in sh(f"ip netns exec {natbox} iptables-legacy -t nat -S")
+    agent("nat.apply(pool, 'mq-eg')")
+
+    removed = agent("result = cleanup_nat(ids)")
+    assert "iptables -t nat -X MASQUED-tn" in removed
+    assert "ip6tables -t nat -X MASQUED-tn" in removed
+    for tool in ("iptables-legacy", "ip6tables-legacy"):
+        assert "MASQUED" not in sh(f"ip netns exec {natbox} {tool} -t nat -S")
+    assert agent("result = cleanup_nat(ids)") == []
+    agent("nat.remove()")
+    assert probe() == "- -"
+
+
+def test_cleanup_nat_does_not_load_legacy_tables(
+    netns: Callable[[str], str], agents: Callable[[str], Agent]
+) -> None:
+    ns = netns("e")
+    agent = agents(ns)
+    assert agent(NAT_SETUP + "result = cleanup_nat(ids)") == []
+    assert "nat" not in sh(f"ip netns exec {ns} cat /proc/net/ip_tables_names")
