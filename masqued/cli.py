@@ -13,7 +13,14 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from masqued import __version__
-from masqued.config import ClientConfig, ConfigError, RelayConfig, check_permissions, config_path, load_config
+from masqued.config import (
+    ClientConfig,
+    ConfigError,
+    RelayConfig,
+    check_permissions,
+    config_path,
+    load_config,
+)
 from masqued.host.naming import InstanceIds, InvalidInstanceName, check_instance_name
 
 EXIT_OK = 0
@@ -113,8 +120,9 @@ def cmd_pki(args: argparse.Namespace) -> int:
         if args.pki_command == "init":
             cert, key = pki.init_ca(directory, name=args.name or "masqued CA")
         else:
-            cert, key = pki.issue(directory, args.name, args.pki_command,
-                                  sans=args.san or (), force=args.force)
+            cert, key = pki.issue(
+                directory, args.name, args.pki_command, sans=args.san or (), force=args.force
+            )
     except (FileExistsError, FileNotFoundError, ValueError) as exc:
         print(f"masqued: pki: {exc}", file=sys.stderr)
         return EXIT_USAGE

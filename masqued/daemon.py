@@ -20,12 +20,12 @@ from typing import Any
 
 from masqued.config import ClientConfig, ConfigError, RelayConfig, load_config
 from masqued.host.cleanup import cleanup_instance
-from masqued.host.nat import NatBackend, make_nat
 from masqued.host.naming import (
     RULE_PRIORITY_SUPPRESS,
     RULE_PRIORITY_TABLE,
     InstanceIds,
 )
+from masqued.host.nat import NatBackend, make_nat
 from masqued.host.routes import (
     NetState,
     PyRoute2Netlink,
@@ -109,8 +109,9 @@ async def run_relay(config: RelayConfig, notifier: Notifier) -> int:
         pool = AddressPool(config.pool)
         tun = open_tun(ids.tun, config.mtu)
         router = Router(nl, ids)
-        router.set(NetState(addresses=frozenset(pool.gateways()), routes=frozenset(),
-                            rules=frozenset()))
+        router.set(
+            NetState(addresses=frozenset(pool.gateways()), routes=frozenset(), rules=frozenset())
+        )
         v4 = any(n.version == 4 for n in config.pool)
         v6 = any(n.version == 6 for n in config.pool)
         egress = config.egress
@@ -118,24 +119,30 @@ async def run_relay(config: RelayConfig, notifier: Notifier) -> int:
             found = default_interface(4 if v4 else 6) or default_interface(6 if v4 else 4)
             if found is None:
                 raise StartupError(
-                    "egress = \"auto\" but this host has no default route; "
-                    "set egress = \"IFNAME\" in the config"
+                    'egress = "auto" but this host has no default route; '
+                    'set egress = "IFNAME" in the config'
                 )
             egress = found
         enable_forwarding([tun.name, egress], v4=v4, v6=v6)
         nat = make_nat(config.nat, ids)
         if nat is not None:
             nat.apply(list(config.pool), egress)
-            log.info("NAT (%s): masquerading %s out of %s", nat.kind,
-                     ", ".join(map(str, config.pool)), egress)
+            log.info(
+                "NAT (%s): masquerading %s out of %s",
+                nat.kind,
+                ", ".join(map(str, config.pool)),
+                egress,
+            )
         sock = _bind_udp(config.listen_host, config.listen_port)
         server = RelayServer(inst.loop, sock, tun, pool, _relay_settings(config))
 
         def status() -> str:
             assert server is not None
-            return (f"relay: {len(server.sessions)} clients, pool {pool.used()}/"
-                    f"{pool.capacity()} used, listening on {config.listen_host}:"
-                    f"{config.listen_port}")
+            return (
+                f"relay: {len(server.sessions)} clients, pool {pool.used()}/"
+                f"{pool.capacity()} used, listening on {config.listen_host}:"
+                f"{config.listen_port}"
+            )
 
         server.on_change = lambda: notifier.status(status())
 
@@ -145,11 +152,15 @@ async def run_relay(config: RelayConfig, notifier: Notifier) -> int:
             if not isinstance(new, RelayConfig):
                 notifier.ready(status())
                 return
-            restart = _changed_keys(config, new, ("listen_host", "listen_port", "pool",
-                                                   "egress", "nat", "mtu"))
+            restart = _changed_keys(
+                config, new, ("listen_host", "listen_port", "pool", "egress", "nat", "mtu")
+            )
             if restart:
-                log.warning("reload: %s changed; restart the instance to apply "
-                            "(running sessions kept as they are)", ", ".join(restart))
+                log.warning(
+                    "reload: %s changed; restart the instance to apply "
+                    "(running sessions kept as they are)",
+                    ", ".join(restart),
+                )
             assert server is not None
             server.update_settings(_relay_settings(new))
             set_level(new.log_level)
@@ -160,9 +171,14 @@ async def run_relay(config: RelayConfig, notifier: Notifier) -> int:
 
         inst.install_signals(reload)
         server.start()
-        log.info("relay %s listening on %s:%d (udp), tun %s, pool %s", ids.name,
-                 config.listen_host, config.listen_port, tun.name,
-                 ", ".join(map(str, config.pool)))
+        log.info(
+            "relay %s listening on %s:%d (udp), tun %s, pool %s",
+            ids.name,
+            config.listen_host,
+            config.listen_port,
+            tun.name,
+            ", ".join(map(str, config.pool)),
+        )
         notifier.ready(status())
         await inst.stop_event.wait()
         log.info("stopping")
@@ -191,8 +207,7 @@ def _relay_settings(config: RelayConfig) -> RelaySettings:
 
 
 def _bind_udp(host: str, port: int) -> socket.socket:
-    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_DGRAM,
-                               flags=socket.AI_PASSIVE)
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE)
     family, _, _, _, addr = infos[0]
     sock = socket.socket(family, socket.SOCK_DGRAM)
     if family == socket.AF_INET6:
@@ -226,14 +241,27 @@ def client_netstate(
     rules: set[Rule] = set()
     if fwmark:
         for family in sorted({r.version for r in usable}):
-            rules.add(Rule(family=family, priority=RULE_PRIORITY_TABLE, table=ids.table,
-                           fwmark=fwmark, invert=True))
+            rules.add(
+                Rule(
+                    family=family,
+                    priority=RULE_PRIORITY_TABLE,
+                    table=ids.table,
+                    fwmark=fwmark,
+                    invert=True,
+                )
+            )
             if any(r.prefixlen == 0 for r in usable if r.version == family):
-                rules.add(Rule(family=family, priority=RULE_PRIORITY_SUPPRESS,
-                               table=MAIN_TABLE, fwmark=fwmark, invert=True,
-                               suppress_prefixlength=0))
-    return NetState(addresses=frozenset(params.addresses), routes=route_set,
-                    rules=frozenset(rules))
+                rules.add(
+                    Rule(
+                        family=family,
+                        priority=RULE_PRIORITY_SUPPRESS,
+                        table=MAIN_TABLE,
+                        fwmark=fwmark,
+                        invert=True,
+                        suppress_prefixlength=0,
+                    )
+                )
+    return NetState(addresses=frozenset(params.addresses), routes=route_set, rules=frozenset(rules))
 
 
 async def run_client(config: ClientConfig, notifier: Notifier) -> int:
@@ -256,12 +284,19 @@ async def run_client(config: ClientConfig, notifier: Notifier) -> int:
             nonlocal last_params
             if params.mtu != config.mtu:
                 log.info("relay announces mtu %d (ours %d)", params.mtu, config.mtu)
-            missing = [r for r in routes
-                       if not any(r.version == a.version and r.subnet_of(a)  # type: ignore[arg-type]
-                                  for a in params.routes)]
+            missing = [
+                r
+                for r in routes
+                if not any(
+                    r.version == a.version and r.subnet_of(a)  # type: ignore[arg-type]
+                    for a in params.routes
+                )
+            ]
             if missing:
-                log.warning("relay does not advertise %s; packets there may be dropped",
-                            ", ".join(map(str, missing)))
+                log.warning(
+                    "relay does not advertise %s; packets there may be dropped",
+                    ", ".join(map(str, missing)),
+                )
             reached = router.set(client_netstate(ids, routes, params, fwmark))
             log.debug("host state: %s", reached)
             last_params = params
@@ -289,11 +324,13 @@ async def run_client(config: ClientConfig, notifier: Notifier) -> int:
             if not isinstance(new, ClientConfig):
                 notifier.ready(status_line())
                 return
-            restart = _changed_keys(config, new, ("relay_host", "relay_port", "server_name",
-                                                   "ca", "mtu", "fwmark", "transport"))
+            restart = _changed_keys(
+                config,
+                new,
+                ("relay_host", "relay_port", "server_name", "ca", "mtu", "fwmark", "transport"),
+            )
             if restart:
-                log.warning("reload: %s changed; restart the instance to apply",
-                            ", ".join(restart))
+                log.warning("reload: %s changed; restart the instance to apply", ", ".join(restart))
             if new.routes != config.routes:
                 routes = tuple(new.routes)
                 if last_params is not None:
@@ -308,7 +345,8 @@ async def run_client(config: ClientConfig, notifier: Notifier) -> int:
         first_up: asyncio.Future[None] = inst.loop.create_future()
         runner = inst.loop.create_task(tunnel.run(first_up))
         stopper = inst.loop.create_task(inst.stop_event.wait())
-        await asyncio.wait({first_up, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        waiters: set[asyncio.Future[Any]] = {first_up, stopper}
+        await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         if first_up.done():
             notifier.ready(status_line())
             await stopper
@@ -344,8 +382,7 @@ async def _refuse_loop(config: ClientConfig) -> None:
     """Without a fwmark, routes covering the relay would send QUIC into the tunnel."""
     loop = asyncio.get_running_loop()
     try:
-        infos = await loop.getaddrinfo(config.relay_host, config.relay_port,
-                                       type=socket.SOCK_DGRAM)
+        infos = await loop.getaddrinfo(config.relay_host, config.relay_port, type=socket.SOCK_DGRAM)
     except OSError:
         return  # resolution failures are reported by the connect loop
     for info in infos:
@@ -355,7 +392,7 @@ async def _refuse_loop(config: ClientConfig) -> None:
                 raise StartupError(
                     f"{config.path}: routes: {route} covers the relay {addr} and fwmark is "
                     "off: the tunnel would carry its own packets (routing loop); "
-                    "remove fwmark = \"off\" or narrow the routes"
+                    'remove fwmark = "off" or narrow the routes'
                 )
 
 

@@ -14,7 +14,9 @@ class RateLimitedLog:
     reported with the next line for that key.
     """
 
-    def __init__(self, logger: logging.Logger, interval: float = 10.0, max_keys: int = 1024) -> None:
+    def __init__(
+        self, logger: logging.Logger, interval: float = 10.0, max_keys: int = 1024
+    ) -> None:
         self._logger = logger
         self._interval = interval
         self._max_keys = max_keys

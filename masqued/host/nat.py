@@ -14,11 +14,12 @@ Two backends (DESIGN.md §4):
 from __future__ import annotations
 
 import ipaddress
+import json
 import logging
-import os
 import shutil
 import subprocess
-from collections.abc import Iterator, Sequence
+import sys
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
@@ -127,6 +128,15 @@ class NftablesNat:
 
 
 # --------------------------------------------------------------------------- iptables
+#
+# libiptc/libxtables run in a short-lived child process, one per address family:
+#
+# - libxtables (1.8.9, Debian 12) registers an extension only for the family that is
+#   selected when its .so is first dlopen()ed. ``libxt_MASQUERADE.so`` holds both the
+#   IPv4 and the IPv6 target, so after an IPv4 MASQUERADE the same process can never
+#   find the IPv6 one ("can't find target MASQUERADE"), and re-running the init
+#   function exit()s the process ("target already registered").
+# - libxtables calls exit() on several internal errors: that must not be the daemon.
 
 
 def iptables_rules(
@@ -157,6 +167,32 @@ def _legacy_table_loaded(version: int) -> bool:
         return False
 
 
+def _ipt_call(version: int, op: str, **args: Any) -> Any:
+    """Run ``op`` of ``_ipt_ops`` for one family in a fresh child process."""
+    request = json.dumps({"version": version, "op": op, "args": args})
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-m", "masqued.host.nat"],
+            input=request,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        raise NatError(f"iptables helper failed: {e}") from None
+    try:
+        reply = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (ValueError, IndexError):
+        reply = {"ok": False, "error": f"exit {proc.returncode}"}
+    if not reply.get("ok"):
+        err = (proc.stderr.strip() + " " + str(reply.get("error", ""))).strip()
+        raise NatError(f"iptables (IPv{version}) {op}: {err}")
+    return reply["result"]
+
+
+# The functions below run inside the child (``python -m masqued.host.nat``).
+
+
 def _iptc() -> Any:
     import iptc
 
@@ -167,70 +203,36 @@ def _iptc() -> Any:
 def _nat_table(version: int) -> Iterator[Any]:
     """The libiptc nat table with autocommit off; commits on success.
 
-    python-iptables caches one Table object per name and process and reads the kernel
-    blob only on ``refresh()``: refresh first (someone else may have changed it), turn
-    autocommit off so the whole change is one atomic replace, and always restore.
+    python-iptables caches one Table object per name and reads the kernel blob only
+    on ``refresh()``: refresh first, turn autocommit off so the whole change is one
+    atomic table replace at ``commit()``.
     """
     iptc = _iptc()
     table = iptc.Table(iptc.Table.NAT) if version == 4 else iptc.Table6(iptc.Table6.NAT)
     table.autocommit = False
-    try:
-        table.refresh()
-        yield table
-        table.commit()
-    finally:
-        try:
-            table.refresh()  # drop uncommitted changes from the cached handle
-        finally:
-            table.autocommit = True
-
-
-def _ensure_target(version: int, name: str) -> None:
-    """Make libxtables know target ``name`` for ``version`` (python-iptables quirk).
-
-    Extensions register only for the family that is current when their .so is first
-    dlopen()ed, and a second dlopen() does not run the constructor again: after an
-    IPv4 MASQUERADE, IPv6 MASQUERADE is "can't find target" (and vice versa). The fix
-    is to call the extension's init function again with the other family selected.
-    ``libxt_MASQUERADE.so`` is a link to ``libxt_NAT.so`` (init ``libxt_NAT_init``).
-    """
-    import ctypes
-
-    xt_mod = _iptc().xtables
-    proto = xt_mod.NFPROTO_IPV4 if version == 4 else xt_mod.NFPROTO_IPV6
-    xt = xt_mod.xtables(proto)
-    if xt.find_target(name):
-        return
-    libdir = xt_mod._xtables_libdir
-    path = os.path.realpath(os.path.join(libdir, f"libxt_{name}.so"))
-    base = os.path.basename(path).removesuffix(".so")
-    init = getattr(ctypes.CDLL(path), f"{base}_init", None)
-    if init is None:
-        raise NatError(f"iptables extension {name} for IPv{version} not found in {libdir}")
-    xt_mod.xtables._xtables_set_nfproto(proto)
-    init()
-    if not xt.find_target(name):
-        raise NatError(f"iptables extension {name} for IPv{version} could not be loaded")
+    table.refresh()
+    yield table
+    table.commit()
+    table.refresh()
 
 
 def _is_our_jump(rule: Any, chain: str, comment: str) -> bool:
-    try:
-        target = rule.target.name if rule.target is not None else ""
-    except Exception:  # libiptc exposes odd targets (standard verdicts) oddly
-        target = ""
+    target = rule.target.name if rule.target is not None else ""
     if target == chain:
         return True
     return any(m.name == "comment" and m.comment == comment for m in rule.matches)
 
 
-def _ipt_remove(version: int, chain: str, comment: str) -> list[str]:
-    """Remove our jump rules and chain from one family's legacy nat table."""
-    if not _legacy_table_loaded(version):
-        return []
+def _rule_src(rule: Any) -> str:
+    """libiptc reports ``198.18.200.0/255.255.255.0``; normalise to CIDR."""
+    return str(ipaddress.ip_network(str(rule.src), strict=False))
+
+
+def _ipt_remove_here(version: int, chain: str, comment: str) -> list[str]:
     done: list[str] = []
     tool = "iptables" if version == 4 else "ip6tables"
     with _nat_table(version) as table:
-        post = next(c for c in table.chains if c.name == "POSTROUTING")
+        post = _iptc().Chain(table, "POSTROUTING")
         for rule in list(post.rules):
             if _is_our_jump(rule, chain, comment):
                 post.delete_rule(rule)
@@ -241,6 +243,89 @@ def _ipt_remove(version: int, chain: str, comment: str) -> list[str]:
             table.flush_entries(chain)
             table.delete_chain(chain)
             done += [f"{tool} -t nat -F {chain}", f"{tool} -t nat -X {chain}"]
+    return done
+
+
+def _ipt_apply_here(
+    version: int, chain: str, comment: str, sources: list[str], egress: str
+) -> list[str]:
+    iptc = _iptc()
+    tool = "iptables" if version == 4 else "ip6tables"
+    new_rule = iptc.Rule if version == 4 else iptc.Rule6
+    want = [(src, egress) for src in sources]
+    done: list[str] = []
+    with _nat_table(version) as table:
+        if table.is_chain(chain):
+            ours = iptc.Chain(table, chain)
+            have = [(_rule_src(r), r.out_interface) for r in ours.rules]
+        else:
+            done.append(f"{tool} -t nat -N {chain}")
+            ours = table.create_chain(chain)
+            have = []
+        if have != want:
+            # Replace the chain's contents; the commit swaps the table atomically.
+            if have:
+                done.append(f"{tool} -t nat -F {chain}")
+                table.flush_entries(chain)
+            for src, oif in want:
+                done.append(f"{tool} -t nat -A {chain} -s {src} -o {oif} -j MASQUERADE")
+                rule = new_rule()
+                rule.src = src
+                rule.out_interface = oif
+                rule.create_target("MASQUERADE")
+                ours.append_rule(rule)
+        post = iptc.Chain(table, "POSTROUTING")
+        jumps = [r for r in post.rules if _is_our_jump(r, chain, comment)]
+        for extra in jumps[1:]:
+            done.append(f'{tool} -t nat -D POSTROUTING -m comment --comment "{comment}" -j {chain}')
+            post.delete_rule(extra)
+        if not jumps:
+            done.append(f'{tool} -t nat -A POSTROUTING -m comment --comment "{comment}" -j {chain}')
+            rule = new_rule()
+            match = rule.create_match("comment")
+            match.comment = comment
+            rule.create_target(chain)
+            post.append_rule(rule)
+    return done
+
+
+def _ipt_lines_here(version: int, chain: str, comment: str) -> list[str]:
+    iptc = _iptc()
+    table = iptc.Table(iptc.Table.NAT) if version == 4 else iptc.Table6(iptc.Table6.NAT)
+    table.refresh()
+    lines: list[str] = []
+    for rule in iptc.Chain(table, "POSTROUTING").rules:
+        if _is_our_jump(rule, chain, comment):
+            lines.append(f'-A POSTROUTING -m comment --comment "{comment}" -j {chain}')
+    if table.is_chain(chain):
+        lines.append(f"-N {chain}")
+        for rule in iptc.Chain(table, chain).rules:
+            lines.append(f"-A {chain} -s {_rule_src(rule)} -o {rule.out_interface} -j MASQUERADE")
+    return lines
+
+
+def _child_main() -> int:
+    """Entry of the helper process: one JSON request on stdin, one reply on stdout."""
+    ops: dict[str, Callable[..., list[str]]] = {
+        "apply": _ipt_apply_here,
+        "remove": _ipt_remove_here,
+        "lines": _ipt_lines_here,
+    }
+    try:
+        req = json.loads(sys.stdin.read())
+        result = ops[req["op"]](req["version"], **req["args"])
+        reply = {"ok": True, "result": result}
+    except Exception as e:
+        reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
+    print(json.dumps(reply), flush=True)
+    return 0 if reply["ok"] else 1
+
+
+def _ipt_remove(version: int, chain: str, comment: str) -> list[str]:
+    """Remove our jump rules and chain from one family's legacy nat table."""
+    if not _legacy_table_loaded(version):
+        return []
+    done: list[str] = _ipt_call(version, "remove", chain=chain, comment=comment)
     for cmd in done:
         log.info("[#] %s", cmd)
     return done
@@ -256,55 +341,15 @@ class IptablesNat:
     def apply(self, sources: Sequence[IPNetwork], egress: str) -> None:
         _check_ifname(egress)
         for version in (4, 6):
-            fam = [s for s in sources if s.version == version]
-            if fam:
-                self._apply_family(version, fam, egress)
-            else:
+            fam = [str(s) for s in sorted(sources, key=_net_key) if s.version == version]
+            if not fam:
                 _ipt_remove(version, self.chain, self.comment)
-
-    def _apply_family(self, version: int, sources: Sequence[IPNetwork], egress: str) -> None:
-        iptc = _iptc()
-        tool = "iptables" if version == 4 else "ip6tables"
-        want = [(str(s), egress) for s in sorted(sources, key=str)]
-        with _nat_table(version) as table:
-            if table.is_chain(self.chain):
-                chain = iptc.Chain(table, self.chain)
-                have = [(_rule_src(r), r.out_interface) for r in chain.rules]
-            else:
-                log.info("[#] %s -t nat -N %s", tool, self.chain)
-                chain = table.create_chain(self.chain)
-                have = []
-            if have != want:
-                # Replace the chain's contents; the commit swaps the table atomically.
-                if have:
-                    log.info("[#] %s -t nat -F %s", tool, self.chain)
-                    table.flush_entries(self.chain)
-                _ensure_target(version, "MASQUERADE")
-                for src, oif in want:
-                    log.info(
-                        "[#] %s -t nat -A %s -s %s -o %s -j MASQUERADE", tool, self.chain, src, oif
-                    )
-                    rule = iptc.Rule() if version == 4 else iptc.Rule6()
-                    rule.src = src
-                    rule.out_interface = oif
-                    rule.create_target("MASQUERADE")
-                    chain.append_rule(rule)
-            post = iptc.Chain(table, "POSTROUTING")
-            jumps = [r for r in post.rules if _is_our_jump(r, self.chain, self.comment)]
-            for extra in jumps[1:]:
-                post.delete_rule(extra)
-            if not jumps:
-                log.info(
-                    '[#] %s -t nat -A POSTROUTING -m comment --comment "%s" -j %s',
-                    tool,
-                    self.comment,
-                    self.chain,
-                )
-                rule = iptc.Rule() if version == 4 else iptc.Rule6()
-                match = rule.create_match("comment")
-                match.comment = self.comment
-                rule.create_target(self.chain)
-                post.append_rule(rule)
+                continue
+            done = _ipt_call(
+                version, "apply", chain=self.chain, comment=self.comment, sources=fam, egress=egress
+            )
+            for cmd in done:
+                log.info("[#] %s", cmd)
 
     def remove(self) -> None:
         for version in (4, 6):
@@ -317,29 +362,12 @@ class IptablesNat:
             if not _legacy_table_loaded(version):
                 parts.append(f"# {cmd}\n(nat table not loaded)")
                 continue
-            lines = _ipt_lines(version, self.chain, self.comment)
+            try:
+                lines = _ipt_call(version, "lines", chain=self.chain, comment=self.comment)
+            except NatError as e:
+                lines = [f"({e})"]
             parts.append(f"# {cmd} | grep {self.chain}\n" + "\n".join(lines))
         return "\n".join(parts)
-
-
-def _rule_src(rule: Any) -> str:
-    """libiptc reports ``198.18.200.0/255.255.255.0``; normalise to CIDR."""
-    return str(ipaddress.ip_network(str(rule.src), strict=False))
-
-
-def _ipt_lines(version: int, chain: str, comment: str) -> list[str]:
-    iptc = _iptc()
-    table = iptc.Table(iptc.Table.NAT) if version == 4 else iptc.Table6(iptc.Table6.NAT)
-    table.refresh()
-    lines: list[str] = []
-    for rule in iptc.Chain(table, "POSTROUTING").rules:
-        if _is_our_jump(rule, chain, comment):
-            lines.append(f'-A POSTROUTING -m comment --comment "{comment}" -j {chain}')
-    if table.is_chain(chain):
-        lines.append(f"-N {chain}")
-        for rule in iptc.Chain(table, chain).rules:
-            lines.append(f"-A {chain} -s {_rule_src(rule)} -o {rule.out_interface} -j MASQUERADE")
-    return lines
 
 
 # --------------------------------------------------------------------------- choice
@@ -390,9 +418,7 @@ def cleanup_nat(ids: InstanceIds) -> list[str]:
     for version in (4, 6):
         try:
             done += _ipt_remove(version, ids.ipt_chain, ids.comment)
-        except ImportError:
-            break  # no python-iptables: it cannot have made anything
-        except Exception as e:  # iptc.IPTCError, or libiptc unable to load
+        except NatError as e:
             log.warning("iptables cleanup of %s (IPv%d) failed: %s", ids.ipt_chain, version, e)
     return done
 
@@ -421,3 +447,7 @@ class FakeNat:
         return "# fake\n" + "\n".join(
             iptables_rules(self.ids.ipt_chain, self.ids.comment, self.sources, self.egress)
         )
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main())

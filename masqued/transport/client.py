@@ -47,6 +47,7 @@ from masqued.transport.quic import (
     UdpSocket,
     monotonic,
     quic_configuration,
+    rtt_ms,
     stream_send_backlog,
     tune_socket,
 )
@@ -350,7 +351,7 @@ class ClientTunnel:
             conn.flush()
             try:
                 params = await asyncio.wait_for(asyncio.shield(conn.ready), CONNECT_TIMEOUT)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 conn.fail("timed out connecting")
                 raise TunnelFailed(
                     f"no tunnel within {CONNECT_TIMEOUT:.0f}s (relay down or UDP blocked?)"
@@ -364,7 +365,13 @@ class ClientTunnel:
             self.status.last_error = None
             self._set_state("connected")
             addrs = ", ".join(str(a.ip) for a in params.addresses)
-            log.info("tunnel up: %s via %s as %s, mtu %d", settings.authority, _format(addr), addrs, params.mtu)
+            log.info(
+                "tunnel up: %s via %s as %s, mtu %d",
+                settings.authority,
+                _format(addr),
+                addrs,
+                params.mtu,
+            )
             if first_up is not None and not first_up.done():
                 first_up.set_result(None)
             keepalive = self.loop.create_task(self._keepalive(conn))
@@ -445,9 +452,7 @@ class ClientTunnel:
     def snapshot(self) -> dict[str, Any]:
         st = self.status
         conn = self.conn
-        rtt = None
-        if conn is not None and conn.quic._rtt_initialized:
-            rtt = round(conn.quic._rtt_smoothed * 1000, 3)
+        rtt = rtt_ms(conn.quic) if conn is not None else None
         return {
             "role": "client",
             "state": st.state,

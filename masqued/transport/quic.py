@@ -9,6 +9,7 @@ connections, and only then asks each touched connection for its datagrams, once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import logging
 import socket
@@ -61,10 +62,8 @@ def quic_configuration(*, is_client: bool, server_name: str | None = None) -> Qu
 def tune_socket(sock: socket.socket) -> None:
     """Large kernel buffers: bursts of a whole batch must not be dropped by the kernel."""
     for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
-        try:
+        with contextlib.suppress(OSError):  # best effort
             sock.setsockopt(socket.SOL_SOCKET, opt, SOCKET_BUFFER)
-        except OSError:  # pragma: no cover - best effort
-            pass
     sock.setblocking(False)
 
 
@@ -172,6 +171,14 @@ class QuicPeer:
             self._timer.cancel()
             self._timer = None
             self._timer_at = None
+
+
+def rtt_ms(quic: QuicConnection) -> float | None:
+    """Smoothed RTT of a connection in milliseconds, None before the first sample."""
+    loss = getattr(quic, "_loss", None)  # aioquic keeps it in its recovery object
+    if loss is None or not getattr(loss, "_rtt_initialized", False):
+        return None
+    return round(float(loss._rtt_smoothed) * 1000, 3)
 
 
 def stream_send_backlog(quic: QuicConnection, stream_id: int) -> int:

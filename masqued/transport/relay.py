@@ -9,6 +9,7 @@ from the TUN are sent to the session that owns their destination address.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import logging
 import socket
@@ -17,7 +18,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from aioquic.buffer import Buffer
+from aioquic.buffer import Buffer  # type: ignore[attr-defined]
 from aioquic.h3.connection import ErrorCode as H3ErrorCode
 from aioquic.h3.connection import H3Connection
 from aioquic.h3.events import DataReceived, H3Event, HeadersReceived
@@ -27,7 +28,6 @@ from aioquic.quic.events import (
     ConnectionIdIssued,
     ConnectionIdRetired,
     ConnectionTerminated,
-    QuicEvent,
     StreamReset,
 )
 from aioquic.quic.packet import (
@@ -47,9 +47,9 @@ from masqued.metrics import (
     DROP_TUN_WRITE,
     TrafficCounters,
 )
-from masqued.proto.errors import FramingError, RequestError
+from masqued.proto.errors import FramingError, PacketError, RequestError
 from masqued.proto.framing import FrameDecoder, encode_frames
-from masqued.proto.packet import PacketError, parse_packet
+from masqued.proto.packet import parse_packet
 from masqued.proto.request import (
     ConnectIpRequest,
     TunnelParams,
@@ -62,6 +62,7 @@ from masqued.transport.quic import (
     UdpSocket,
     monotonic,
     quic_configuration,
+    rtt_ms,
     stream_send_backlog,
     tune_socket,
 )
@@ -81,7 +82,8 @@ TUN_READ_BATCH = 256
 
 
 class Tun(Protocol):
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def fileno(self) -> int: ...
     def read_batch(self, max_packets: int = ...) -> list[bytes]: ...
@@ -180,14 +182,11 @@ class RelayConnection(QuicPeer):
 
     def abort_stream(self, stream_id: int, code: int) -> None:
         """Abort one request stream in both directions (RFC 9114 §4.1.2)."""
-        try:
+        # Either half may already be finished; that is fine.
+        with contextlib.suppress(Exception):
             self.quic.reset_stream(stream_id, code)
-        except Exception:  # stream already finished on our side
-            pass
-        try:
+        with contextlib.suppress(Exception):
             self.quic.stop_stream(stream_id, code)
-        except Exception:
-            pass
 
 
 class RelayServer:
@@ -236,10 +235,8 @@ class RelayServer:
 
     def close(self) -> None:
         """Close every connection (CONNECTION_CLOSE, H3_NO_ERROR) and stop reading."""
-        try:
+        with contextlib.suppress(ValueError, OSError):
             self.loop.remove_reader(self.tun.fileno())
-        except (ValueError, OSError):
-            pass
         conns = {id(c): c for c in self.connections.values()}
         for conn in conns.values():
             for session in list(conn.sessions.values()):
@@ -597,7 +594,7 @@ class RelayServer:
         now = time.time()
         sessions = []
         for s in sorted(self.sessions, key=lambda s: s.started):
-            rtt = s.conn.quic._rtt_smoothed if s.conn.quic._rtt_initialized else None
+            rtt = rtt_ms(s.conn.quic)
             sessions.append(
                 {
                     "client": s.peer,
@@ -605,7 +602,7 @@ class RelayServer:
                     "transport": "stream",
                     "connected_since": s.started,
                     "connected_for": now - s.started,
-                    "rtt_ms": round(rtt * 1000, 3) if rtt is not None else None,
+                    "rtt_ms": rtt,
                     **s.counters.snapshot(),
                 }
             )

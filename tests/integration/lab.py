@@ -1,6 +1,7 @@
 """The namespace lab (DESIGN.md §5): real namespaces, veths, daemons and servers.
 
-    mq-<t>c1..cN (198.18.1.N+1) --bridge-- mq-<t>r (198.18.1.1 | 198.19.0.1) --veth-- mq-<t>t (198.19.0.2)
+    mq-<t>-c1..cN (198.18.1.10+N) --bridge-- mq-<t>-relay (198.18.1.1 | 198.19.0.1)
+        --veth-- mq-<t>-target (198.19.0.2)
     IPv6: 2001:db8:1::/64 on the client side, 2001:db8:19::/64 on the target side.
     Client pool: 198.18.200.0/24 and 2001:db8:200::/64 (NAT44 and NAT66 on the relay).
 
@@ -147,8 +148,21 @@ class NamespaceLab:
             sh("ip", "netns", "add", ns)
             self.ip(ns, "link", "set", "lo", "up")
         # relay <-> target
-        sh("ip", "link", "add", "mq-r-t", "netns", r, "type", "veth", "peer", "name",
-           "mq-t-r", "netns", t)
+        sh(
+            "ip",
+            "link",
+            "add",
+            "mq-r-t",
+            "netns",
+            r,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "mq-t-r",
+            "netns",
+            t,
+        )
         self.ip(r, "addr", "add", f"{EGRESS_V4}/24", "dev", "mq-r-t")
         self.ip(r, "-6", "addr", "add", f"{EGRESS_V6}/64", "dev", "mq-r-t", "nodad")
         self.ip(t, "addr", "add", f"{TARGET_V4}/24", "dev", "mq-t-r")
@@ -167,8 +181,21 @@ class NamespaceLab:
         self.ip(r, "link", "set", "mq-br", "up")
         for i in range(1, self.clients + 1):
             c = self.client_ns(i)
-            sh("ip", "link", "add", "mq-c-r", "netns", c, "type", "veth", "peer", "name",
-               f"mq-r-c{i}", "netns", r)
+            sh(
+                "ip",
+                "link",
+                "add",
+                "mq-c-r",
+                "netns",
+                c,
+                "type",
+                "veth",
+                "peer",
+                "name",
+                f"mq-r-c{i}",
+                "netns",
+                r,
+            )
             self.ip(r, "link", "set", f"mq-r-c{i}", "master", "mq-br", "up")
             self.ip(c, "addr", "add", f"{client_addr_v4(i)}/24", "dev", "mq-c-r")
             self.ip(c, "-6", "addr", "add", f"{client_addr_v6(i)}/64", "dev", "mq-c-r", "nodad")
@@ -196,15 +223,19 @@ class NamespaceLab:
     def ip(self, ns: str, *args: str) -> str:
         return sh("ip", "-n", ns, *args).stdout
 
-    def run(self, ns: str, *cmd: str, check: bool = True, timeout: float = 60
-            ) -> subprocess.CompletedProcess[str]:
+    def run(
+        self, ns: str, *cmd: str, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
         return sh("ip", "netns", "exec", ns, *cmd, check=check, timeout=timeout)
 
-    def spawn(self, ns: str, *cmd: str, log: Path | None = None,
-              env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def spawn(
+        self, ns: str, *cmd: str, log: Path | None = None, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
         out = open(log, "wb") if log is not None else subprocess.DEVNULL  # noqa: SIM115
         proc = subprocess.Popen(
-            ["ip", "netns", "exec", ns, *cmd], stdout=out, stderr=subprocess.STDOUT,
+            ["ip", "netns", "exec", ns, *cmd],
+            stdout=out,
+            stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})},
         )
         self.procs.append(proc)
@@ -221,8 +252,20 @@ class NamespaceLab:
         sock_path = self.workdir / f"{name}-{secrets.token_hex(3)}.notify"
         notify = NotifyListener(sock_path)
         proc = subprocess.Popen(
-            ["ip", "netns", "exec", ns, PYTHON, "-m", "masqued", "run", "--config",
-             str(config), "--log-level", "debug"],
+            [
+                "ip",
+                "netns",
+                "exec",
+                ns,
+                PYTHON,
+                "-m",
+                "masqued",
+                "run",
+                "--config",
+                str(config),
+                "--log-level",
+                "debug",
+            ],
             stdout=open(log, "ab"),  # noqa: SIM115
             stderr=subprocess.STDOUT,
             env={**os.environ, "NOTIFY_SOCKET": str(sock_path), "PYTHONUNBUFFERED": "1"},
@@ -234,8 +277,12 @@ class NamespaceLab:
 
     def start_servers(self) -> None:
         """TCP sink/hash server and UDP echo on the target, v4 and v6."""
-        self.spawn(self.target_ns, PYTHON, str(REPO / "tests" / "integration" / "servers.py"),
-                   log=self.workdir / "servers.log")
+        self.spawn(
+            self.target_ns,
+            PYTHON,
+            str(REPO / "tests" / "integration" / "servers.py"),
+            log=self.workdir / "servers.log",
+        )
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:
             out = self.run(self.target_ns, "ss", "-Hltn", check=False).stdout
@@ -244,8 +291,9 @@ class NamespaceLab:
             time.sleep(0.1)
         raise AssertionError("target servers did not start")
 
-    def relay_config(self, *, pool: Sequence[str] = (POOL_V4, POOL_V6), nat: str = "auto",
-                     extra: str = "") -> str:
+    def relay_config(
+        self, *, pool: Sequence[str] = (POOL_V4, POOL_V6), nat: str = "auto", extra: str = ""
+    ) -> str:
         pki = self.pki
         pool_list = ", ".join(f'"{p}"' for p in pool)
         return (
@@ -259,8 +307,13 @@ class NamespaceLab:
             "mtu = 1300\n" + extra
         )
 
-    def client_config(self, *, routes: Sequence[str] = (TARGET_NET_V4, TARGET_NET_V6),
-                      relay: str = f"{RELAY_V4}:4433", extra: str = "") -> str:
+    def client_config(
+        self,
+        *,
+        routes: Sequence[str] = (TARGET_NET_V4, TARGET_NET_V6),
+        relay: str = f"{RELAY_V4}:4433",
+        extra: str = "",
+    ) -> str:
         pki = self.pki
         route_list = ", ".join(f'"{r}"' for r in routes)
         return (
@@ -274,10 +327,12 @@ class NamespaceLab:
 
     # -- traffic --------------------------------------------------------------------------
 
-    def ping(self, ns: str, addr: str, count: int = 3, timeout: float = 30
-             ) -> subprocess.CompletedProcess[str]:
-        return self.run(ns, "ping", "-c", str(count), "-i", "0.2", "-W", "2", addr,
-                        check=False, timeout=timeout)
+    def ping(
+        self, ns: str, addr: str, count: int = 3, timeout: float = 30
+    ) -> subprocess.CompletedProcess[str]:
+        return self.run(
+            ns, "ping", "-c", str(count), "-i", "0.2", "-W", "2", addr, check=False, timeout=timeout
+        )
 
     def wait_ping(self, ns: str, addr: str, timeout: float = 20) -> float:
         """Ping until one reply arrives; return seconds waited."""
@@ -290,8 +345,14 @@ class NamespaceLab:
 
     def traffic(self, ns: str, *args: str, timeout: float = 120) -> str:
         """Run the traffic client (tests/integration/traffic.py) in ``ns``."""
-        res = self.run(ns, PYTHON, str(REPO / "tests" / "integration" / "traffic.py"), *args,
-                       timeout=timeout, check=False)
+        res = self.run(
+            ns,
+            PYTHON,
+            str(REPO / "tests" / "integration" / "traffic.py"),
+            *args,
+            timeout=timeout,
+            check=False,
+        )
         if res.returncode != 0:
             raise AssertionError(f"traffic {args} failed: {res.stdout}\n{res.stderr}")
         return res.stdout.strip()
@@ -304,8 +365,11 @@ class NamespaceLab:
         links = self.ip(ns, "-o", "link", "show")
         for line in links.splitlines():
             name = line.split(":")[1].strip().split("@")[0]
-            if name.startswith("mq-") and name not in ("mq-br", "mq-r-t", "mq-t-r", "mq-c-r") \
-                    and not name.startswith("mq-r-c"):
+            if (
+                name.startswith("mq-")
+                and name not in ("mq-br", "mq-r-t", "mq-t-r", "mq-c-r")
+                and not name.startswith("mq-r-c")
+            ):
                 found.append(f"link {name}")
         for fam in ("-4", "-6"):
             for line in self.ip(ns, fam, "rule", "show").splitlines():

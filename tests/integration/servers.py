@@ -57,6 +57,7 @@ def udp_server(port: int) -> None:
     s.bind(("::", port))
     while True:
         data, addr = s.recvfrom(65535)
+        print("udp", peer_ip(addr), data[:64].decode(errors="replace"), flush=True)
         s.sendto(peer_ip(addr).encode() + b" " + data, addr)
 
 

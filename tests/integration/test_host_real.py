@@ -148,6 +148,10 @@ net, ifc, ip = ipaddress.ip_network, ipaddress.ip_interface, ipaddress.ip_addres
 T = ids.table
 def state(addrs, routes, rules):
     return NetState(frozenset(map(ifc, addrs)), frozenset(routes), frozenset(rules))
+import asyncio
+async def from_a_coroutine():  # pyroute2 >= 0.9 breaks here unless we use a thread
+    return default_interface(4, nl)
+assert asyncio.run(from_a_coroutine()) == "mq-e0"
 result = [default_interface(4, nl), default_interface(6, nl),
           route_get(ip("198.51.100.1"), nl), route_get(ip("198.18.1.9"), nl)]
 """
@@ -411,7 +415,10 @@ def test_iptables_nat_real(
     probe, agent, natbox = nat_topology
     assert probe() == "- -"
     agent(NAT_SETUP + "nat = IptablesNat(ids); nat.apply(pool, 'mq-eg'); nat.apply(pool, 'mq-eg')")
-    for tool, src in (("iptables-legacy", "198.18.200.0/24"), ("ip6tables-legacy", "2001:db8:200::/64")):
+    for tool, src in (
+        ("iptables-legacy", "198.18.200.0/24"),
+        ("ip6tables-legacy", "2001:db8:200::/64"),
+    ):
         rules = sh(f"ip netns exec {natbox} {tool} -t nat -S")
         assert f"-A MASQUED-tn -s {src} -o mq-eg -j MASQUERADE" in rules, rules
         jumps = re.findall(r"-A POSTROUTING .*-j MASQUED-tn", rules)

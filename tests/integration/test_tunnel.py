@@ -18,13 +18,20 @@ from tests.integration.lab import (
 MB = 1024 * 1024
 
 
-def start_pair(lab: NamespaceLab, *, nat: str = "auto", client_extra: str = "",
-               routes: tuple[str, ...] | None = None) -> None:
+def start_pair(
+    lab: NamespaceLab,
+    *,
+    nat: str = "auto",
+    client_extra: str = "",
+    routes: tuple[str, ...] | None = None,
+) -> None:
     lab.start_servers()
     relay = lab.start_daemon("relay", lab.relay_ns, lab.relay_config(nat=nat))
     relay.wait_ready()
     kwargs = {} if routes is None else {"routes": routes}
-    client = lab.start_daemon("c1", lab.client_ns(1), lab.client_config(extra=client_extra, **kwargs))
+    client = lab.start_daemon(
+        "c1", lab.client_ns(1), lab.client_config(extra=client_extra, **kwargs)
+    )
     client.wait_ready()
 
 
@@ -80,8 +87,9 @@ def test_three_clients_at_once(lab3: NamespaceLab) -> None:
     lab3.start_servers()
     relay = lab3.start_daemon("relay", lab3.relay_ns, lab3.relay_config())
     relay.wait_ready()
-    clients = [lab3.start_daemon(f"c{i}", lab3.client_ns(i), lab3.client_config())
-               for i in (1, 2, 3)]
+    clients = [
+        lab3.start_daemon(f"c{i}", lab3.client_ns(i), lab3.client_config()) for i in (1, 2, 3)
+    ]
     for d in clients:
         d.wait_ready()
     addrs = set()
@@ -91,8 +99,18 @@ def test_three_clients_at_once(lab3: NamespaceLab) -> None:
     assert len(addrs) == 3, addrs
     assert all(a.startswith("198.18.200.") for a in addrs)
     # All three move traffic at the same time.
-    procs = [lab3.spawn(lab3.client_ns(i), lab3_python(), traffic_py(), "tcp", TARGET_V4,
-                        str(3 * MB), log=lab3.workdir / f"t{i}.out") for i in (1, 2, 3)]
+    procs = [
+        lab3.spawn(
+            lab3.client_ns(i),
+            lab3_python(),
+            traffic_py(),
+            "tcp",
+            TARGET_V4,
+            str(3 * MB),
+            log=lab3.workdir / f"t{i}.out",
+        )
+        for i in (1, 2, 3)
+    ]
     for i, p in enumerate(procs, 1):
         assert p.wait(120) == 0, (lab3.workdir / f"t{i}.out").read_text()
         assert (lab3.workdir / f"t{i}.out").read_text().split()[:2] == ["ok", EGRESS_V4]
@@ -118,11 +136,15 @@ def test_routes_covering_the_relay_and_full_tunnel(lab3: NamespaceLab) -> None:
     relay = lab3.start_daemon("relay", lab3.relay_ns, lab3.relay_config())
     relay.wait_ready()
     # c1: a specific route that covers the relay's own address
-    covering = lab3.start_daemon("c1", lab3.client_ns(1), lab3.client_config(
-        routes=("198.18.0.0/16", "198.19.0.0/16", "2001:db8::/32")))
+    covering = lab3.start_daemon(
+        "c1",
+        lab3.client_ns(1),
+        lab3.client_config(routes=("198.18.0.0/16", "198.19.0.0/16", "2001:db8::/32")),
+    )
     # c2: full tunnel
-    full = lab3.start_daemon("c2", lab3.client_ns(2), lab3.client_config(
-        routes=("0.0.0.0/0", "::/0")))
+    full = lab3.start_daemon(
+        "c2", lab3.client_ns(2), lab3.client_config(routes=("0.0.0.0/0", "::/0"))
+    )
     covering.wait_ready()
     full.wait_ready()
     for i in (1, 2):
@@ -176,16 +198,72 @@ def test_cleanup_command_after_crash(lab1: NamespaceLab) -> None:
 
 
 @pytest.mark.parametrize("pool", [("198.18.200.0/30",)])
-def test_pool_exhausted_gets_503_and_others_unaffected(lab3: NamespaceLab,
-                                                        pool: tuple[str, ...]) -> None:
+def test_pool_exhausted_gets_503_and_others_unaffected(
+    lab3: NamespaceLab, pool: tuple[str, ...]
+) -> None:
     lab3.start_servers()
     relay = lab3.start_daemon("relay", lab3.relay_ns, lab3.relay_config(pool=pool))
     relay.wait_ready()
-    first = lab3.start_daemon("c1", lab3.client_ns(1), lab3.client_config(routes=("198.19.0.0/24",)))
+    first = lab3.start_daemon(
+        "c1", lab3.client_ns(1), lab3.client_config(routes=("198.19.0.0/24",))
+    )
     first.wait_ready()
-    second = lab3.start_daemon("c2", lab3.client_ns(2), lab3.client_config(routes=("198.19.0.0/24",)))
+    second = lab3.start_daemon(
+        "c2", lab3.client_ns(2), lab3.client_config(routes=("198.19.0.0/24",))
+    )
     time.sleep(3)
     assert "503" in second.log_text()
     assert "pool exhausted" in relay.log_text()
     assert lab3.ping(lab3.client_ns(1), TARGET_V4).returncode == 0
     assert_clean_after_stop(lab3)
+
+
+def rawclient(lab: NamespaceLab, ns: str, mode: str) -> str:
+    import sys
+
+    from tests.integration.lab import RELAY_V4, REPO
+
+    res = lab.run(
+        ns,
+        sys.executable,
+        str(REPO / "tests" / "integration" / "rawclient.py"),
+        RELAY_V4,
+        "4433",
+        str(lab.pki / "ca.pem"),
+        mode,
+        check=False,
+        timeout=30,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    return res.stdout
+
+
+def test_malformed_frame_closes_only_that_client(lab3: NamespaceLab) -> None:
+    lab3.start_servers()
+    relay = lab3.start_daemon("relay", lab3.relay_ns, lab3.relay_config())
+    relay.wait_ready()
+    good = lab3.start_daemon("c1", lab3.client_ns(1), lab3.client_config())
+    good.wait_ready()
+    out = rawclient(lab3, lab3.client_ns(2), "malformed")
+    assert "status 200" in out
+    assert "reset 0x10e" in out  # H3_MESSAGE_ERROR
+    assert "malformed stream frame" in relay.log_text()
+    # The relay is alive and the other client unaffected.
+    assert relay.proc.poll() is None
+    out = lab3.traffic(lab3.client_ns(1), "tcp", TARGET_V4, str(MB))
+    assert out.split()[:2] == ["ok", EGRESS_V4]
+    assert_clean_after_stop(lab3)
+
+
+def test_spoofed_source_is_dropped(lab1: NamespaceLab) -> None:
+    lab1.start_servers()
+    relay = lab1.start_daemon("relay", lab1.relay_ns, lab1.relay_config())
+    relay.wait_ready()
+    out = rawclient(lab1, lab1.client_ns(1), "spoof")
+    assert "legit-payload" in out
+    assert "spoofed" not in out
+    servers_log = (lab1.workdir / "servers.log").read_text()
+    assert "legit-payload" in servers_log
+    assert "spoofed-payload" not in servers_log
+    assert "spoofed source 198.18.200.99" in relay.log_text()
+    assert_clean_after_stop(lab1)

@@ -86,3 +86,9 @@ def test_fake_nat_keeps_state() -> None:
     assert fake.sources == (POOL[0],) and fake.egress == "eth1"
     fake.remove()
     assert fake.describe() == "# fake\n(none)"
+
+
+def test_iptables_helper_reports_errors() -> None:
+    # An unknown operation fails in the helper before libiptc is touched.
+    with pytest.raises(nat.NatError, match="KeyError"):
+        nat._ipt_call(4, "no-such-op")
