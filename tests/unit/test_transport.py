@@ -1,0 +1,193 @@
+"""The data path without root: relay and client in one event loop over loopback UDP,
+with in-memory TUN devices that keep what was written to them."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+
+import pytest
+
+from masqued import pki
+from masqued.host.tun import FakeTun
+from masqued.ipam import AddressPool
+from masqued.proto.packet import build_udp, parse_packet
+from masqued.proto.request import TunnelParams
+from masqued.transport.client import ClientSettings, ClientTunnel
+from masqued.transport.relay import RelayServer, RelaySettings
+
+ROUTES = (ipaddress.ip_network("198.19.0.0/24"), ipaddress.ip_network("2001:db8:19::/64"))
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("pki")
+    pki.init_ca(d)
+    pki.issue(d, "relay.example", "relay")
+    return d
+
+
+class Relay:
+    def __init__(self, certs: Path, pool: tuple[str, ...], port: int = 0) -> None:
+        self.tun = FakeTun("mq-relay", 1300)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", port))
+        self.port = self.sock.getsockname()[1]
+        self.pool = AddressPool([ipaddress.ip_network(p) for p in pool])
+        settings = RelaySettings(
+            mtu=1300,
+            routes=ROUTES,
+            certificate=str(certs / "relay.example.pem"),
+            private_key=str(certs / "relay.example.key"),
+        )
+        self.server = RelayServer(asyncio.get_running_loop(), self.sock, self.tun, self.pool,
+                                  settings)
+        self.server.start()
+
+    def close(self) -> None:
+        self.server.close()
+
+
+class Client:
+    def __init__(self, certs: Path, port: int) -> None:
+        self.tun = FakeTun("mq-client", 1300)
+        self.params: list[TunnelParams] = []
+        settings = ClientSettings(
+            relay_host="127.0.0.1",
+            relay_port=port,
+            server_name="relay.example",
+            ca=str(certs / "ca.pem"),
+            mtu=1300,
+            fwmark=0,
+            keepalive=0.5,
+            reconnect_max=0.5,
+        )
+        loop = asyncio.get_running_loop()
+        self.tunnel = ClientTunnel(loop, settings, self.tun, self.params.append)
+        self.up: asyncio.Future[None] = loop.create_future()
+        self.task = loop.create_task(self.tunnel.run(self.up))
+
+    @property
+    def address(self) -> ipaddress.IPv4Address:
+        return next(a.ip for a in self.params[-1].addresses if a.version == 4)  # type: ignore[return-value]
+
+    async def close(self) -> None:
+        self.tunnel.stop()
+        await asyncio.wait_for(self.task, 5)
+
+
+async def until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not cond():
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError("condition not reached")
+        await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+async def relay(certs: Path) -> AsyncIterator[Relay]:
+    r = Relay(certs, ("198.18.200.0/24", "2001:db8:200::/64"))
+    yield r
+    r.close()
+
+
+async def test_packets_flow_both_ways_and_are_counted(relay: Relay, certs: Path) -> None:
+    client = Client(certs, relay.port)
+    await asyncio.wait_for(client.up, 5)
+    params = client.params[-1]
+    assert {str(a) for a in params.addresses} == {"198.18.200.2/32", "2001:db8:200::2/128"}
+    assert params.routes == ROUTES and params.mtu == 1300
+
+    out = build_udp(client.address, "198.19.0.2", 1000, 53, b"question")
+    client.tun.inject(out)
+    await until(lambda: len(relay.tun.written) == 1)
+    assert relay.tun.written[0] == out
+
+    back = build_udp("198.19.0.2", client.address, 53, 1000, b"answer")
+    relay.tun.inject(back)
+    await until(lambda: len(client.tun.written) == 1)
+    assert client.tun.written[0] == back
+
+    session = next(iter(relay.server.sessions))
+    assert (session.counters.rx_packets, session.counters.rx_bytes) == (1, len(out))
+    assert (session.counters.tx_packets, session.counters.tx_bytes) == (1, len(back))
+    await client.close()
+    await until(lambda: not relay.server.sessions)
+    assert relay.pool.used() == 0
+
+
+async def test_many_packets_in_one_batch_keep_order(relay: Relay, certs: Path) -> None:
+    client = Client(certs, relay.port)
+    await asyncio.wait_for(client.up, 5)
+    packets = [build_udp(client.address, "198.19.0.2", 1000, 9, i.to_bytes(4, "big") * 300)
+               for i in range(500)]
+    for i in range(0, 500, 50):
+        client.tun.inject(*packets[i : i + 50])
+    await until(lambda: len(relay.tun.written) == 500)
+    assert list(relay.tun.written) == packets
+    await client.close()
+
+
+async def test_spoofed_source_dropped_and_counted(relay: Relay, certs: Path) -> None:
+    client = Client(certs, relay.port)
+    await asyncio.wait_for(client.up, 5)
+    client.tun.inject(build_udp("198.18.200.77", "198.19.0.2", 1, 2, b"spoof"))
+    client.tun.inject(build_udp(client.address, "198.19.0.2", 1, 2, b"legit"))
+    await until(lambda: len(relay.tun.written) == 1)
+    assert parse_packet(relay.tun.written[0]).src == client.address
+    session = next(iter(relay.server.sessions))
+    assert session.counters.drops["spoofed_source"] == 1
+    await client.close()
+
+
+async def test_two_clients_get_distinct_addresses_and_their_own_packets(
+    relay: Relay, certs: Path
+) -> None:
+    a, b = Client(certs, relay.port), Client(certs, relay.port)
+    await asyncio.wait_for(asyncio.gather(a.up, b.up), 5)
+    assert a.address != b.address
+    relay.tun.inject(build_udp("198.19.0.2", b.address, 1, 2, b"for-b"))
+    relay.tun.inject(build_udp("198.19.0.2", a.address, 1, 2, b"for-a"))
+    relay.tun.inject(build_udp("198.19.0.2", "198.18.200.200", 1, 2, b"nobody"))
+    await until(lambda: len(a.tun.written) == 1 and len(b.tun.written) == 1)
+    assert a.tun.written[0].endswith(b"for-a") and b.tun.written[0].endswith(b"for-b")
+    assert relay.server.totals.drops["no_session"] == 1
+    await a.close()
+    await b.close()
+
+
+async def test_pool_exhausted_answers_503_and_first_client_keeps_working(certs: Path) -> None:
+    relay = Relay(certs, ("198.18.200.0/30",))  # one client address: .2
+    try:
+        first = Client(certs, relay.port)
+        await asyncio.wait_for(first.up, 5)
+        second = Client(certs, relay.port)
+        await until(lambda: "503" in (second.tunnel.status.last_error or ""))
+        assert not second.up.done()
+        assert relay.server.results["pool_exhausted"] >= 1
+        first.tun.inject(build_udp(first.address, "198.19.0.2", 1, 2, b"still-ok"))
+        await until(lambda: len(relay.tun.written) == 1)
+        await second.close()
+        await first.close()
+    finally:
+        relay.close()
+
+
+async def test_client_reconnects_when_relay_restarts(certs: Path) -> None:
+    relay = Relay(certs, ("198.18.200.0/24",))
+    port = relay.port
+    client = Client(certs, port)
+    await asyncio.wait_for(client.up, 5)
+    relay.close()  # sends CONNECTION_CLOSE: the client notices at once
+    await until(lambda: client.tunnel.status.state == "reconnecting")
+    relay = Relay(certs, ("198.18.200.0/24",), port=port)
+    try:
+        await until(lambda: client.tunnel.status.connects == 2, timeout=10)
+        client.tun.inject(build_udp(client.address, "198.19.0.2", 1, 2, b"again"))
+        await until(lambda: len(relay.tun.written) == 1)
+        await client.close()
+    finally:
+        relay.close()
