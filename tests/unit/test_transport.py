@@ -43,8 +43,9 @@ class Relay:
             certificate=str(certs / "relay.example.pem"),
             private_key=str(certs / "relay.example.key"),
         )
-        self.server = RelayServer(asyncio.get_running_loop(), self.sock, self.tun, self.pool,
-                                  settings)
+        self.server = RelayServer(
+            asyncio.get_running_loop(), self.sock, self.tun, self.pool, settings
+        )
         self.server.start()
 
     def close(self) -> None:
@@ -122,8 +123,10 @@ async def test_packets_flow_both_ways_and_are_counted(relay: Relay, certs: Path)
 async def test_many_packets_in_one_batch_keep_order(relay: Relay, certs: Path) -> None:
     client = Client(certs, relay.port)
     await asyncio.wait_for(client.up, 5)
-    packets = [build_udp(client.address, "198.19.0.2", 1000, 9, i.to_bytes(4, "big") * 300)
-               for i in range(500)]
+    packets = [
+        build_udp(client.address, "198.19.0.2", 1000, 9, i.to_bytes(4, "big") * 300)
+        for i in range(500)
+    ]
     for i in range(0, 500, 50):
         client.tun.inject(*packets[i : i + 50])
     await until(lambda: len(relay.tun.written) == 500)
