@@ -13,7 +13,7 @@ is materialised per address.
 from __future__ import annotations
 
 import heapq
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from ipaddress import (
     IPv4Address,
@@ -42,9 +42,16 @@ class Lease:
 
 
 class _Range:
-    """The client addresses of one network: ``first`` .. ``last`` as integers."""
+    """The client addresses of one network: ``first`` .. ``last`` as integers.
 
-    __slots__ = ("_free", "_next", "first", "last", "network")
+    Dynamic allocation hands out the lowest free address that is not reserved.
+    Addresses may also be taken out of order (``take``: a client's previous address or
+    its fixed one). ``held`` holds every leased address; the high-water mark skips
+    held and reserved ones as it passes them; the heap holds released addresses below
+    it (entries not in ``_free_set`` are stale and ignored).
+    """
+
+    __slots__ = ("_free", "_free_set", "_next", "first", "held", "last", "network", "reserved")
 
     def __init__(self, network: IPNetwork) -> None:
         self.network = network
@@ -55,28 +62,60 @@ class _Range:
         self.last = int(network.broadcast_address) - (1 if network.version == 4 else 0)
         if self.last < self.first:
             raise ValueError(f"pool too small: {network} has no client addresses")
-        self._next = self.first  # every address below has been handed out once
-        self._free: list[int] = []  # released addresses below _next (min-heap)
+        self._next = self.first  # every address below was handed out, held or reserved
+        self._free: list[int] = []  # min-heap of released addresses below _next
+        self._free_set: set[int] = set()  # the valid entries of _free
+        self.held: set[int] = set()
+        self.reserved: frozenset[int] = frozenset()
 
     @property
     def size(self) -> int:
         return self.last - self.first + 1
 
+    def contains(self, value: int) -> bool:
+        return self.first <= value <= self.last
+
+    def _skip(self) -> None:
+        while self._next <= self.last and (self._next in self.held or self._next in self.reserved):
+            self._next += 1
+
     def has_free(self) -> bool:
-        return bool(self._free) or self._next <= self.last
+        self._skip()
+        return bool(self._free_set) or self._next <= self.last
 
     def take_lowest(self) -> int:
-        if self._free:
-            return heapq.heappop(self._free)
+        while self._free:
+            value = heapq.heappop(self._free)
+            if value in self._free_set:
+                self._free_set.discard(value)
+                self.held.add(value)
+                return value
+        self._skip()
         if self._next > self.last:
             raise PoolExhausted(f"{self.network} is full")
         value = self._next
         self._next += 1
+        self.held.add(value)
         return value
 
+    def take(self, value: int) -> None:
+        """Take a specific address that is not held (caller checked)."""
+        self._free_set.discard(value)  # its heap entry, if any, becomes stale
+        self.held.add(value)
+
     def give_back(self, value: int) -> None:
-        # Always below _next, so the heap's minimum is the lowest free address.
-        heapq.heappush(self._free, value)
+        self.held.discard(value)
+        if value < self._next and value not in self.reserved:
+            heapq.heappush(self._free, value)
+            self._free_set.add(value)
+
+    def set_reserved(self, values: frozenset[int]) -> None:
+        for value in self.reserved - values:  # no longer reserved: free if below _next
+            if value < self._next and value not in self.held:
+                heapq.heappush(self._free, value)
+                self._free_set.add(value)
+        self._free_set -= values
+        self.reserved = values
 
 
 class AddressPool:
@@ -97,6 +136,8 @@ class AddressPool:
         self._owners: dict[IPAddress, str] = {}
         # owner -> (range, integer address) for each address of the lease
         self._held: dict[str, list[tuple[_Range, int]]] = {}
+        self._reservations: dict[str, tuple[IPAddress, ...]] = {}
+        self._reserved_for: dict[IPAddress, str] = {}
 
     @property
     def networks(self) -> tuple[IPNetwork, ...]:
@@ -114,24 +155,45 @@ class AddressPool:
                 out.append(IPv6Interface((gateway, net.prefixlen)))
         return tuple(out)
 
-    def allocate(self, owner: str) -> Lease:
-        """Lease the lowest free address of each family to ``owner``.
+    def allocate(
+        self,
+        owner: str,
+        *,
+        identity: str | None = None,
+        prefer: Sequence[IPAddress] = (),
+    ) -> Lease:
+        """Lease one address of each family to ``owner``.
 
-        Returns the existing lease if ``owner`` already has one. Raises PoolExhausted,
-        allocating nothing, if some family has no free address.
+        Per family, in this order: the fixed address reserved for ``identity``; else a
+        free address from ``prefer`` (the identity's previous lease); else the lowest
+        free address. Returns the existing lease if ``owner`` already has one. Raises
+        PoolExhausted, allocating nothing, if some family cannot be served.
         """
         existing = self._leases.get(owner)
         if existing is not None:
             return existing
-        chosen: list[_Range] = []
+        fixed = self._reservations.get(identity, ()) if identity is not None else ()
+        plan: list[tuple[_Range, int | None]] = []
         for version, ranges in self._families.items():
+            pick = self._pick_specific(version, fixed, identity, strict=True)
+            if pick is None:
+                pick = self._pick_specific(version, prefer, identity, strict=False)
+            if pick is not None:
+                plan.append(pick)
+                continue
             for r in ranges:
                 if r.has_free():
-                    chosen.append(r)
+                    plan.append((r, None))
                     break
             else:
                 raise PoolExhausted(f"no free IPv{version} address in the pool")
-        held = [(r, r.take_lowest()) for r in chosen]
+        held: list[tuple[_Range, int]] = []
+        for r, value in plan:
+            if value is None:
+                value = r.take_lowest()
+            else:
+                r.take(value)
+            held.append((r, value))
         addresses = tuple(_host_interface(r.network, value) for r, value in held)
         lease = Lease(owner=owner, addresses=addresses)
         self._leases[owner] = lease
@@ -139,6 +201,57 @@ class AddressPool:
         for iface in addresses:
             self._owners[iface.ip] = owner
         return lease
+
+    def _pick_specific(
+        self, version: int, candidates: Sequence[IPAddress], identity: str | None, strict: bool
+    ) -> tuple[_Range, int] | None:
+        for addr in candidates:
+            if addr.version != version:
+                continue
+            value = int(addr)
+            r = self._range_of(addr)
+            if r is None:
+                continue
+            if value in r.held:
+                if strict:
+                    raise PoolExhausted(f"fixed address {addr} of {identity} is in use")
+                continue
+            if value in r.reserved and self._reserved_for.get(addr) != identity:
+                continue
+            return r, value
+        return None
+
+    def _range_of(self, addr: IPAddress) -> _Range | None:
+        for r in self._families.get(addr.version, ()):
+            if r.contains(int(addr)):
+                return r
+        return None
+
+    def set_reservations(self, reservations: Mapping[str, Sequence[IPAddress]]) -> None:
+        """Fixed addresses per identity; they are never handed out to anyone else.
+
+        Raises ValueError for an address outside the client range of the pool or one
+        given to two identities. Leases already held are not touched.
+        """
+        reserved_for: dict[IPAddress, str] = {}
+        per_range: dict[int, set[int]] = {id(r): set() for r in self._ranges}
+        for identity, addrs in reservations.items():
+            for addr in addrs:
+                r = self._range_of(addr)
+                if r is None:
+                    raise ValueError(
+                        f"fixed address {addr} of {identity} is not a client address of the pool"
+                    )
+                if addr in reserved_for:
+                    raise ValueError(
+                        f"fixed address {addr} given to both {reserved_for[addr]} and {identity}"
+                    )
+                reserved_for[addr] = identity
+                per_range[id(r)].add(int(addr))
+        for r in self._ranges:
+            r.set_reserved(frozenset(per_range[id(r)]))
+        self._reservations = {k: tuple(v) for k, v in reservations.items()}
+        self._reserved_for = reserved_for
 
     def release(self, owner: str) -> None:
         """Give ``owner``'s addresses back (no-op if it holds none)."""

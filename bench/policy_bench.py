@@ -1,0 +1,71 @@
+"""Packets per second through the per-client ACL check (masqued.policy).
+
+    .venv/bin/python bench/policy_bench.py [--seconds 2]
+
+Bounded in time; prints one line per case. Not part of the test suite.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from masqued.policy import Acl
+from masqued.proto.packet import build_icmp_echo, build_tcp, build_udp
+
+
+def measure(name: str, acl: Acl, packets: list[bytes], seconds: float) -> None:
+    check = acl.compile().allows
+    n = 0
+    allowed = 0
+    deadline = time.perf_counter() + seconds
+    start = time.perf_counter()
+    while time.perf_counter() < deadline:
+        for p in packets:
+            allowed += check(p)
+        n += len(packets)
+    elapsed = time.perf_counter() - start
+    print(
+        f"{name:<42} {n / elapsed / 1e6:6.2f} Mpps  ({elapsed / n * 1e9:5.0f} ns/packet, "
+        f"{allowed / n:.0%} allowed)"
+    )
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--seconds", type=float, default=2.0)
+    a = p.parse_args()
+    src, src6 = "198.18.200.2", "2001:db8:200::2"
+    mix = [
+        build_tcp(src, "198.19.0.2", 40000, 8080),
+        build_tcp(src, "198.19.0.2", 40000, 22),
+        build_udp(src, "198.19.0.2", 40000, 53, b"q" * 40),
+        build_icmp_echo(src, "198.19.0.2", 1, 1, b"p" * 56),
+        build_tcp(src6, "2001:db8:19::2", 40000, 8080),
+        build_udp(src6, "2001:db8:19::2", 40000, 5353, b"q" * 40),
+    ]
+    measure("no rules, default allow", Acl((), True), mix, a.seconds)
+    measure(
+        "1 rule (tcp 8080), default deny",
+        Acl.parse(["allow 198.19.0.2/32 tcp 8080"], "deny"),
+        mix,
+        a.seconds,
+    )
+    ten = [f"allow 198.19.{i}.0/24 udp {1000 + i}" for i in range(9)]
+    measure(
+        "10 rules, last matches",
+        Acl.parse([*ten, "allow 0.0.0.0/0 tcp 8080"], "deny"),
+        mix,
+        a.seconds,
+    )
+    fifty = [f"deny 198.20.{i}.0/24" for i in range(49)]
+    measure(
+        "50 rules, mostly no match",
+        Acl.parse([*fifty, "allow 198.19.0.0/16"], "deny"),
+        mix,
+        a.seconds,
+    )
+
+
+if __name__ == "__main__":
+    main()
