@@ -14,8 +14,8 @@ import os
 import re
 import stat
 import tomllib
-from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, TypeVar, cast
 
@@ -24,12 +24,14 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
+from masqued.auth import TokenFileError, TokenStore
+from masqued.clients import ClientPolicy, check_addresses, load_clients_dir, parse_client
 from masqued.host.naming import InvalidInstanceName, check_instance_name
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 NatMode = Literal["auto", "nftables", "iptables", "off"]
-Transport = Literal["stream"]
+Transport = Literal["stream", "datagram", "auto"]
 
 DEFAULT_CONFIG_DIR = Path("/etc/masque")
 DEFAULT_PORT = 443
@@ -42,7 +44,7 @@ DEFAULT_KEEPALIVE = 1.0
 DEFAULT_RECONNECT_MAX = 4.0
 LOG_LEVELS = ("debug", "info", "warning", "error")
 NAT_MODES: tuple[NatMode, ...] = ("auto", "nftables", "iptables", "off")
-TRANSPORTS_LATER = ("datagram", "auto")
+TRANSPORTS: tuple[Transport, ...] = ("stream", "datagram", "auto")
 IFNAMSIZ = 16
 MAX_PEM_BYTES = 1 << 20  # a certificate bundle is a few KiB; refuse to slurp huge files
 
@@ -58,6 +60,17 @@ RELAY_KEYS = (
     "mtu",
     "log_level",
     "max_clients",
+    "metrics",
+    "metrics_per_client",
+    "auth",
+    "client_ca",
+    "crl",
+    "revoked",
+    "tokens_file",
+    "acl_default",
+    "clients",
+    "clients_dir",
+    "state_dir",
 )
 CLIENT_KEYS = (
     "mode",
@@ -66,11 +79,16 @@ CLIENT_KEYS = (
     "ca",
     "routes",
     "transport",
+    "address_request",
     "mtu",
     "fwmark",
     "log_level",
     "keepalive",
     "reconnect_max",
+    "metrics",
+    "certificate",
+    "private_key",
+    "token_file",
 )
 # Attributes of a config that name files holding secrets (checked by check_permissions).
 SECRET_FILE_ATTRS = ("private_key", "token_file")
@@ -88,6 +106,45 @@ class ConfigError(Exception):
 
 
 @dataclass(frozen=True)
+class MetricsEndpoint:
+    """Where the Prometheus endpoint listens: ``host:port`` (TCP) or a unix ``path``."""
+
+    host: str = ""
+    port: int = 0
+    path: Path | None = None
+
+    def __str__(self) -> str:
+        if self.path is not None:
+            return str(self.path)
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+SUN_PATH_MAX = 107  # sizeof(sockaddr_un.sun_path) - 1
+
+
+def parse_metrics(text: str) -> MetricsEndpoint | None:
+    """``"off"``, ``"IP:PORT"`` / ``"[V6]:PORT"``, or an absolute unix socket path."""
+    if text == "off":
+        return None
+    if text.startswith("/"):
+        if "\0" in text or len(text.encode()) > SUN_PATH_MAX or text.endswith("/"):
+            raise ValueError(
+                f"{text!r} is not a usable unix socket path (at most {SUN_PATH_MAX} bytes)"
+            )
+        return MetricsEndpoint(path=Path(text))
+    if "/" in text:
+        raise ValueError(f"{text!r}: a unix socket path must be absolute")
+    host, port = parse_host_port(text, default_port=None)
+    ip = _ip_or_none(host)
+    if ip is None:
+        raise ValueError(
+            f"{text!r}: use an IP address and port (e.g. '127.0.0.1:9810'), "
+            'a unix socket path or "off"'
+        )
+    return MetricsEndpoint(host=str(ip), port=port)
+
+
+@dataclass(frozen=True)
 class RelayConfig:
     name: str
     path: Path
@@ -102,6 +159,19 @@ class RelayConfig:
     mtu: int = DEFAULT_MTU
     log_level: str = "info"
     max_clients: int | None = None
+    metrics: MetricsEndpoint | None = None
+    metrics_per_client: bool = False
+    # authentication: methods accepted ("mtls", "token"); empty = open relay
+    auth: tuple[str, ...] = ()
+    client_ca: Path | None = None
+    crl: Path | None = None
+    revoked: tuple[str, ...] = ()
+    tokens_file: Path | None = None
+    # per-client policy, keyed by identity
+    acl_default: str | None = None
+    clients: Mapping[str, ClientPolicy] = field(default_factory=dict)
+    clients_dir: Path | None = None
+    state_dir: Path | None = None
 
     mode: Literal["relay"] = "relay"
 
@@ -116,11 +186,16 @@ class ClientConfig:
     ca: Path
     routes: tuple[Network, ...]
     transport: Transport = "stream"
+    address_request: bool = False  # datagram mode: send ADDRESS_REQUEST (RFC 9484 §4.7.2)
     mtu: int = DEFAULT_MTU
     fwmark: int | None = None  # None: the instance default; 0: no mark ("off")
     log_level: str = "info"
     keepalive: float = DEFAULT_KEEPALIVE
     reconnect_max: float = DEFAULT_RECONNECT_MAX
+    metrics: MetricsEndpoint | None = None
+    certificate: Path | None = None  # client certificate for mTLS
+    private_key: Path | None = None
+    token_file: Path | None = None
 
     mode: Literal["client"] = "client"
 
@@ -300,6 +375,10 @@ class _Reader:
             self.error(key, f"{value} is out of range {lo}..{hi}")
             return default
         return cast(int, value)
+
+    def boolean(self, key: str, default: bool) -> bool:
+        value = self._get(key, (bool,), "true or false", False)
+        return default if value is None else bool(value)
 
     def number(self, key: str, default: float, lo: float, hi: float) -> float:
         value = self._get(key, (int, float), "a number", False)
@@ -504,6 +583,17 @@ def _load_relay(r: _Reader, name: str) -> RelayConfig:
     max_clients: int | None = None
     if r.has("max_clients"):
         max_clients = r.integer("max_clients", 1, 1, 1 << 24)
+    metrics = r.parsed("metrics", parse_metrics) if r.has("metrics") else None
+    metrics_per_client = r.boolean("metrics_per_client", False)
+    auth = _load_auth(r)
+    acl_default = (
+        r.choice("acl_default", ("allow", "deny"), "deny") if r.has("acl_default") else None
+    )
+    clients, clients_dir = _load_clients(r, acl_default, pool)
+    state_dir = None
+    if r.has("state_dir"):
+        text = r.string("state_dir")
+        state_dir = r.base / text if text else None
 
     if r.errors:
         raise ConfigError(r.path, r.errors)
@@ -523,6 +613,17 @@ def _load_relay(r: _Reader, name: str) -> RelayConfig:
         mtu=mtu,
         log_level=log_level,
         max_clients=max_clients,
+        metrics=metrics,
+        metrics_per_client=metrics_per_client,
+        auth=auth["methods"],
+        client_ca=auth["client_ca"],
+        crl=auth["crl"],
+        revoked=auth["revoked"],
+        tokens_file=auth["tokens_file"],
+        acl_default=acl_default,
+        clients=clients,
+        clients_dir=clients_dir,
+        state_dir=state_dir,
     )
 
 
@@ -548,11 +649,8 @@ def _load_client(r: _Reader, name: str) -> ClientConfig:
     ca = r.certificates("ca")
     routes = r.networks("routes", required=True)
 
-    transport = r.string("transport", "stream")
-    if transport in TRANSPORTS_LATER:
-        r.error("transport", f'{transport!r} is not supported yet; use "stream"')
-    elif transport != "stream":
-        r.error("transport", f'{transport!r} is not valid; expected "stream"')
+    transport = r.choice("transport", TRANSPORTS, "stream")
+    address_request = r.boolean("address_request", False)
 
     mtu = r.integer("mtu", DEFAULT_MTU, MIN_MTU, MAX_MTU)
     _check_mtu(r, mtu, _ipv6_reason("routes", routes or ()))
@@ -583,6 +681,23 @@ def _load_client(r: _Reader, name: str) -> ClientConfig:
     log_level = r.choice("log_level", LOG_LEVELS, "info")
     keepalive = r.number("keepalive", DEFAULT_KEEPALIVE, 0.2, 60.0)
     reconnect_max = r.number("reconnect_max", DEFAULT_RECONNECT_MAX, 0.1, 3600.0)
+    metrics = r.parsed("metrics", parse_metrics) if r.has("metrics") else None
+    client_cert: Path | None = None
+    client_key: Path | None = None
+    if r.has("certificate") or r.has("private_key"):
+        ccert = r.certificates("certificate")
+        ckey = r.private_key("private_key")
+        if ccert is not None and ckey is not None:
+            if _spki(ccert[1][0].public_key()) != _spki(ckey[1].public_key()):
+                r.error("private_key", f"{ckey[0]} does not match certificate {ccert[0]}")
+            client_cert, client_key = ccert[0], ckey[0]
+    token_file = None
+    if r.has("token_file"):
+        loaded = r.file("token_file")
+        if loaded is not None:
+            token_file = loaded[0]
+            if not loaded[1].strip() or b"." not in loaded[1]:
+                r.error("token_file", f"{token_file} does not hold a token (NAME.SECRET)")
 
     if r.errors:
         raise ConfigError(r.path, r.errors)
@@ -595,13 +710,126 @@ def _load_client(r: _Reader, name: str) -> ClientConfig:
         server_name=server_name or relay_host,
         ca=ca[0],
         routes=routes,
-        transport="stream",
+        transport=cast(Transport, transport),
+        address_request=address_request,
         mtu=mtu,
         fwmark=fwmark,
         log_level=log_level,
         keepalive=keepalive,
         reconnect_max=reconnect_max,
+        metrics=metrics,
+        certificate=client_cert,
+        private_key=client_key,
+        token_file=token_file,
     )
+
+
+AUTH_METHODS = ("mtls", "token")
+
+
+def _load_auth(r: _Reader) -> dict[str, Any]:
+    """``auth`` = "none" | "mtls" | "token" | a list of them (any one suffices)."""
+    out: dict[str, Any] = {
+        "methods": (),
+        "client_ca": None,
+        "crl": None,
+        "revoked": (),
+        "tokens_file": None,
+    }
+    raw = r.data.get("auth", "none")
+    items = [raw] if isinstance(raw, str) else raw
+    if not isinstance(items, list) or not all(isinstance(x, str) for x in items):
+        r.error("auth", f'expected "none", "mtls", "token" or a list of them, got {_show(raw)}')
+        return out
+    methods = tuple(dict.fromkeys(x for x in items if x != "none"))
+    for m in methods:
+        if m not in AUTH_METHODS:
+            close = difflib.get_close_matches(m, AUTH_METHODS, n=1, cutoff=0.5)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            r.error("auth", f"unknown method {m!r}{hint}; use mtls and/or token, or none")
+    if "none" in items and methods:
+        r.error("auth", '"none" cannot be combined with other methods')
+    out["methods"] = tuple(m for m in methods if m in AUTH_METHODS)
+    if "mtls" in methods:
+        ca = r.certificates("client_ca") if r.has("client_ca") else None
+        if not r.has("client_ca"):
+            r.error(
+                "client_ca", "required with auth = mtls (the CA that signs client certificates)"
+            )
+        if ca is not None:
+            out["client_ca"] = ca[0]
+        if r.has("crl"):
+            crl = r.file("crl")
+            if crl is not None:
+                try:
+                    loaded = (
+                        x509.load_pem_x509_crl(crl[1])
+                        if b"-----BEGIN" in crl[1]
+                        else x509.load_der_x509_crl(crl[1])
+                    )
+                except ValueError:
+                    r.error("crl", f"{crl[0]} is not a PEM or DER X.509 CRL")
+                else:
+                    if ca is not None and not any(
+                        loaded.is_signature_valid(c.public_key())  # type: ignore[arg-type]
+                        for c in ca[1]
+                    ):
+                        r.error("crl", f"{crl[0]} is not signed by client_ca")
+                    out["crl"] = crl[0]
+        revoked = r.data.get("revoked", [])
+        if not isinstance(revoked, list) or not all(isinstance(x, str) for x in revoked):
+            r.error("revoked", 'expected a list of names or "serial:HEX"')
+        else:
+            out["revoked"] = tuple(revoked)
+    if "token" in methods:
+        if not r.has("tokens_file"):
+            r.error(
+                "tokens_file",
+                "required with auth = token (create entries with "
+                "'masqued token new NAME --file PATH')",
+            )
+        else:
+            loaded_tokens = r.file("tokens_file")
+            if loaded_tokens is not None:
+                try:
+                    TokenStore.parse(loaded_tokens[1].decode("utf-8", "replace"), loaded_tokens[0])
+                except TokenFileError as exc:
+                    for line in str(exc).splitlines():
+                        r.error("tokens_file", line)
+                out["tokens_file"] = loaded_tokens[0]
+    return out
+
+
+def _load_clients(
+    r: _Reader, acl_default: str | None, pool: tuple[Network, ...] | None
+) -> tuple[dict[str, ClientPolicy], Path | None]:
+    clients: dict[str, ClientPolicy] = {}
+    table = r.data.get("clients", {})
+    if not isinstance(table, dict):
+        r.error("clients", "expected tables like [clients.alice]")
+        table = {}
+    for name, entry in table.items():
+        if not isinstance(entry, dict):
+            r.error(f"clients.{name}", "expected a table")
+            continue
+        policy, errs = parse_client(name, entry, f"clients.{name}", acl_default)
+        r.errors += errs
+        if policy is not None:
+            clients[name] = policy
+    clients_dir = None
+    if r.has("clients_dir"):
+        text = r.string("clients_dir")
+        if text:
+            clients_dir = r.base / text
+            more, errs = load_clients_dir(clients_dir, acl_default)
+            r.errors += errs
+            for name, policy in more.items():
+                if name in clients:
+                    r.error("clients_dir", f"{name} is also defined as [clients.{name}]")
+                clients[name] = policy
+    if pool is not None:
+        r.errors += check_addresses(clients, pool)
+    return clients, clients_dir
 
 
 def load_config(path: Path, name: str | None = None) -> Config:

@@ -274,3 +274,48 @@ def issue(
     _write(key_path, _key_pem(key), 0o600)
     _write(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
     return cert_path, key_path
+
+
+def revoke(dir: Path, name: str, days: int = 30) -> Path:
+    """Add ``dir/NAME.pem`` to the CA's revocation list ``dir/crl.pem`` (re-signed).
+
+    Earlier entries are kept; the CRL's nextUpdate is ``days`` from now. Point the
+    relay's ``crl`` key at the file and reload the relay.
+    """
+    dir = Path(dir)
+    cert_path = dir / f"{name}.pem"
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    except FileNotFoundError:
+        raise PkiError(f"{cert_path}: no such certificate") from None
+    ca_cert, ca_key = _load_ca(dir)
+    crl_path = dir / "crl.pem"
+    now = _now()
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca_cert.subject)
+        .last_update(now)
+        .next_update(now + dt.timedelta(days=days))
+    )
+    serials = {cert.serial_number}
+    if crl_path.exists():
+        old = x509.load_pem_x509_crl(crl_path.read_bytes())
+        for entry in old:
+            if entry.serial_number not in serials:
+                builder = builder.add_revoked_certificate(entry)
+                serials.add(entry.serial_number)
+        if old.get_revoked_certificate_by_serial_number(cert.serial_number) is not None:
+            serials.discard(cert.serial_number)  # already listed: re-sign only
+            builder = builder.add_revoked_certificate(
+                old.get_revoked_certificate_by_serial_number(cert.serial_number)  # type: ignore[arg-type]
+            )
+    if cert.serial_number in serials:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder()
+            .serial_number(cert.serial_number)
+            .revocation_date(now)
+            .build()
+        )
+    crl = builder.sign(ca_key, hashes.SHA256())
+    _write(crl_path, crl.public_bytes(serialization.Encoding.PEM), 0o644)
+    return crl_path

@@ -19,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from masqued import config, pki
+from masqued.auth import new_token
 from masqued.config import (
     CLIENT_KEYS,
     RELAY_KEYS,
@@ -46,7 +47,18 @@ def pkidir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     pki.init_ca(d)
     pki.issue(d, "relay", "relay", sans=["relay.example", "198.18.1.1"])
     pki.issue(d, "other", "relay")
+    pki.issue(d, "alice", "client")
+    pki.issue(d, "mallory", "client")
+    pki.revoke(d, "mallory")
     (d / "garbage.pem").write_text("this is not a certificate\n")
+    # files the example configs name under /etc/masque/ (see example())
+    token, line = new_token("alice")
+    (d / "relay.tokens").write_text(line + "\n")
+    (d / "client.token").write_text(token + "\n")
+    (d / "relay.clients.d").mkdir()
+    (d / "relay.clients.d" / "bob.conf").write_text(
+        'acl = ["allow 198.19.0.0/24"]\nacl_default = "deny"\n'
+    )
     return d
 
 
@@ -883,17 +895,23 @@ def test_fwmark_off_without_loop(client: Callable[..., ClientConfig]) -> None:
     assert client(relay='"198.18.1.1"', routes='["0.0.0.0/0"]').fwmark is None
 
 
-@pytest.mark.parametrize("value", ['"datagram"', '"auto"'])
-def test_transport_not_supported_yet(client: Callable[..., ClientConfig], value: str) -> None:
-    assert one_problem(client, transport=value) == (
-        f'transport: {value.strip(chr(34))!r} is not supported yet; use "stream"'
+@pytest.mark.parametrize("value", ["stream", "datagram", "auto"])
+def test_transports(client: Callable[..., ClientConfig], value: str) -> None:
+    cfg = client(transport=f'"{value}"')
+    assert cfg.transport == value
+    assert cfg.address_request is False
+
+
+def test_address_request(client: Callable[..., ClientConfig]) -> None:
+    assert client(transport='"datagram"', address_request="true").address_request is True
+    assert one_problem(client, address_request='"yes"') == (
+        "address_request: expected true or false, got string 'yes'"
     )
 
 
 def test_bad_transport(client: Callable[..., ClientConfig]) -> None:
-    assert (
-        one_problem(client, transport='"tcp"')
-        == "transport: 'tcp' is not valid; expected \"stream\""
+    assert one_problem(client, transport='"tcp"') == (
+        'transport: \'tcp\' is not one of "stream", "datagram", "auto"'
     )
 
 
@@ -981,7 +999,7 @@ def test_permission_check_of_vanished_file(
 def example(name: str, pkidir: Path) -> str:
     text = (EXAMPLES / name).read_text()
     assert "/etc/masque/pki/" in text
-    return text.replace("/etc/masque/pki/", f"{pkidir}/")
+    return text.replace("/etc/masque/pki/", f"{pkidir}/").replace("/etc/masque/", f"{pkidir}/")
 
 
 def documented_keys(text: str) -> set[str]:
@@ -1010,6 +1028,9 @@ def test_example_client_config(pkidir: Path, write: Callable[..., Path]) -> None
     assert documented_keys(text) == set(CLIENT_KEYS)
 
 
+PAIRED = {"certificate": "private_key", "private_key": "certificate"}
+
+
 @pytest.mark.parametrize("name", ["relay.conf", "client.conf"])
 def test_example_commented_alternatives_parse(
     pkidir: Path, write: Callable[..., Path], name: str
@@ -1021,8 +1042,12 @@ def test_example_commented_alternatives_parse(
     assert alternatives
     for i in alternatives:
         key = lines[i][2:].split(" ", 1)[0]
-        variant = [line for line in lines if not line.startswith(f"{key} = ")]
-        variant = [line[2:] if line == lines[i] else line for line in variant]
+        # a client certificate and its key only make sense together
+        keys = {key, PAIRED[key]} if key in PAIRED else {key}
+        group = [j for j in alternatives if lines[j][2:].split(" ", 1)[0] in keys]
+        variant = [line for line in lines if not any(line.startswith(f"{k} = ") for k in keys)]
+        chosen = {lines[j] for j in group if j == i or lines[j][2:].split(" ", 1)[0] != key}
+        variant = [line[2:] if line in chosen else line for line in variant]
         cfg = load_config(write("\n".join(variant) + "\n", name))
         assert cfg.mode == name.removesuffix(".conf")
 
@@ -1042,6 +1067,8 @@ def test_example_full_tunnel(pkidir: Path, write: Callable[..., Path]) -> None:
 def in_documentation_range(n: ipaddress.IPv4Network | ipaddress.IPv6Network) -> bool:
     if n.prefixlen == 0 or (n.version == 4 and n.network_address.packed == bytes(4)):
         return True  # default routes and the 0.0.0.0 wildcard
+    if n.network_address.is_loopback:
+        return True  # local-only endpoints (metrics)
     if isinstance(n, ipaddress.IPv4Network):
         return n.subnet_of(ipaddress.IPv4Network("198.18.0.0/15"))
     return n.subnet_of(ipaddress.IPv6Network("2001:db8::/32")) or n == net("::/128")
@@ -1145,3 +1172,174 @@ def test_junk_file_gives_config_error(tmp_path: Path, text: str) -> None:
         load_config(path)
     except ConfigError as e:
         assert str(e).startswith(f"{path}: ")
+
+
+# --- metrics endpoint ---
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ('"127.0.0.1:9810"', "127.0.0.1:9810"),
+        ('"[::1]:9810"', "[::1]:9810"),
+        ('"/run/masqued/relay.metrics"', "/run/masqued/relay.metrics"),
+    ],
+)
+def test_metrics_endpoint(
+    relay: Callable[..., RelayConfig],
+    client: Callable[..., ClientConfig],
+    value: str,
+    expected: str,
+) -> None:
+    r = relay(metrics=value)
+    assert str(r.metrics) == expected and not r.metrics_per_client
+    assert str(client(metrics=value).metrics) == expected
+
+
+def test_metrics_off_by_default(
+    relay: Callable[..., RelayConfig], client: Callable[..., ClientConfig]
+) -> None:
+    assert relay().metrics is None and client().metrics is None
+    assert relay(metrics='"off"').metrics is None
+
+
+def test_metrics_unix_and_tcp_fields(relay: Callable[..., RelayConfig]) -> None:
+    tcp = relay(metrics='"127.0.0.1:9810"').metrics
+    assert tcp is not None and (tcp.host, tcp.port, tcp.path) == ("127.0.0.1", 9810, None)
+    unix = relay(metrics='"/run/m.sock"', metrics_per_client="true")
+    assert unix.metrics is not None and unix.metrics.path == Path("/run/m.sock")
+    assert unix.metrics_per_client
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ('"127.0.0.1"', "missing ':PORT'"),
+        ('"localhost:9810"', "use an IP address and port"),
+        ('"127.0.0.1:0"', "out of range"),
+        ('"relative/path"', "must be absolute"),
+        (f'"/{"x" * 120}"', "not a usable unix socket path"),
+        ("9810", "expected a string"),
+    ],
+)
+def test_bad_metrics(relay: Callable[..., RelayConfig], value: str, expected: str) -> None:
+    assert expected in one_problem(relay, metrics=value)
+
+
+def test_metrics_per_client_is_relay_only_and_boolean(
+    relay: Callable[..., RelayConfig], client: Callable[..., ClientConfig]
+) -> None:
+    assert "expected true or false" in one_problem(relay, metrics_per_client='"yes"')
+    assert "only valid in a relay config" in one_problem(client, metrics_per_client="true")
+
+
+# -- authentication and per-client policy (issue 6) -----------------------------------------
+
+
+def test_auth_mtls_and_token(pkidir: Path, write: Callable[..., Path]) -> None:
+    text = relay_text(pkidir) + (
+        f'auth = ["mtls", "token"]\nclient_ca = {toml_str(pkidir / "ca.pem")}\n'
+        f"tokens_file = {toml_str(pkidir / 'relay.tokens')}\n"
+        f'crl = {toml_str(pkidir / "crl.pem")}\nrevoked = ["mallory", "serial:ab"]\n'
+    )
+    cfg = load_config(write(text, "relay.conf"))
+    assert isinstance(cfg, RelayConfig)
+    assert cfg.auth == ("mtls", "token")
+    assert cfg.client_ca == pkidir / "ca.pem" and cfg.crl == pkidir / "crl.pem"
+    assert cfg.tokens_file == pkidir / "relay.tokens"
+    assert cfg.revoked == ("mallory", "serial:ab")
+
+
+def test_auth_defaults_to_none(pkidir: Path, write: Callable[..., Path]) -> None:
+    cfg = load_config(write(relay_text(pkidir), "relay.conf"))
+    assert isinstance(cfg, RelayConfig) and cfg.auth == ()
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ('auth = "mtsl"', "unknown method 'mtsl' (did you mean 'mtls'?)"),
+        ('auth = "mtls"', "client_ca: required with auth = mtls"),
+        ('auth = "token"', "tokens_file: required with auth = token"),
+        ('auth = ["none", "mtls"]', '"none" cannot be combined'),
+        ("auth = 3", "auth: expected"),
+        ('auth = "token"\ntokens_file = "{pki}/garbage.pem"', "tokens_file: "),
+        (
+            'auth = "mtls"\nclient_ca = "{pki}/ca.pem"\ncrl = "{pki}/garbage.pem"',
+            "not a PEM or DER",
+        ),
+        ('auth = "mtls"\nclient_ca = "{pki}/other.pem"\ncrl = "{pki}/crl.pem"', "not signed by"),
+        ('auth = "mtls"\nclient_ca = "{pki}/ca.pem"\nrevoked = "alice"', "revoked: expected"),
+    ],
+)
+def test_auth_errors(pkidir: Path, write: Callable[..., Path], extra: str, message: str) -> None:
+    text = relay_text(pkidir) + extra.replace("{pki}", str(pkidir)) + "\n"
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(text, "relay.conf"))
+    assert message in str(exc.value)
+
+
+def test_clients_tables_and_dir(pkidir: Path, write: Callable[..., Path]) -> None:
+    text = relay_text(pkidir) + (
+        'acl_default = "deny"\n'
+        f"clients_dir = {toml_str(pkidir / 'relay.clients.d')}\n"
+        "[clients.alice]\n"
+        'address = ["198.18.200.50", "2001:db8:200::50"]\n'
+        'acl = ["allow 198.19.0.2/32 tcp 8080"]\n'
+        "[clients.carol]\n"
+        'acl_default = "allow"\n'
+    )
+    cfg = load_config(write(text, "relay.conf"))
+    assert isinstance(cfg, RelayConfig)
+    assert set(cfg.clients) == {"alice", "bob", "carol"}
+    alice = cfg.clients["alice"]
+    assert [str(a) for a in alice.addresses] == ["198.18.200.50", "2001:db8:200::50"]
+    assert not alice.acl.default_allow and str(alice.acl.rules[0]) == "allow 198.19.0.2/32 tcp 8080"
+    assert cfg.clients["carol"].acl.default_allow
+
+
+@pytest.mark.parametrize(
+    ("table", "message"),
+    [
+        ('[clients.a]\nadress = "198.18.200.9"', "invalid key 'adress' (did you mean 'address'?)"),
+        ('[clients.a]\naddress = "198.18.201.9"', "is not inside the pool"),
+        ('[clients.a]\naddress = "198.18.200.1"', "gateway"),
+        ('[clients.a]\naddress = "nope"', "is not an IP address"),
+        ('[clients.a]\naddress = ["198.18.200.9", "198.18.200.10"]', "more than one IPv4"),
+        (
+            '[clients.a]\naddress = "198.18.200.9"\n[clients.b]\naddress = "198.18.200.9"',
+            "also given to a",
+        ),
+        ('[clients.a]\nacl = ["allow 198.19.0.0/24"]', "set acl_default"),
+        ('[clients.a]\nacl = ["alow 198.19.0.0/24"]\nacl_default = "deny"', "action must be"),
+        ('[clients.a]\nacl_default = "maybe"', "acl_default: expected"),
+        ('[clients."bad name"]', "invalid client name"),
+    ],
+)
+def test_client_policy_errors(
+    pkidir: Path, write: Callable[..., Path], table: str, message: str
+) -> None:
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(relay_text(pkidir) + table + "\n", "relay.conf"))
+    assert message in str(exc.value)
+
+
+def test_client_credentials(pkidir: Path, write: Callable[..., Path]) -> None:
+    base = example("client.conf", pkidir)
+    text = base + (
+        f"certificate = {toml_str(pkidir / 'alice.pem')}\n"
+        f"private_key = {toml_str(pkidir / 'alice.key')}\n"
+        f"token_file = {toml_str(pkidir / 'client.token')}\n"
+    )
+    cfg = load_config(write(text, "client.conf"))
+    assert isinstance(cfg, ClientConfig)
+    assert cfg.certificate == pkidir / "alice.pem" and cfg.token_file == pkidir / "client.token"
+    bad = base + (
+        f"certificate = {toml_str(pkidir / 'alice.pem')}\n"
+        f"private_key = {toml_str(pkidir / 'relay.key')}\n"
+        f"token_file = {toml_str(pkidir / 'garbage.pem')}\n"
+    )
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(bad, "client.conf"))
+    assert "does not match certificate" in str(exc.value)
+    assert "does not hold a token" in str(exc.value)
