@@ -112,6 +112,105 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_reload(args: argparse.Namespace) -> int:
+    """SIGHUP the running instance and wait for its verdict (the unit's ExecReload=).
+
+    The daemon writes the outcome to ``$RUNTIME_DIRECTORY/reload-result``; without
+    a runtime directory (outside systemd) the signal is sent and not waited for.
+    """
+    import signal
+    import time
+
+    from masqued.service import read_reload_result, runtime_dir
+
+    if args.pid is None or args.pid <= 1:
+        print("masqued: reload: give the daemon's --pid (systemd passes $MAINPID)", file=sys.stderr)
+        return EXIT_USAGE
+    directory = runtime_dir()
+    before = read_reload_result(directory) if directory is not None else None
+    try:
+        os.kill(args.pid, signal.SIGHUP)
+    except ProcessLookupError:
+        print(f"masqued: reload: no process {args.pid}", file=sys.stderr)
+        return EXIT_FAILURE
+    if directory is None:
+        return EXIT_OK
+    deadline = time.monotonic() + args.timeout
+    while time.monotonic() < deadline:
+        result = read_reload_result(directory)
+        if result is not None and result != before and result.get("pid") == args.pid:
+            message = str(result.get("message", ""))
+            if result.get("ok"):
+                print(f"masqued: {message}")
+                return EXIT_OK
+            print(f"masqued: reload rejected: {message}", file=sys.stderr)
+            return EXIT_FAILURE
+        time.sleep(0.05)
+    print(f"masqued: reload: no answer from {args.pid} within {args.timeout:g}s", file=sys.stderr)
+    return EXIT_FAILURE
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """``masqued status [NAME] [--json] [--watch]``: ask running instances over their socket."""
+    import json
+
+    from masqued import control, status
+
+    if args.name:
+        names = [check_instance_name(args.name)]
+    else:
+        names = control.running_instances()
+        if args.watch:
+            print("masqued: status --watch needs an instance NAME", file=sys.stderr)
+            return EXIT_USAGE
+        if not names:
+            print(f"masqued: no running instances (no sockets in {control.run_dir()})")
+            return EXIT_OK
+    if args.watch:
+        try:
+            status.watch(names[0], interval=args.interval, count=args.count)
+        except KeyboardInterrupt:
+            return EXIT_OK
+        except (OSError, control.ControlError) as exc:
+            return _status_error(names[0], exc)
+        return EXIT_OK
+    docs = []
+    for name in names:
+        try:
+            docs.append(status.fetch(name))
+        except (OSError, control.ControlError) as exc:
+            return _status_error(name, exc)
+    if args.json:
+        print(json.dumps(docs[0] if args.name else docs, indent=2, sort_keys=True))
+    else:
+        print("\n".join(status.render_text(d) for d in docs), end="")
+    return EXIT_OK
+
+
+def _status_error(name: str, exc: Exception) -> int:
+    from masqued.control import socket_path
+
+    path = socket_path(name)
+    if isinstance(exc, PermissionError):
+        print(f"masqued: {path}: permission denied (run as root)", file=sys.stderr)
+    elif isinstance(exc, (FileNotFoundError, ConnectionRefusedError)):
+        print(
+            f"masqued: instance {name} is not running (nothing answers on {path}); "
+            f"try: systemctl status masqued@{name}",
+            file=sys.stderr,
+        )
+    else:
+        print(f"masqued: status of {name}: {exc}", file=sys.stderr)
+    return EXIT_FAILURE
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    from masqued import doctor
+
+    path, name = _resolve(args)
+    return doctor.main(path, name or path.stem, as_json=args.json)
+
+
 def cmd_pki(args: argparse.Namespace) -> int:
     from masqued import pki
 
@@ -119,15 +218,54 @@ def cmd_pki(args: argparse.Namespace) -> int:
     try:
         if args.pki_command == "init":
             cert, key = pki.init_ca(directory, name=args.name or "masqued CA")
+        elif args.pki_command == "revoke":
+            crl = pki.revoke(directory, args.name)
+            print(f"wrote {crl} (point the relay's crl key at it, then reload the relay)")
+            return EXIT_OK
         else:
             cert, key = pki.issue(
                 directory, args.name, args.pki_command, sans=args.san or (), force=args.force
             )
-    except (FileExistsError, FileNotFoundError, ValueError) as exc:
+    except (pki.PkiError, OSError, ValueError) as exc:
         print(f"masqued: pki: {exc}", file=sys.stderr)
         return EXIT_USAGE
     print(f"wrote {cert}")
     print(f"wrote {key}")
+    return EXIT_OK
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    """``masqued token new NAME [--file TOKENS]``: print a new token, store its hash."""
+    from masqued.auth import TokenFileError, TokenStore, new_token
+
+    try:
+        token, line = new_token(args.name)
+    except ValueError as exc:
+        print(f"masqued: token: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if args.file is None:
+        print(f"# add this line to the relay's tokens_file:\n{line}", file=sys.stderr)
+    else:
+        path: Path = args.file
+        try:
+            existing = path.read_text() if path.exists() else ""
+            if args.name in TokenStore.parse(existing, path).names():
+                print(
+                    f"masqued: token: {path} already has {args.name}; remove its line to "
+                    "replace it",
+                    file=sys.stderr,
+                )
+                return EXIT_USAGE
+            fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            with os.fdopen(fd, "a") as f:
+                if existing and not existing.endswith("\n"):
+                    f.write("\n")
+                f.write(line + "\n")
+        except (OSError, TokenFileError) as exc:
+            print(f"masqued: token: {exc}", file=sys.stderr)
+            return EXIT_USAGE
+        print(f"# added {args.name} to {path}; reload the relay to apply", file=sys.stderr)
+    print(token)
     return EXIT_OK
 
 
@@ -152,6 +290,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-q", "--quiet", action="store_true")
     p.set_defaults(func=cmd_cleanup)
 
+    p = sub.add_parser("reload", help="make a running instance re-read its config and wait")
+    _add_target(p)
+    p.add_argument("--pid", type=int, help="the instance's main process ($MAINPID)")
+    p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
+    p.set_defaults(func=cmd_reload)
+
+    p = sub.add_parser("status", help="show running instances: sessions, traffic, NAT, routes")
+    p.add_argument("name", nargs="?", help="instance name (default: every running instance)")
+    p.add_argument("--json", action="store_true", help="machine-readable (docs/status.schema.json)")
+    p.add_argument("-w", "--watch", action="store_true", help="refresh with rates, like watch(1)")
+    p.add_argument("-n", "--interval", type=float, default=1.0, help="--watch period (s)")
+    p.add_argument("--count", type=int, help="--watch: stop after this many refreshes")
+    p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser("doctor", help="check an instance for the usual failures, with fixes")
+    _add_target(p)
+    p.add_argument("--json", action="store_true", help="findings as JSON")
+    p.set_defaults(func=cmd_doctor)
+
     p = sub.add_parser("pki", help="make a CA and relay/client certificates")
     pki_sub = p.add_subparsers(dest="pki_command", required=True)
     q = pki_sub.add_parser("init", help="create DIR/ca.pem and DIR/ca.key")
@@ -163,7 +320,17 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--name", required=True)
         q.add_argument("--san", action="append", help="extra DNS name or IP (repeatable)")
         q.add_argument("--force", action="store_true", help="overwrite existing files")
+    q = pki_sub.add_parser("revoke", help="add DIR/NAME.pem to DIR/crl.pem (re-signed)")
+    q.add_argument("dir", type=Path)
+    q.add_argument("--name", required=True)
     p.set_defaults(func=cmd_pki)
+
+    p = sub.add_parser("token", help="make bearer tokens for auth = token")
+    token_sub = p.add_subparsers(dest="token_command", required=True)
+    q = token_sub.add_parser("new", help="print a new token for NAME; append its hash to FILE")
+    q.add_argument("name")
+    q.add_argument("--file", type=Path, help="the relay's tokens_file (created 0600)")
+    p.set_defaults(func=cmd_token)
     return parser
 
 

@@ -19,6 +19,7 @@ from collections.abc import Callable
 from typing import Any
 
 from masqued.config import ClientConfig, ConfigError, RelayConfig, load_config
+from masqued.control import ControlSocketBusy
 from masqued.host.cleanup import cleanup_instance
 from masqued.host.naming import (
     RULE_PRIORITY_SUPPRESS,
@@ -37,8 +38,19 @@ from masqued.host.routes import (
 )
 from masqued.host.tun import open_tun
 from masqued.ipam import AddressPool
+from masqued.metrics import TrafficCounters
 from masqued.proto.request import TunnelParams
-from masqued.service import Notifier, set_level
+from masqued.service import (
+    Notifier,
+    StatusReporter,
+    Watchdog,
+    format_uptime,
+    runtime_dir,
+    set_level,
+    watchdog_interval,
+    write_reload_result,
+)
+from masqued.status import StatusService
 from masqued.transport.client import ClientSettings, ClientStatus, ClientTunnel
 from masqued.transport.relay import RelayServer, RelaySettings
 
@@ -62,6 +74,11 @@ class Instance:
         self.loop = asyncio.get_running_loop()
         self.stop_event = asyncio.Event()
         self.started = time.time()
+        # WATCHDOG=1 from the loop itself: a stuck loop stops the pings.
+        self.watchdog = Watchdog(notifier, watchdog_interval())
+        self.watchdog.start(self.loop)
+        self.status: StatusReporter | None = None
+        self.reloads = 0
 
     def install_signals(self, reload: Callable[[], None]) -> None:
         # Handlers only wake the loop; the work happens in the loop.
@@ -72,6 +89,24 @@ class Instance:
     def remove_signals(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             self.loop.remove_signal_handler(sig)
+        self.watchdog.stop()
+        if self.status is not None:
+            self.status.stop()
+
+    def report_status(self, line: Callable[[], str]) -> StatusReporter:
+        """Keep STATUS= current from ``line()`` (sent on change and refreshed)."""
+        self.status = StatusReporter(self.notifier, line)
+        self.status.start(self.loop)
+        return self.status
+
+    def reload_done(self, ok: bool, message: str) -> None:
+        """READY=1 again after RELOADING=1, and the verdict for ``masqued reload``."""
+        self.reloads += 1
+        write_reload_result(runtime_dir(), self.reloads, ok, message)
+        if self.status is not None:
+            self.status.ready()
+        else:
+            self.notifier.send("READY=1")
 
     def reread(self) -> RelayConfig | ClientConfig | None:
         """Load the config again; on error log it and keep the running one."""
@@ -80,14 +115,35 @@ class Instance:
             new = load_config(self.config.path, self.config.name)
         except ConfigError as exc:
             log.error("reload rejected, keeping the running configuration: %s", exc)
+            self.reload_done(False, f"{exc} (running configuration kept)")
             return None
         if type(new) is not type(self.config):
             log.error("reload rejected: mode changed (restart the instance to change it)")
+            self.reload_done(False, f"{new.path}: mode changed; restart the instance to change it")
             return None
         return new
 
     def cleanup(self) -> None:
         cleanup_instance(self.ids)  # logs each removal itself
+
+
+async def start_status(service: StatusService) -> StatusService:
+    """Open the control socket (and metrics); a live one means a second copy: refuse."""
+    try:
+        await service.start()
+    except ControlSocketBusy as exc:
+        raise StartupError(
+            f"instance {service.ids.name} is already running (its control socket {exc} "
+            "answers); stop it first"
+        ) from None
+    except OSError as exc:
+        # Serving packets matters more than being observable: carry on without it.
+        log.error(
+            "cannot open the control socket %s: %s (masqued status will not see this instance)",
+            service.control.path,
+            exc.strerror or exc,
+        )
+    return service
 
 
 def _changed_keys(old: Any, new: Any, keys: tuple[str, ...]) -> list[str]:
@@ -104,6 +160,11 @@ async def run_relay(config: RelayConfig, notifier: Notifier) -> int:
     nat: NatBackend | None = None
     server: RelayServer | None = None
     tun = None
+    extra: dict[str, Any] = {}
+    # Before cleanup: a second copy of a running instance would tear down its TUN.
+    service = await start_status(
+        StatusService(lambda: inst.config, lambda: _not_yet(inst, server), extra=lambda: extra)
+    )
     inst.cleanup()  # leftovers of a crashed earlier run
     try:
         pool = AddressPool(config.pool)
@@ -144,13 +205,13 @@ async def run_relay(config: RelayConfig, notifier: Notifier) -> int:
                 f"{config.listen_port}"
             )
 
-        server.on_change = lambda: notifier.status(status())
+        reporter = inst.report_status(status)
+        server.on_change = reporter.update
 
         def reload() -> None:
             nonlocal config
             new = inst.reread()
             if not isinstance(new, RelayConfig):
-                notifier.ready(status())
                 return
             restart = _changed_keys(
                 config, new, ("listen_host", "listen_port", "pool", "egress", "nat", "mtu")
@@ -167,10 +228,13 @@ async def run_relay(config: RelayConfig, notifier: Notifier) -> int:
             config = new
             inst.config = new
             log.info("reloaded %s", new.path)
-            notifier.ready(status())
+            note = f"; needs a restart: {', '.join(restart)}" if restart else ""
+            inst.reload_done(True, f"reloaded {new.path}{note}")
 
         inst.install_signals(reload)
         server.start()
+        service.nat = nat
+        extra["egress"] = egress
         log.info(
             "relay %s listening on %s:%d (udp), tun %s, pool %s",
             ids.name,
@@ -179,7 +243,7 @@ async def run_relay(config: RelayConfig, notifier: Notifier) -> int:
             tun.name,
             ", ".join(map(str, config.pool)),
         )
-        notifier.ready(status())
+        reporter.ready()
         await inst.stop_event.wait()
         log.info("stopping")
         notifier.stopping()
@@ -187,6 +251,7 @@ async def run_relay(config: RelayConfig, notifier: Notifier) -> int:
     finally:
         with contextlib.suppress(Exception):
             inst.remove_signals()
+        await service.close()
         if server is not None:
             server.close()
             # Give the CONNECTION_CLOSE frames a moment to leave.
@@ -273,6 +338,7 @@ async def run_client(config: ClientConfig, notifier: Notifier) -> int:
     tunnel: ClientTunnel | None = None
     tun = None
     routes = tuple(config.routes)
+    service = await start_status(StatusService(lambda: inst.config, lambda: _not_yet(inst, tunnel)))
     inst.cleanup()
     try:
         if not fwmark:
@@ -306,7 +372,12 @@ async def run_client(config: ClientConfig, notifier: Notifier) -> int:
             st = tunnel.status
             if st.state == "connected" and st.params is not None:
                 addrs = ", ".join(str(a.ip) for a in st.params.addresses)
-                return f"client: connected to {config.relay_host}:{config.relay_port} as {addrs}"
+                up = ""
+                if st.connected_since is not None:
+                    up = f", up {format_uptime(time.time() - st.connected_since)}"
+                return (
+                    f"client: connected to {config.relay_host}:{config.relay_port} as {addrs}{up}"
+                )
             err = f" ({st.last_error})" if st.last_error else ""
             return f"client: {st.state} to {config.relay_host}:{config.relay_port}{err}"
 
@@ -315,19 +386,28 @@ async def run_client(config: ClientConfig, notifier: Notifier) -> int:
             _client_settings(config, fwmark),
             tun,
             on_params,
-            on_state=lambda st: notifier.status(status_line(st)),
+            on_state=lambda st: reporter.update(),
         )
+        reporter = inst.report_status(status_line)
 
         def reload() -> None:
             nonlocal config, routes
             new = inst.reread()
             if not isinstance(new, ClientConfig):
-                notifier.ready(status_line())
                 return
             restart = _changed_keys(
                 config,
                 new,
-                ("relay_host", "relay_port", "server_name", "ca", "mtu", "fwmark", "transport"),
+                (
+                    "relay_host",
+                    "relay_port",
+                    "server_name",
+                    "ca",
+                    "mtu",
+                    "fwmark",
+                    "transport",
+                    "address_request",
+                ),
             )
             if restart:
                 log.warning("reload: %s changed; restart the instance to apply", ", ".join(restart))
@@ -339,7 +419,9 @@ async def run_client(config: ClientConfig, notifier: Notifier) -> int:
             set_level(new.log_level)
             config = new
             inst.config = new
-            notifier.ready(status_line())
+            log.info("reloaded %s", new.path)
+            note = f"; needs a restart: {', '.join(restart)}" if restart else ""
+            inst.reload_done(True, f"reloaded {new.path}{note}")
 
         inst.install_signals(reload)
         first_up: asyncio.Future[None] = inst.loop.create_future()
@@ -348,7 +430,7 @@ async def run_client(config: ClientConfig, notifier: Notifier) -> int:
         waiters: set[asyncio.Future[Any]] = {first_up, stopper}
         await asyncio.wait(waiters, return_when=asyncio.FIRST_COMPLETED)
         if first_up.done():
-            notifier.ready(status_line())
+            reporter.ready()
             await stopper
         log.info("stopping")
         notifier.stopping()
@@ -358,11 +440,28 @@ async def run_client(config: ClientConfig, notifier: Notifier) -> int:
     finally:
         with contextlib.suppress(Exception):
             inst.remove_signals()
+        await service.close()
         if tunnel is not None:
             tunnel.stop()
         if tun is not None:
             tun.close()
         inst.cleanup()
+
+
+def _not_yet(inst: Instance, part: RelayServer | ClientTunnel | None) -> dict[str, Any]:
+    """The running part's snapshot, or a minimal one while the instance still starts."""
+    if part is not None:
+        return part.snapshot()
+    now = time.time()
+    return {
+        "role": inst.config.mode,
+        "time": now,
+        "started": inst.started,
+        "uptime": now - inst.started,
+        "state": "starting",
+        "sessions": [],
+        "totals": TrafficCounters().snapshot(),
+    }
 
 
 def _client_settings(config: ClientConfig, fwmark: int) -> ClientSettings:
@@ -375,6 +474,9 @@ def _client_settings(config: ClientConfig, fwmark: int) -> ClientSettings:
         fwmark=fwmark,
         keepalive=config.keepalive,
         reconnect_max=config.reconnect_max,
+        transport=config.transport,
+        address_request=config.address_request,
+        request_versions=tuple(sorted({r.version for r in config.routes})),
     )
 
 

@@ -1,16 +1,39 @@
-"""Living under systemd: sd_notify, logging set-up, signal wiring.
+"""Living under systemd: sd_notify, the watchdog, journald logging, reload results.
 
-Outside systemd every call here degrades to nothing (no NOTIFY_SOCKET) or to
-readable stderr logging.
+Outside systemd every call here degrades to nothing (no ``NOTIFY_SOCKET``, no
+``WATCHDOG_USEC``) or to readable stderr logging.
+
+Journal fields: every record carries ``MASQUED_INSTANCE`` and ``MASQUED_ROLE``;
+records about one client carry ``MASQUED_CLIENT`` (the peer's IP address) and
+``MASQUED_ADDRESS`` (its tunnel addresses), passed with ``extra=`` (see
+``client_fields``), so ``journalctl -u masqued@relay MASQUED_CLIENT=198.18.1.2``
+shows one client's sessions.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
 import sys
 import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+log = logging.getLogger("masqued")
+
+# Journal fields (journald accepts upper-case ASCII, digits and '_').
+FIELD_INSTANCE = "MASQUED_INSTANCE"
+FIELD_ROLE = "MASQUED_ROLE"
+FIELD_CLIENT = "MASQUED_CLIENT"
+FIELD_ADDRESS = "MASQUED_ADDRESS"
+SYSLOG_IDENTIFIER = "masqued"
+
+# How often STATUS= is refreshed when nothing else changes it (uptimes move on).
+STATUS_REFRESH = 60.0
+RELOAD_RESULT_FILE = "reload-result"
 
 
 class Notifier:
@@ -37,7 +60,7 @@ class Notifier:
         try:
             self._sock.sendto("\n".join(lines).encode(), self._address)
         except OSError as exc:
-            logging.getLogger("masqued").debug("sd_notify failed: %s", exc)
+            log.debug("sd_notify failed: %s", exc)
 
     def ready(self, status: str | None = None) -> None:
         lines = ["READY=1"]
@@ -55,10 +78,177 @@ class Notifier:
     def stopping(self) -> None:
         self.send("STOPPING=1")
 
+    def watchdog(self) -> None:
+        self.send("WATCHDOG=1")
+
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close()
             self._sock = None
+
+
+# -- watchdog ----------------------------------------------------------------------
+
+
+def watchdog_interval(env: Mapping[str, str] | None = None, pid: int | None = None) -> float | None:
+    """Seconds between ``WATCHDOG=1`` pings: half of ``$WATCHDOG_USEC``, or None.
+
+    As sd_watchdog_enabled(3): ignored when ``$WATCHDOG_PID`` names another process
+    (the variables were inherited, not meant for us), or when the value is not a
+    positive integer.
+    """
+    env = os.environ if env is None else env
+    usec_text = env.get("WATCHDOG_USEC")
+    if not usec_text:
+        return None
+    pid_text = env.get("WATCHDOG_PID")
+    own = os.getpid() if pid is None else pid
+    if pid_text and (not pid_text.isdigit() or int(pid_text) != own):
+        return None
+    if not usec_text.isdigit() or int(usec_text) == 0:
+        return None
+    return int(usec_text) / 2e6
+
+
+class Scheduler(Protocol):
+    """The part of an event loop the timers below use (a fake in unit tests)."""
+
+    def call_later(self, delay: float, callback: Callable[[], None]) -> Any: ...
+
+
+class Watchdog:
+    """Sends ``WATCHDOG=1`` from the event loop itself every ``interval`` seconds.
+
+    Because the ping is a loop callback, a loop that is stuck (blocked call, stopped
+    process) stops pinging and systemd kills and restarts the unit (``WatchdogSec=``).
+    """
+
+    def __init__(self, notifier: Notifier, interval: float | None) -> None:
+        self.notifier = notifier
+        self.interval = interval
+        self.sent = 0
+        self._loop: Any = None
+        self._handle: Any = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.interval is not None and self.notifier.enabled
+
+    def start(self, loop: Scheduler) -> None:
+        """Ping now and then every interval; no-op when the watchdog is off."""
+        if not self.enabled or self._loop is not None:
+            return
+        self._loop = loop
+        log.debug("watchdog: pinging every %.3gs", self.interval)
+        self._tick()
+
+    def _tick(self) -> None:
+        assert self.interval is not None
+        self.notifier.watchdog()
+        self.sent += 1
+        self._handle = self._loop.call_later(self.interval, self._tick)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        self._loop = None
+
+
+class StatusReporter:
+    """Keeps ``STATUS=`` current: sends the line when it changed, and refreshes it
+    every ``period`` seconds for parts that move by themselves (uptimes)."""
+
+    def __init__(
+        self, notifier: Notifier, line: Callable[[], str], period: float = STATUS_REFRESH
+    ) -> None:
+        self.notifier = notifier
+        self.line = line
+        self.period = period
+        self.last: str | None = None
+        self._loop: Any = None
+        self._handle: Any = None
+
+    def update(self) -> None:
+        text = self.line()
+        if text != self.last:
+            self.notifier.status(text)
+            self.last = text
+
+    def ready(self) -> None:
+        """``READY=1`` with the current status (after start-up and after a reload)."""
+        text = self.line()
+        self.notifier.ready(text)
+        self.last = text
+
+    def start(self, loop: Scheduler) -> None:
+        if not self.notifier.enabled or self._loop is not None:
+            return
+        self._loop = loop
+        self._handle = loop.call_later(self.period, self._tick)
+
+    def _tick(self) -> None:
+        self.update()
+        self._handle = self._loop.call_later(self.period, self._tick)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        self._loop = None
+
+
+def format_uptime(seconds: float) -> str:
+    """``42s``, ``5m``, ``2h``, ``2h 5m``, ``3d 4h``: short, for STATUS lines."""
+    s = max(0, int(seconds))
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m"
+    if s < 86400:
+        h, m = divmod(s // 60, 60)
+        return f"{h}h" if m == 0 else f"{h}h {m}m"
+    d, h = divmod(s // 3600, 24)
+    return f"{d}d" if h == 0 else f"{d}d {h}h"
+
+
+# -- reload results ------------------------------------------------------------------
+
+
+def runtime_dir() -> Path | None:
+    """``$RUNTIME_DIRECTORY`` (systemd's ``RuntimeDirectory=``), if set."""
+    value = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    return Path(value) if value else None
+
+
+def write_reload_result(directory: Path | None, seq: int, ok: bool, message: str) -> None:
+    """Record the outcome of reload number ``seq`` for ``masqued reload`` to pick up."""
+    if directory is None:
+        return
+    data = json.dumps({"pid": os.getpid(), "seq": seq, "ok": ok, "message": message})
+    tmp = directory / f".{RELOAD_RESULT_FILE}.tmp"
+    try:
+        tmp.write_text(data + "\n")
+        tmp.replace(directory / RELOAD_RESULT_FILE)
+    except OSError as exc:
+        log.warning("cannot write %s: %s", directory / RELOAD_RESULT_FILE, exc)
+
+
+def read_reload_result(directory: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((directory / RELOAD_RESULT_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+# -- logging ---------------------------------------------------------------------------
+
+
+def client_fields(peer: str, addresses: str) -> dict[str, str]:
+    """``extra=`` for a log call about one client: journal fields for journalctl."""
+    host = peer.rsplit(":", 1)[0].strip("[]") if ":" in peer else peer
+    return {FIELD_CLIENT: host, FIELD_ADDRESS: addresses}
 
 
 class _InstanceFilter(logging.Filter):
@@ -73,21 +263,67 @@ class _InstanceFilter(logging.Filter):
         return True
 
 
-def setup_logging(level: str, instance: str, role: str) -> None:
-    """Readable stderr logging; under systemd the journal captures it with the unit."""
-    root = logging.getLogger()
-    for handler in list(root.handlers):
-        root.removeHandler(handler)
-    handler = logging.StreamHandler(sys.stderr)
-    if os.environ.get("JOURNAL_STREAM") or os.environ.get("INVOCATION_ID"):
-        # The journal adds its own timestamp and unit name.
-        fmt = "%(levelname)s %(name)s: %(message)s"
+def journal_handler(
+    instance: str, role: str, sender: Callable[..., Any] | None = None
+) -> logging.Handler | None:
+    """systemd-python's JournalHandler carrying our instance fields, or None if the
+    module is not installed. ``sender`` replaces ``systemd.journal.send`` (tests)."""
+    try:
+        from systemd.journal import JournalHandler  # type: ignore[import-not-found,import-untyped,unused-ignore]
+    except ImportError:
+        return None
+    fields = {
+        "SYSLOG_IDENTIFIER": SYSLOG_IDENTIFIER,
+        FIELD_INSTANCE: instance,
+        FIELD_ROLE: role,
+    }
+    if sender is not None:
+        handler: logging.Handler = JournalHandler(sender_function=sender, **fields)
     else:
-        fmt = "%(asctime)s %(levelname)s masqued[%(instance)s] %(name)s: %(message)s"
-    handler.setFormatter(logging.Formatter(fmt))
+        handler = JournalHandler(**fields)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    return handler
+
+
+def stderr_is_journal(env: Mapping[str, str] | None = None) -> bool:
+    """True when stderr is connected to journald (``$JOURNAL_STREAM`` matches it)."""
+    env = os.environ if env is None else env
+    value = env.get("JOURNAL_STREAM", "")
+    if ":" not in value:
+        return False
+    try:
+        st = os.fstat(sys.stderr.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return value == f"{st.st_dev}:{st.st_ino}"
+
+
+def setup_logging(
+    level: str, instance: str, role: str, journal: bool | None = None
+) -> logging.Handler:
+    """Log to journald with our fields when stderr goes there, else readable stderr.
+
+    ``journal=None`` decides by ``$JOURNAL_STREAM``; without systemd-python the
+    journal still gets stderr lines (without the structured fields).
+    Returns the handler installed on the root logger.
+    """
+    root = logging.getLogger()
+    for old in list(root.handlers):
+        root.removeHandler(old)
+    use_journal = stderr_is_journal() if journal is None else journal
+    handler = journal_handler(instance, role) if use_journal else None
+    if handler is None:
+        handler = logging.StreamHandler(sys.stderr)
+        if use_journal or os.environ.get("INVOCATION_ID"):
+            # The journal adds its own timestamp and unit name.
+            fmt = "%(levelname)s %(name)s: %(message)s"
+        else:
+            fmt = "%(asctime)s %(levelname)s masqued[%(instance)s] %(name)s: %(message)s"
+        handler.setFormatter(logging.Formatter(fmt))
     handler.addFilter(_InstanceFilter(instance, role))
     root.addHandler(handler)
     set_level(level)
+    return handler
 
 
 def set_level(level: str) -> None:

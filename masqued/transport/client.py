@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
 import random
 import socket
@@ -20,7 +21,7 @@ from typing import Any
 
 from aioquic.h3.connection import ErrorCode as H3ErrorCode
 from aioquic.h3.connection import H3Connection, Setting
-from aioquic.h3.events import DataReceived, H3Event, HeadersReceived
+from aioquic.h3.events import DatagramReceived, DataReceived, H3Event, HeadersReceived
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import (
     ConnectionTerminated,
@@ -36,15 +37,53 @@ from masqued.metrics import (
     DROP_OVERSIZED,
     DROP_QUEUE_FULL,
     DROP_TUN_WRITE,
+    LatencyHistogram,
     TrafficCounters,
 )
-from masqued.proto.errors import FramingError, ProtocolError, ResponseError
+from masqued.proto.capsule import (
+    ADDRESS_ASSIGN,
+    DATAGRAM,
+    ROUTE_ADVERTISEMENT,
+    Capsule,
+    CapsuleDecoder,
+)
+from masqued.proto.connect_ip import (
+    RequestedAddress,
+    decode_address_assign,
+    decode_address_request,
+    decode_datagram_payload,
+    decode_route_advertisement,
+    encode_address_request,
+    encode_ip_datagram,
+)
+from masqued.proto.errors import (
+    CapsuleError,
+    FramingError,
+    PacketError,
+    ProtocolError,
+    ResponseError,
+)
 from masqued.proto.framing import FrameDecoder, encode_frames
-from masqued.proto.request import TunnelParams, build_connect_request, parse_stream_response
+from masqued.proto.packet import addresses
+from masqued.proto.request import (
+    IPV6_MIN_MTU,
+    TunnelParams,
+    _capsule_protocol_true,
+    build_connect_request,
+    parse_stream_response,
+)
+from masqued.transport.datagrams import (
+    MAX_DATAGRAM_FRAME_SIZE,
+    DatagramH3Connection,
+    datagram_room,
+    queue_datagram,
+)
 from masqued.transport.quic import (
     Address,
     QuicPeer,
     UdpSocket,
+    bytes_in_flight,
+    congestion_window,
     monotonic,
     quic_configuration,
     rtt_ms,
@@ -58,6 +97,11 @@ log = logging.getLogger("masqued.client")
 # The handshake, SETTINGS and the CONNECT response must all arrive within this time.
 CONNECT_TIMEOUT = 5.0
 BACKOFF_INITIAL = 0.25
+# Datagram mode: largest control capsule we accept from the relay.
+MAX_CONTROL_CAPSULE = 16384
+DROP_UNKNOWN_CONTEXT = "unknown_context"
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 
 class TunnelFailed(Exception):
@@ -82,6 +126,14 @@ class ClientSettings:
     fwmark: int  # 0: do not mark
     keepalive: float = 1.0
     reconnect_max: float = 4.0
+    # "stream", "datagram" (RFC 9484 HTTP Datagrams) or "auto" (datagram when the
+    # relay's SETTINGS offer H3 datagrams, else stream).
+    transport: str = "stream"
+    # Datagram mode: send ADDRESS_REQUEST (some proxies reject it; RFC 9484 lets the
+    # proxy assign unprompted).
+    address_request: bool = False
+    # Datagram mode, address_request: the IP versions to ask an address for.
+    request_versions: tuple[int, ...] = (4, 6)
 
     @property
     def dead_after(self) -> float:
@@ -103,6 +155,8 @@ class ClientStatus:
     last_error: str | None = None
     connects: int = 0
     counters: TrafficCounters = field(default_factory=TrafficCounters)
+    handshakes: LatencyHistogram = field(default_factory=LatencyHistogram)
+    started: float = field(default_factory=time.time)
 
 
 class ClientConnection(QuicPeer):
@@ -117,10 +171,21 @@ class ClientConnection(QuicPeer):
         super().__init__(tunnel.loop, quic, udp.send)
         self.tunnel = tunnel
         self.udp = udp
-        self.h3 = H3Connection(quic)
+        self.h3: H3Connection = DatagramH3Connection(quic)
         self.stream_id: int | None = None
         self.params: TunnelParams | None = None
         self.decoder = FrameDecoder(tunnel.settings.mtu)
+        # Datagram mode: the transport picked once the relay's SETTINGS are known, the
+        # capsule decoder of the request stream, what the relay assigned and advertised.
+        self.transport = "stream"
+        self.capsules = CapsuleDecoder(
+            max_value=MAX_CONTROL_CAPSULE, max_datagram=tunnel.settings.mtu + 8
+        )
+        self.responded = False
+        self.assigned: tuple[IPNetwork, ...] | None = None
+        self.routes: tuple[IPNetwork, ...] | None = None
+        self.rx_packets: list[bytes] = []
+        self._request_ids: dict[int, int] = {}  # request ID -> IP version
         self.ready: asyncio.Future[TunnelParams] = tunnel.loop.create_future()
         self.done: asyncio.Future[str] = tunnel.loop.create_future()
         self.last_rx = monotonic()
@@ -153,6 +218,9 @@ class ClientConnection(QuicPeer):
                 self._h3_event(h3_event)
                 if self.closed:
                     return
+        if self.rx_packets:
+            packets, self.rx_packets = self.rx_packets, []
+            self.tunnel.datagram_packets(packets)
         if self.stream_id is None and h3.received_settings is not None:
             self._send_request(h3.received_settings)
 
@@ -161,12 +229,30 @@ class ClientConnection(QuicPeer):
         if settings.get(Setting.ENABLE_CONNECT_PROTOCOL) != 1:
             self.fail("relay does not support extended CONNECT (SETTINGS_ENABLE_CONNECT_PROTOCOL)")
             return
-        assert self.h3 is not None
+        wanted = self.tunnel.settings.transport
+        offers_datagrams = settings.get(Setting.H3_DATAGRAM) == 1
+        if wanted == "datagram" and not offers_datagrams:
+            self.fail("relay does not offer HTTP/3 datagrams (SETTINGS_H3_DATAGRAM)")
+            return
+        self.transport = (
+            "datagram"
+            if wanted == "datagram" or (wanted == "auto" and offers_datagrams)
+            else "stream"
+        )
+        if wanted == "auto":
+            log.info(
+                "transport auto: relay %s H3 datagrams, using %s mode",
+                "offers" if offers_datagrams else "does not offer",
+                self.transport,
+            )
         self.stream_id = self.quic.get_next_available_stream_id()
-        headers = build_connect_request(self.tunnel.settings.authority, transport="stream")
+        headers = build_connect_request(self.tunnel.settings.authority, transport=self.transport)
         self.h3.send_headers(self.stream_id, headers, end_stream=False)
 
     def _h3_event(self, event: H3Event) -> None:
+        if self.transport == "datagram":
+            self._h3_event_datagram(event)
+            return
         if isinstance(event, HeadersReceived) and event.stream_id == self.stream_id:
             if self.params is not None:
                 self.fail("unexpected HEADERS on the tunnel stream")
@@ -193,6 +279,125 @@ class ClientConnection(QuicPeer):
                 self.tunnel.packets_from_relay(self, event.data)
             if event.stream_ended and not self.closed:
                 self.finish("relay closed the tunnel stream")
+
+    # -- datagram mode (RFC 9484) ---------------------------------------------------
+
+    def _h3_event_datagram(self, event: H3Event) -> None:
+        if isinstance(event, DatagramReceived):
+            if event.stream_id != self.stream_id or not self.responded:
+                return  # not our tunnel (or not open yet): dropped (RFC 9297 §2.1)
+            try:
+                context_id, packet = decode_datagram_payload(event.data)
+            except CapsuleError:
+                self.tunnel.status.counters.drops[DROP_MALFORMED] += 1
+                return
+            if context_id != 0:
+                self.tunnel.status.counters.drops[DROP_UNKNOWN_CONTEXT] += 1
+                return
+            self.rx_packets.append(packet)
+        elif isinstance(event, HeadersReceived) and event.stream_id == self.stream_id:
+            if self.responded:
+                self.fail("unexpected HEADERS on the tunnel stream")
+                return
+            self._datagram_response(event.headers)
+            if event.stream_ended and not self.closed:
+                self.finish("relay closed the tunnel stream")
+        elif isinstance(event, DataReceived) and event.stream_id == self.stream_id:
+            if not self.responded:
+                self.fail("tunnel data before the response")
+                return
+            try:
+                capsules = self.capsules.feed(event.data) if event.data else []
+                if event.stream_ended:
+                    self.capsules.end()
+                for capsule in capsules:
+                    self._capsule(capsule)
+            except CapsuleError as exc:
+                self.tunnel.status.counters.drops[DROP_MALFORMED] += 1
+                # RFC 9297 §3.3: a malformed message aborts the stream.
+                with contextlib.suppress(Exception):
+                    self.quic.reset_stream(self.stream_id, exc.wire_code)
+                    self.quic.stop_stream(self.stream_id, exc.wire_code)
+                self.flush()  # the reset leaves before the connection is closed
+                self.fail(f"malformed capsule from relay: {exc.reason}")
+                return
+            if event.stream_ended and not self.closed:
+                self.finish("relay closed the tunnel stream")
+
+    def _datagram_response(self, headers: list[tuple[bytes, bytes]]) -> None:
+        fields: dict[bytes, list[str]] = {}
+        for name, value in headers:
+            fields.setdefault(name.lower(), []).append(value.decode("latin-1"))
+        status_text = (fields.get(b":status") or [""])[0]
+        if len(status_text) != 3 or not status_text.isdigit():
+            self.fail(f"unusable response from relay: bad :status {status_text!r}")
+            return
+        status = int(status_text)
+        if status < 200:
+            return  # interim response: the final one follows
+        if status >= 300:
+            self.fail(TunnelRefused(status, f"relay refused the tunnel: status {status}"))
+            return
+        if not _capsule_protocol_true(fields.get(b"capsule-protocol", [])):
+            self.fail(f"relay answered {status} without capsule-protocol: ?1")
+            return
+        self.responded = True
+        settings = self.tunnel.settings
+        if settings.address_request:
+            requests: list[RequestedAddress] = []
+            for version in settings.request_versions:
+                request_id = len(self._request_ids) + 1
+                self._request_ids[request_id] = version
+                any_addr = ipaddress.ip_network("0.0.0.0/32" if version == 4 else "::/128")
+                requests.append(RequestedAddress(request_id, any_addr))
+            if requests:
+                assert self.stream_id is not None
+                self.h3.send_data(self.stream_id, encode_address_request(requests), False)
+
+    def _capsule(self, capsule: Capsule) -> None:
+        kind = capsule.type
+        if kind == ADDRESS_ASSIGN:
+            assign = decode_address_assign(capsule.value)
+            self.assigned = assign.usable()
+            refused = [a.request_id for a in assign.addresses if a.is_rejection and a.request_id]
+            if refused:
+                log.warning("relay declined address request(s) %s", refused)
+            self._update_params()
+        elif kind == ROUTE_ADVERTISEMENT:
+            self.routes = decode_route_advertisement(capsule.value).networks()
+            self._update_params()
+        elif kind == DATAGRAM:
+            context_id, packet = decode_datagram_payload(capsule.value)
+            if context_id == 0:
+                self.rx_packets.append(packet)
+            else:
+                self.tunnel.status.counters.drops[DROP_UNKNOWN_CONTEXT] += 1
+        else:
+            # ADDRESS_REQUEST from the relay: checked (a malformed one aborts), but we
+            # assign no addresses to the relay.
+            decode_address_request(capsule.value)
+
+    def _update_params(self) -> None:
+        """Once both the addresses and the routes are known: first up, or a change."""
+        if self.assigned is None or self.routes is None:
+            return
+        params = TunnelParams(
+            addresses=tuple(_interface(p) for p in self.assigned),
+            routes=self.routes,
+            mtu=self.tunnel.settings.mtu,
+        )
+        if params == self.params:
+            return
+        first = self.params is None
+        self.params = params
+        if first:
+            if not params.addresses:
+                self.fail("relay assigned no address")
+                return
+            if not self.ready.done():
+                self.ready.set_result(params)
+        else:
+            self.tunnel.params_changed(self, params)
 
     def keepalive(self) -> None:
         """Ping when idle; declare the tunnel dead when the relay stays silent."""
@@ -331,6 +536,7 @@ class ClientTunnel:
             sock.close()
             raise
         config = quic_configuration(is_client=True, server_name=settings.server_name)
+        config.max_datagram_frame_size = MAX_DATAGRAM_FRAME_SIZE
         config.load_verify_locations(cafile=settings.ca)
         quic = QuicConnection(configuration=config)
         conn: ClientConnection | None = None
@@ -362,6 +568,7 @@ class ClientTunnel:
             self.status.params = params
             self.status.connected_since = time.time()
             self.status.connects += 1
+            self.status.handshakes.observe(monotonic() - conn.created)
             self.status.last_error = None
             self._set_state("connected")
             addrs = ", ".join(str(a.ip) for a in params.addresses)
@@ -404,6 +611,8 @@ class ClientTunnel:
             conn.fail(f"malformed frame from relay: {exc.reason}")
             return
         write = self.tun.write
+        if packets:
+            counters.last_rx = time.time()
         for pkt in packets:
             counters.rx_packets += 1
             counters.rx_bytes += len(pkt)
@@ -418,6 +627,9 @@ class ClientTunnel:
         conn = self.conn
         if conn is None or conn.closed or conn.stream_id is None:
             counters.drops[DROP_DISCONNECTED] += len(packets)
+            return
+        if conn.transport == "datagram":
+            self._send_datagrams(conn, packets)
             return
         mtu = self.settings.mtu
         budget = SEND_BACKLOG_LIMIT - stream_send_backlog(conn.quic, conn.stream_id)
@@ -437,6 +649,7 @@ class ClientTunnel:
             return
         counters.tx_packets += len(batch)
         counters.tx_bytes += nbytes - 2 * len(batch)
+        counters.last_tx = time.time()
         assert conn.h3 is not None
         try:
             conn.h3.send_data(conn.stream_id, encode_frames(batch), end_stream=False)
@@ -449,24 +662,124 @@ class ClientTunnel:
             return
         conn.flush()
 
+    def params_changed(self, conn: ClientConnection, params: TunnelParams) -> None:
+        """The relay sent new ADDRESS_ASSIGN / ROUTE_ADVERTISEMENT on a live tunnel."""
+        if conn is not self.conn:
+            return
+        self.status.params = params
+        log.info(
+            "relay changed the tunnel: addresses %s, routes %s",
+            ", ".join(map(str, params.addresses)) or "none",
+            ", ".join(map(str, params.routes)) or "none",
+        )
+        self.on_params(params)
+        self._set_state(self.status.state)
+
+    def datagram_packets(self, packets: list[bytes]) -> None:
+        """IP packets from the relay's HTTP Datagrams (or DATAGRAM capsules) -> TUN."""
+        counters = self.status.counters
+        counters.last_rx = time.time()
+        write = self.tun.write
+        for pkt in packets:
+            counters.rx_packets += 1
+            counters.rx_bytes += len(pkt)
+            try:
+                addresses(pkt)
+            except PacketError:
+                counters.drops[DROP_MALFORMED] += 1
+                continue
+            if not write(pkt):
+                counters.drops[DROP_TUN_WRITE] += 1
+
+    def _send_datagrams(self, conn: ClientConnection, packets: list[bytes]) -> None:
+        """TUN -> relay in datagram mode: one HTTP Datagram per packet, sizes checked
+        before anything enters aioquic's queue, the queue bounded; one flush."""
+        counters = self.status.counters
+        assert conn.stream_id is not None
+        if not conn.responded:
+            counters.drops[DROP_DISCONNECTED] += len(packets)
+            return
+        room = datagram_room(conn.quic, conn.stream_id) - 1  # minus Context ID 0
+        if (
+            room < IPV6_MIN_MTU
+            and conn.params
+            and any(a.version == 6 for a in conn.params.addresses)
+        ):
+            # RFC 9484 §7.2: an IPv6 tunnel must carry 1280-byte packets.
+            conn.fail(f"QUIC path carries only {room}-byte packets, below the IPv6 minimum MTU")
+            return
+        sent = 0
+        nbytes = 0
+        for pkt in packets:
+            if len(pkt) > room:
+                counters.drops[DROP_OVERSIZED] += 1
+                self._ratelog.warning(
+                    "oversized",
+                    "dropped a %d-byte packet: datagrams carry at most %d (lower mtu)",
+                    len(pkt),
+                    room,
+                )
+                continue
+            reason = queue_datagram(conn.h3, conn.quic, conn.stream_id, encode_ip_datagram(pkt))
+            if reason:
+                counters.drops[reason] += 1
+                continue
+            sent += 1
+            nbytes += len(pkt)
+        if sent:
+            counters.tx_packets += sent
+            counters.tx_bytes += nbytes
+            counters.last_tx = time.time()
+            conn.flush()
+
     def snapshot(self) -> dict[str, Any]:
+        """The tunnel as plain data (docs/status.schema.json, client part).
+
+        ``sessions`` holds the one tunnel; its counters are cumulative over the
+        instance's life (they survive reconnects), its RTT and congestion window are
+        those of the current QUIC connection (null while disconnected).
+        """
         st = self.status
         conn = self.conn
-        rtt = rtt_ms(conn.quic) if conn is not None else None
+        quic = conn.quic if conn is not None and not conn.closed else None
+        now = time.time()
+        tunnel = {
+            "id": "tunnel",
+            "identity": None,
+            "peer": st.relay_addr or f"{self.settings.relay_host}:{self.settings.relay_port}",
+            "addresses": [str(a) for a in st.params.addresses] if st.params else [],
+            "transport": getattr(conn, "transport", "stream"),
+            "state": st.state,
+            "connected_since": st.connected_since if st.state == "connected" else None,
+            "rtt_ms": rtt_ms(quic) if quic is not None else None,
+            "cwnd": congestion_window(quic) if quic is not None else None,
+            "bytes_in_flight": bytes_in_flight(quic) if quic is not None else None,
+            **st.counters.snapshot(),
+        }
         return {
             "role": "client",
+            "time": now,
+            "started": st.started,
+            "uptime": now - st.started,
             "state": st.state,
-            "relay": st.relay_addr,
-            "addresses": [str(a) for a in st.params.addresses] if st.params else [],
-            "mtu": st.params.mtu if st.params else None,
-            "connected_since": st.connected_since,
+            "relay_mtu": st.params.mtu if st.params else None,
+            "relay_routes": [str(r) for r in st.params.routes] if st.params else [],
             "connects": st.connects,
             "last_error": st.last_error,
-            "rtt_ms": rtt,
-            **st.counters.snapshot(),
+            "handshake": st.handshakes.snapshot(),
+            "sessions": [tunnel],
+            "totals": st.counters.snapshot(),
         }
 
 
 def _format(addr: Address) -> str:
     host, port = addr[0], addr[1]
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def _interface(prefix: IPNetwork) -> IPInterface:
+    """The TUN address for an assigned prefix: the address itself for /32 and /128,
+    else the prefix's first host address (RFC 9484 lets the proxy assign prefixes)."""
+    if prefix.prefixlen == prefix.max_prefixlen:
+        return ipaddress.ip_interface(prefix.network_address)
+    return ipaddress.ip_interface((prefix.network_address + 1, prefix.prefixlen))

@@ -137,6 +137,7 @@ class QuicPeer:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_at: float | None = None
         self.closed = False
+        self.created = monotonic()  # for the handshake latency histogram
 
     # Subclasses handle the events aioquic produced.
     def process_events(self) -> None:
@@ -179,6 +180,28 @@ def rtt_ms(quic: QuicConnection) -> float | None:
     if loss is None or not getattr(loss, "_rtt_initialized", False):
         return None
     return round(float(loss._rtt_smoothed) * 1000, 3)
+
+
+def congestion_window(quic: QuicConnection) -> int | None:
+    """The connection's congestion window in bytes (aioquic's recovery state)."""
+    loss = getattr(quic, "_loss", None)
+    if loss is None:
+        return None
+    try:
+        return int(loss.congestion_window)
+    except AttributeError:  # another aioquic layout: show nothing rather than fail
+        return None
+
+
+def bytes_in_flight(quic: QuicConnection) -> int | None:
+    """Bytes sent and not yet acknowledged or declared lost."""
+    loss = getattr(quic, "_loss", None)
+    if loss is None:
+        return None
+    try:
+        return int(loss.bytes_in_flight)
+    except AttributeError:
+        return None
 
 
 def stream_send_backlog(quic: QuicConnection, stream_id: int) -> int:

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 from aioquic.buffer import Buffer  # type: ignore[attr-defined]
 from aioquic.h3.connection import ErrorCode as H3ErrorCode
 from aioquic.h3.connection import H3Connection
-from aioquic.h3.events import DataReceived, H3Event, HeadersReceived
+from aioquic.h3.events import DatagramReceived, DataReceived, H3Event, HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import (
@@ -45,21 +45,68 @@ from masqued.metrics import (
     DROP_QUEUE_FULL,
     DROP_SPOOFED,
     DROP_TUN_WRITE,
+    LatencyHistogram,
     TrafficCounters,
 )
-from masqued.proto.errors import FramingError, PacketError, RequestError
+from masqued.proto.capsule import (
+    ADDRESS_ASSIGN,
+    ADDRESS_REQUEST,
+    DATAGRAM,
+    ROUTE_ADVERTISEMENT,
+    Capsule,
+    CapsuleDecoder,
+    encode_datagram_capsule,
+)
+from masqued.proto.connect_ip import (
+    AssignedAddress,
+    RouteAdvertisement,
+    decode_address_assign,
+    decode_address_request,
+    decode_datagram_payload,
+    decode_route_advertisement,
+    encode_address_assign,
+    encode_ip_datagram,
+    encode_route_advertisement,
+    ranges_for,
+    rejection,
+)
+from masqued.proto.errors import (
+    H3_DATAGRAM_ERROR,
+    CapsuleError,
+    FramingError,
+    PacketError,
+    RequestError,
+)
 from masqued.proto.framing import FrameDecoder, encode_frames
-from masqued.proto.packet import parse_packet
+from masqued.proto.packet import (
+    PROTO_ICMP,
+    PROTO_ICMPV6,
+    addresses,
+    decrement_ttl,
+    icmp_error,
+    icmp_packet_too_big,
+    parse_packet,
+)
 from masqued.proto.request import (
     ConnectIpRequest,
     TunnelParams,
     build_response_headers,
     parse_connect_request,
 )
+from masqued.service import client_fields
+from masqued.transport.datagrams import (
+    MAX_DATAGRAM_FRAME_SIZE,
+    DatagramH3Connection,
+    datagram_room,
+    peer_accepts_datagrams,
+    queue_datagram,
+)
 from masqued.transport.quic import (
     Address,
     QuicPeer,
     UdpSocket,
+    bytes_in_flight,
+    congestion_window,
     monotonic,
     quic_configuration,
     rtt_ms,
@@ -79,6 +126,16 @@ MAX_SESSIONS_PER_CONNECTION = 4
 # Smallest UDP payload that may open a connection (RFC 9000 §14.1).
 MIN_INITIAL_SIZE = 1200
 TUN_READ_BATCH = 256
+# Datagram mode: largest control capsule we accept (a few hundred addresses/routes).
+MAX_CONTROL_CAPSULE = 16384
+# Datagram mode drop reasons (besides the shared ones in masqued.metrics).
+DROP_LINK_LOCAL = "link_local"
+DROP_TTL_EXPIRED = "ttl_expired"
+DROP_UNKNOWN_CONTEXT = "unknown_context"
+DROP_UNKNOWN_STREAM = "unknown_stream"
+# ICMP Time Exceeded (RFC 792) / ICMPv6 Time Exceeded (RFC 4443 §3.3), code 0.
+ICMPV4_TIME_EXCEEDED = 11
+ICMPV6_TIME_EXCEEDED = 3
 
 
 class Tun(Protocol):
@@ -116,6 +173,11 @@ class RelaySession:
     counters: TrafficCounters = field(default_factory=TrafficCounters)
     addr_keys: frozenset[bytes] = frozenset()
     out: list[bytes] = field(default_factory=list)
+    # Datagram mode (RFC 9484): capsules on the stream, packets in HTTP Datagrams.
+    transport: str = "stream"
+    capsules: CapsuleDecoder | None = None
+    request_ids: set[int] = field(default_factory=set)
+    peer_routes: RouteAdvertisement | None = None
 
     @property
     def owner(self) -> str:
@@ -124,6 +186,11 @@ class RelaySession:
     def describe(self) -> str:
         addrs = ", ".join(str(a.ip) for a in self.lease.addresses)
         return f"{self.peer} as {addrs}"
+
+
+def session_log_fields(session: RelaySession) -> dict[str, str]:
+    """Journal fields of a session's log lines (MASQUED_CLIENT, MASQUED_ADDRESS)."""
+    return client_fields(session.peer, ",".join(str(a.ip) for a in session.lease.addresses))
 
 
 class RelayConnection(QuicPeer):
@@ -138,7 +205,7 @@ class RelayConnection(QuicPeer):
         self.server = server
         self.peer_addr = peer_addr
         self.peer = _format_addr(peer_addr)
-        self.h3 = H3Connection(quic)
+        self.h3: H3Connection = DatagramH3Connection(quic)
         self.sessions: dict[int, RelaySession] = {}
         self.cids: set[bytes] = set()
 
@@ -165,10 +232,14 @@ class RelayConnection(QuicPeer):
     def _h3_event(self, event: H3Event) -> None:
         if isinstance(event, DataReceived):
             session = self.sessions.get(event.stream_id)
-            if session is not None:
+            if session is not None and session.transport == "datagram":
+                self.server.session_capsules(session, event.data, event.stream_ended)
+            elif session is not None:
                 self.server.session_data(session, event.data)
                 if event.stream_ended and session.stream_id in self.sessions:
                     self.server.end_session(session, "closed by client", fin=True)
+        elif isinstance(event, DatagramReceived):
+            self.server.session_datagram(self, event.stream_id, event.data)
         elif isinstance(event, HeadersReceived):
             self.server.handle_request(self, event)
 
@@ -210,14 +281,20 @@ class RelayServer:
         self.sessions: set[RelaySession] = set()
         self.totals = TrafficCounters()
         self.results: dict[str, int] = {}
+        self.handshakes = LatencyHistogram()
         self.started = time.time()
         self._ratelog = RateLimitedLog(log)
         self._quic_config = self._make_quic_config()
         self._dirty: set[RelayConnection] = set()
+        # The relay's own TUN address per IP version: source of the ICMP errors we make.
+        self.gateways: dict[int, ipaddress.IPv4Address | ipaddress.IPv6Address] = {
+            g.version: g.ip for g in pool.gateways()
+        }
         self.on_change: Callable[[], None] | None = None
 
     def _make_quic_config(self) -> QuicConfiguration:
         config = quic_configuration(is_client=False)
+        config.max_datagram_frame_size = MAX_DATAGRAM_FRAME_SIZE
         config.load_cert_chain(self.settings.certificate, self.settings.private_key)
         return config
 
@@ -349,10 +426,6 @@ class RelayServer:
             return
         try:
             request = parse_connect_request(event.headers)
-            if request.transport != "stream":
-                raise RequestError(
-                    501, "datagram transport (capsule-protocol) is not supported by this relay"
-                )
             routes = self._scope_routes(request)
             if len(conn.sessions) >= MAX_SESSIONS_PER_CONNECTION:
                 raise RequestError(429, "too many tunnels on one connection")
@@ -395,19 +468,24 @@ class RelayServer:
             scope_ipproto=request.ipproto,
             addr_keys=frozenset(a.ip.packed for a in lease.addresses),
         )
-        params = TunnelParams(addresses=lease.addresses, routes=routes, mtu=self.settings.mtu)
-        h3.send_headers(stream_id, build_response_headers(200, params), end_stream=False)
+        if request.transport == "datagram":
+            self._open_datagram_session(session, routes)
+        else:
+            params = TunnelParams(addresses=lease.addresses, routes=routes, mtu=self.settings.mtu)
+            h3.send_headers(stream_id, build_response_headers(200, params), end_stream=False)
         conn.sessions[stream_id] = session
         self.sessions.add(session)
         for key in session.addr_keys:
             self.by_addr[key] = session
         self._count("accepted")
+        self.handshakes.observe(monotonic() - conn.created)
         log.info(
             "session opened: %s (stream %d, %d/%d addresses in use)",
             session.describe(),
             stream_id,
             self.pool.used(),
             self.pool.capacity(),
+            extra=session_log_fields(session),
         )
         self._changed()
 
@@ -459,6 +537,7 @@ class RelayServer:
             c.tx_packets,
             c.tx_bytes,
             dict(c.drops) or "none",
+            extra=session_log_fields(session),
         )
         self._changed()
 
@@ -490,6 +569,8 @@ class RelayServer:
         keys = session.addr_keys
         write = self.tun.write
         scoped = session.scope_targets is not None or session.scope_ipproto is not None
+        if packets:
+            counters.last_rx = time.time()
         for pkt in packets:
             counters.rx_packets += 1
             counters.rx_bytes += len(pkt)
@@ -526,7 +607,11 @@ class RelayServer:
         if targets is not None and not any(info.dst in t for t in targets):
             session.counters.drops["out_of_scope"] += 1
             return False
-        if session.scope_ipproto is not None and info.proto != session.scope_ipproto:
+        if (
+            session.scope_ipproto is not None
+            and info.proto != session.scope_ipproto
+            and info.proto != (PROTO_ICMP if info.version == 4 else PROTO_ICMPV6)
+        ):
             session.counters.drops["out_of_scope"] += 1
             return False
         return True
@@ -561,6 +646,9 @@ class RelayServer:
         self._flush()
 
     def _send_packets(self, session: RelaySession, mtu: int) -> None:
+        if session.transport == "datagram":
+            self._send_datagrams(session)
+            return
         packets = session.out
         session.out = []
         conn = session.conn
@@ -584,36 +672,289 @@ class RelayServer:
             return
         counters.tx_packets += len(batch)
         counters.tx_bytes += nbytes - 2 * len(batch)
+        counters.last_tx = time.time()
         assert conn.h3 is not None
         conn.h3.send_data(session.stream_id, encode_frames(batch), end_stream=False)
         self._dirty.add(conn)
 
+    # -- datagram mode (RFC 9484) ---------------------------------------------------
+
+    def _open_datagram_session(self, session: RelaySession, routes: tuple[IPNetwork, ...]) -> None:
+        """2xx with capsule-protocol, then ADDRESS_ASSIGN (request ID 0, unprompted) and
+        ROUTE_ADVERTISEMENT for what the client may reach (RFC 9484 §4.7)."""
+        conn = session.conn
+        session.transport = "datagram"
+        session.capsules = CapsuleDecoder(
+            max_value=MAX_CONTROL_CAPSULE, max_datagram=self.settings.mtu + 8
+        )
+        headers = build_response_headers(200, extra=[(b"capsule-protocol", b"?1")])
+        conn.h3.send_headers(session.stream_id, headers, end_stream=False)
+        # A scoped ipproto narrows the routes to that protocol (§4.7.3; ICMP always passes).
+        proto = session.scope_ipproto or 0
+        control = encode_address_assign(
+            AssignedAddress(0, a.network) for a in session.lease.addresses
+        ) + encode_route_advertisement(ranges_for(routes, proto))
+        conn.h3.send_data(session.stream_id, control, end_stream=False)
+        self._dirty.add(conn)
+
+    def _abort_session(self, session: RelaySession, code: int, reason: str) -> None:
+        """A peer error on one tunnel: log once, abort only that stream."""
+        self._ratelog.warning(
+            f"abort:{session.peer}", "%s: %s: aborting this tunnel", session.describe(), reason
+        )
+        conn = session.conn
+        self.end_session(session, f"protocol error: {reason}")
+        conn.abort_stream(session.stream_id, code)
+        self._dirty.add(conn)
+
+    def session_capsules(self, session: RelaySession, data: bytes, ended: bool) -> None:
+        """The request stream of a datagram-mode session: capsules only."""
+        decoder = session.capsules
+        assert decoder is not None
+        try:
+            capsules = decoder.feed(data) if data else []
+            if ended:
+                decoder.end()
+            packets: list[bytes] = []
+            for capsule in capsules:
+                self._capsule(session, capsule, packets)
+        except CapsuleError as exc:
+            session.counters.drops[DROP_MALFORMED] += 1
+            self._abort_session(session, exc.wire_code, exc.reason)
+            return
+        if packets:
+            self._packets_from_client(session, packets)
+        if ended and session.stream_id in session.conn.sessions:
+            self.end_session(session, "closed by client", fin=True)
+
+    def _capsule(self, session: RelaySession, capsule: Capsule, packets: list[bytes]) -> None:
+        kind = capsule.type
+        if kind == DATAGRAM:
+            # RFC 9297 §3.5: the reliable equivalent of a QUIC DATAGRAM frame.
+            context_id, payload = decode_datagram_payload(capsule.value)
+            if context_id == 0:
+                packets.append(payload)
+            else:
+                session.counters.drops[DROP_UNKNOWN_CONTEXT] += 1
+        elif kind == ADDRESS_REQUEST:
+            request = decode_address_request(capsule.value)
+            reused = session.request_ids.intersection(r.request_id for r in request.requests)
+            if reused:
+                raise CapsuleError(f"ADDRESS_REQUEST reuses request ID {min(reused)}")
+            session.request_ids.update(r.request_id for r in request.requests)
+            self._answer_address_request(session, request.requests)
+        elif kind == ADDRESS_ASSIGN:
+            # The client assigning us addresses (site-to-site) is not something we use;
+            # it is still checked, as a malformed one must abort the stream.
+            decode_address_assign(capsule.value)
+        elif kind == ROUTE_ADVERTISEMENT:
+            session.peer_routes = decode_route_advertisement(capsule.value)
+
+    def _answer_address_request(self, session: RelaySession, requests: Iterable[Any]) -> None:
+        """RFC 9484 §4.7.2: one Assigned Address per request (the lease address of that
+        family when the request allows it, else the all-zero rejection) plus the rest of
+        the lease with request ID 0; the capsule lists every assigned address."""
+        lease = {a.version: a.network for a in session.lease.addresses}
+        answered: dict[int, int] = {}  # IP version -> request ID that got the lease address
+        entries: list[AssignedAddress] = []
+        for req in requests:
+            mine = lease.get(req.prefix.version)
+            wanted = req.prefix
+            any_address = int(wanted.network_address) == 0
+            if (
+                mine is not None
+                and mine.version not in answered
+                and (any_address or mine.subnet_of(wanted))
+            ):
+                answered[mine.version] = req.request_id
+                entries.append(AssignedAddress(req.request_id, mine))
+            else:
+                entries.append(rejection(req.request_id, wanted.version))
+        for version, net in lease.items():
+            if version not in answered:
+                entries.append(AssignedAddress(0, net))
+        conn = session.conn
+        conn.h3.send_data(session.stream_id, encode_address_assign(entries), end_stream=False)
+        self._dirty.add(conn)
+
+    def session_datagram(self, conn: RelayConnection, stream_id: int, data: bytes) -> None:
+        """An HTTP/3 Datagram from a client (RFC 9297 §2.1, RFC 9484 §6)."""
+        session = conn.sessions.get(stream_id)
+        if session is None:
+            # Unknown, not yet open or closed stream: silently dropped (RFC 9297 §2.1).
+            self.totals.drops[DROP_UNKNOWN_STREAM] += 1
+            return
+        if session.transport != "datagram":
+            # A stream-mode tunnel has no datagram semantics (RFC 9297 §2).
+            self._abort_session(session, H3_DATAGRAM_ERROR, "HTTP datagram on a stream-mode tunnel")
+            return
+        try:
+            context_id, packet = decode_datagram_payload(data)
+        except CapsuleError:
+            session.counters.drops[DROP_MALFORMED] += 1
+            return
+        if context_id != 0:
+            session.counters.drops[DROP_UNKNOWN_CONTEXT] += 1  # RFC 9484 §6
+            return
+        self._packets_from_client(session, [packet])
+
+    def _packets_from_client(self, session: RelaySession, packets: list[bytes]) -> None:
+        """Checks of RFC 9484 §7.2 and DESIGN.md §4, then the TUN."""
+        counters = session.counters
+        counters.last_rx = time.time()
+        keys = session.addr_keys
+        write = self.tun.write
+        mtu = self.settings.mtu
+        scoped = session.scope_targets is not None or session.scope_ipproto is not None
+        for pkt in packets:
+            counters.rx_packets += 1
+            counters.rx_bytes += len(pkt)
+            try:
+                version, src, dst = addresses(pkt)
+            except PacketError:
+                counters.drops[DROP_MALFORMED] += 1
+                continue
+            if src not in keys:
+                counters.drops[DROP_SPOOFED] += 1
+                self._ratelog.warning(
+                    f"spoof:{session.peer}",
+                    "%s: dropped packet with spoofed source %s",
+                    session.describe(),
+                    ipaddress.ip_address(src),
+                )
+                continue
+            if _link_local(version, dst):
+                counters.drops[DROP_LINK_LOCAL] += 1
+                continue
+            if len(pkt) > mtu:
+                # Too big for our TUN: tell the sender the tunnel's MTU (RFC 9484 §7.2.1).
+                counters.drops[DROP_OVERSIZED] += 1
+                gateway = self.gateways.get(version)
+                icmp = icmp_packet_too_big(pkt, mtu, gateway) if gateway is not None else None
+                if icmp is not None:
+                    self._send_to_client(session, icmp)
+                continue
+            if scoped and not self._in_scope(session, pkt):
+                continue
+            if not write(pkt):
+                counters.drops[DROP_TUN_WRITE] += 1
+
+    def _send_to_client(self, session: RelaySession, pkt: bytes) -> str:
+        """Queue one IP packet for the client: a QUIC DATAGRAM when the client accepts
+        them, else a DATAGRAM capsule on the stream. Returns "" or a drop reason."""
+        conn = session.conn
+        if conn.closed or session.stream_id not in conn.sessions:
+            return DROP_NO_SESSION
+        payload = encode_ip_datagram(pkt)
+        if peer_accepts_datagrams(conn.h3, conn.quic):
+            reason = queue_datagram(conn.h3, conn.quic, session.stream_id, payload)
+        elif stream_send_backlog(conn.quic, session.stream_id) > SEND_BACKLOG_LIMIT:
+            reason = DROP_QUEUE_FULL
+        else:
+            conn.h3.send_data(session.stream_id, encode_datagram_capsule(payload), False)
+            reason = ""
+        if not reason:
+            self._dirty.add(conn)
+        return reason
+
+    def _send_datagrams(self, session: RelaySession) -> None:
+        """TUN -> client in datagram mode: hop limit, size and queue checks per packet."""
+        packets = session.out
+        session.out = []
+        conn = session.conn
+        if conn.closed or session.stream_id not in conn.sessions:
+            return
+        counters = session.counters
+        if peer_accepts_datagrams(conn.h3, conn.quic):
+            # Largest IP packet one HTTP Datagram can carry (Context ID 0 takes a byte).
+            room = datagram_room(conn.quic, session.stream_id) - 1
+        else:
+            room = self.settings.mtu
+        sent = 0
+        nbytes = 0
+        for pkt in packets:
+            try:
+                # RFC 9484 §7.2: decrement the hop count upon encapsulation.
+                fwd = decrement_ttl(pkt)
+            except PacketError:
+                counters.drops[DROP_MALFORMED] += 1
+                continue
+            version = pkt[0] >> 4
+            gateway = self.gateways.get(version)
+            if fwd is None:
+                counters.drops[DROP_TTL_EXPIRED] += 1
+                if gateway is not None:
+                    kind = ICMPV4_TIME_EXCEEDED if version == 4 else ICMPV6_TIME_EXCEEDED
+                    icmp = icmp_error(pkt, gateway, kind, 0)
+                    if icmp is not None:
+                        self.tun.write(icmp)
+                continue
+            if len(fwd) > room:
+                # Never queue what cannot fit: Packet Too Big back to the sender instead.
+                counters.drops[DROP_OVERSIZED] += 1
+                if gateway is not None:
+                    icmp = icmp_packet_too_big(pkt, room, gateway)
+                    if icmp is not None:
+                        self.tun.write(icmp)
+                continue
+            reason = self._send_to_client(session, fwd)
+            if reason:
+                counters.drops[reason] += 1
+                continue
+            sent += 1
+            nbytes += len(fwd)
+        if sent:
+            counters.tx_packets += sent
+            counters.tx_bytes += nbytes
+            counters.last_tx = time.time()
+
     # -- status -------------------------------------------------------------------
 
     def snapshot(self) -> dict[str, Any]:
+        """Sessions, pool and counters as plain data (docs/status.schema.json, relay part).
+
+        Called from the event loop (control socket, metrics scrape); O(sessions), no I/O.
+        ``totals`` covers closed and open sessions, so its counters only ever grow.
+        """
         now = time.time()
+        totals = self.totals.copy()
         sessions = []
         for s in sorted(self.sessions, key=lambda s: s.started):
-            rtt = rtt_ms(s.conn.quic)
+            quic = s.conn.quic
+            totals.add(s.counters)
             sessions.append(
                 {
-                    "client": s.peer,
+                    "id": s.owner,
+                    "identity": getattr(s, "identity", None),
+                    "peer": s.peer,
                     "addresses": [str(a) for a in s.lease.addresses],
-                    "transport": "stream",
+                    "transport": getattr(s, "transport", "stream"),
+                    "state": "connected",
                     "connected_since": s.started,
-                    "connected_for": now - s.started,
-                    "rtt_ms": rtt,
+                    "rtt_ms": rtt_ms(quic),
+                    "cwnd": congestion_window(quic),
+                    "bytes_in_flight": bytes_in_flight(quic),
                     **s.counters.snapshot(),
                 }
             )
         return {
             "role": "relay",
+            "time": now,
+            "started": self.started,
             "uptime": now - self.started,
             "sessions": sessions,
             "pool": {"used": self.pool.used(), "capacity": self.pool.capacity()},
             "results": dict(self.results),
-            "totals": self.totals.snapshot(),
+            "handshake": self.handshakes.snapshot(),
+            "totals": totals.snapshot(),
         }
+
+
+def _link_local(version: int, dst: bytes) -> bool:
+    """Link-local unicast or multicast destination: never forwarded (RFC 9484 §7.2)."""
+    if version == 4:
+        return (dst[0] == 169 and dst[1] == 254) or (dst[0] == 224 and dst[1] == 0 and dst[2] == 0)
+    return (dst[0] == 0xFE and dst[1] & 0xC0 == 0x80) or (dst[0] == 0xFF and dst[1] & 0x0F == 0x02)
 
 
 def _dcid(data: bytes) -> bytes:

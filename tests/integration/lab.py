@@ -268,7 +268,12 @@ class NamespaceLab:
             ],
             stdout=open(log, "ab"),  # noqa: SIM115
             stderr=subprocess.STDOUT,
-            env={**os.environ, "NOTIFY_SOCKET": str(sock_path), "PYTHONUNBUFFERED": "1"},
+            env={
+                **os.environ,
+                "NOTIFY_SOCKET": str(sock_path),
+                "PYTHONUNBUFFERED": "1",
+                "MASQUED_RUN_DIR": str(self.run_dir),
+            },
             cwd=REPO,
         )
         daemon = Daemon(name, ns, config, log, proc, notify)
@@ -325,6 +330,26 @@ class NamespaceLab:
             "mtu = 1300\n" + extra
         )
 
+    @property
+    def run_dir(self) -> Path:
+        """Control sockets of this lab's daemons (``MASQUED_RUN_DIR``): per lab, so that
+        parallel runs with the same instance names do not meet in /run/masqued."""
+        return self.workdir / "run"
+
+    def masqued(
+        self, ns: str, *args: str, check: bool = False, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]:
+        """Run the ``masqued`` CLI (status, doctor, ...) in ``ns`` against this lab's daemons."""
+        return subprocess.run(
+            ["ip", "netns", "exec", ns, PYTHON, "-m", "masqued", *args],
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=check,
+            cwd=REPO,
+            env={**os.environ, "MASQUED_RUN_DIR": str(self.run_dir)},
+        )
+
     # -- traffic --------------------------------------------------------------------------
 
     def ping(
@@ -356,6 +381,60 @@ class NamespaceLab:
         if res.returncode != 0:
             raise AssertionError(f"traffic {args} failed: {res.stdout}\n{res.stderr}")
         return res.stdout.strip()
+
+    # -- impairment -------------------------------------------------------------------------
+
+    def add_loss(self, i: int, percent: float, port: int = 4433) -> str:
+        """Random loss of ``percent`` on the relay <-> client ``i`` link, both directions.
+
+        ``tc netem loss`` on both ends of the veth when the kernel has sch_netem; else
+        an nftables rule with ``numgen random`` in the client namespace dropping the
+        same share of the QUIC packets each way (same effect: independent random
+        loss). Returns which method is in place. Removed with the namespaces.
+        """
+        c, r = self.client_ns(i), self.relay_ns
+        res = self.run(
+            c,
+            "tc",
+            "qdisc",
+            "add",
+            "dev",
+            "mq-c-r",
+            "root",
+            "netem",
+            "loss",
+            f"{percent}%",
+            check=False,
+        )
+        if res.returncode == 0:
+            self.run(
+                r, "tc", "qdisc", "add", "dev", f"mq-r-c{i}", "root", "netem", "loss", f"{percent}%"
+            )
+            return "netem"
+        per_mille = round(percent * 10)
+        script = (
+            "table inet mq_loss {\n"
+            " chain out { type filter hook output priority 0;"
+            f" udp dport {port} numgen random mod 1000 < {per_mille} counter drop; }}\n"
+            " chain in { type filter hook input priority 0;"
+            f" udp sport {port} numgen random mod 1000 < {per_mille} counter drop; }}\n"
+            "}\n"
+        )
+        subprocess.run(
+            ["ip", "netns", "exec", c, "nft", "-f", "-"],
+            input=script,
+            text=True,
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+        return "nftables"
+
+    def remove_loss(self, i: int) -> None:
+        c, r = self.client_ns(i), self.relay_ns
+        self.run(c, "tc", "qdisc", "del", "dev", "mq-c-r", "root", check=False)
+        self.run(r, "tc", "qdisc", "del", "dev", f"mq-r-c{i}", "root", check=False)
+        self.run(c, "nft", "delete", "table", "inet", "mq_loss", check=False)
 
     # -- host state -------------------------------------------------------------------------
 

@@ -1,0 +1,577 @@
+"""``masqued doctor NAME``: check an instance for the usual failures, each with its fix.
+
+Every check returns ``Finding``s: a level (ok, warn, fail), what was seen, and the fix
+in one line. Checks read the host as it is (files in /proc and /dev, ``nft``,
+``ip route get``, a real QUIC handshake to the relay) and the running daemon's status
+over its control socket; they change nothing. The pure parts (what a listing or a
+certificate means) are separate functions so unit tests can feed them any state.
+
+Exit code: 0 when nothing failed (warnings allowed), 1 otherwise, 2 for bad usage.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import ipaddress
+import json
+import os
+import select
+import shutil
+import socket
+import ssl
+import stat
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+from cryptography import x509
+
+from masqued.config import ClientConfig, Config, ConfigError, RelayConfig, load_config
+from masqued.host.naming import InstanceIds
+
+Level = Literal["ok", "warn", "fail"]
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+PROBE_TIMEOUT = 3.0
+CERT_WARN_DAYS = 14
+CAP_NET_ADMIN = 12
+
+
+@dataclass(frozen=True)
+class Finding:
+    check: str
+    level: Level
+    message: str
+    fix: str | None = None
+
+
+def ok(check: str, message: str) -> Finding:
+    return Finding(check, "ok", message)
+
+
+def warn(check: str, message: str, fix: str) -> Finding:
+    return Finding(check, "warn", message, fix)
+
+
+def fail(check: str, message: str, fix: str) -> Finding:
+    return Finding(check, "fail", message, fix)
+
+
+# -- host basics -----------------------------------------------------------------------
+
+
+def check_tun_device(path: Path = Path("/dev/net/tun")) -> Finding:
+    fix = "modprobe tun; in a container pass the device (--device /dev/net/tun)"
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return fail("tun", f"{path} does not exist", fix)
+    if not stat.S_ISCHR(st.st_mode):
+        return fail("tun", f"{path} is not a character device", fix)
+    try:
+        os.close(os.open(path, os.O_RDWR))
+    except OSError as exc:
+        return fail("tun", f"cannot open {path}: {exc.strerror}", fix)
+    return ok("tun", f"{path} present")
+
+
+def check_net_admin(status_text: str) -> Finding:
+    """From /proc/self/status: does this process hold CAP_NET_ADMIN?"""
+    for line in status_text.splitlines():
+        if line.startswith("CapEff:"):
+            if int(line.split()[1], 16) & (1 << CAP_NET_ADMIN):
+                return ok("privileges", "CAP_NET_ADMIN held")
+            break
+    return fail(
+        "privileges",
+        "no CAP_NET_ADMIN: masqued cannot create its TUN, routes or NAT",
+        "run as root, or via masqued@NAME.service (which grants CAP_NET_ADMIN)",
+    )
+
+
+# -- relay -----------------------------------------------------------------------------------
+
+
+def check_forwarding(flags: dict[str, bool]) -> list[Finding]:
+    """``routes.forwarding_status()`` output -> findings (IPv4 per interface, IPv6 global)."""
+    off = [key for key, on in sorted(flags.items()) if not on]
+    if not off:
+        return [ok("forwarding", ", ".join(sorted(flags)) + " on")]
+    return [
+        fail(
+            "forwarding",
+            f"{key} = 0: the kernel will not forward client packets",
+            f"sysctl -w {key}=1  (or restart the instance; something switched it off)",
+        )
+        for key in off
+    ]
+
+
+def expected_nft_rules(pool: Sequence[IPNetwork], egress: str) -> list[str]:
+    return [
+        f'{"ip" if n.version == 4 else "ip6"} saddr {n} oifname "{egress}" masquerade' for n in pool
+    ]
+
+
+def check_nat_listing(
+    kind: str, listing: str, ids: InstanceIds, pool: Sequence[IPNetwork], egress: str
+) -> list[Finding]:
+    """Our NAT rules in a listing: ``nft list table inet masqued_X`` or ``iptables -S``."""
+    restart = f"systemctl restart masqued@{ids.name}  (re-creates its NAT); find what removed it"
+    lines = {line.strip() for line in listing.splitlines()}
+    if kind == "nftables":
+        if f"table inet {ids.nft_table} {{" not in lines:
+            return [fail("nat", f"nftables table inet {ids.nft_table} is missing", restart)]
+        expected = expected_nft_rules(pool, egress)
+    else:
+        if not any(f"-j {ids.ipt_chain}" in line and "POSTROUTING" in line for line in lines):
+            return [fail("nat", f"no jump from POSTROUTING to {ids.ipt_chain}", restart)]
+        expected = [f"-A {ids.ipt_chain} -s {n} -o {egress} -j MASQUERADE" for n in pool]
+    missing = [rule for rule in expected if rule not in lines]
+    if missing:
+        return [fail("nat", f"NAT rule missing: {rule}", restart) for rule in missing]
+    return [ok("nat", f"{kind}: masquerading {', '.join(map(str, pool))} out of {egress}")]
+
+
+def _nat_priority(value: Any) -> int | None:
+    if isinstance(value, int):
+        return value
+    names = {"srcnat": 100, "dstnat": -100, "filter": 0, "raw": -300, "mangle": -150}
+    return names.get(str(value))
+
+
+def check_nft_ruleset(ruleset: dict[str, Any], ids: InstanceIds, tun: str) -> list[Finding]:
+    """Other tables that shadow our NAT or drop forwarded packets (``nft -j list ruleset``)."""
+    findings: list[Finding] = []
+    chains: dict[tuple[str, str, str], dict[str, Any]] = {}
+    rules: dict[tuple[str, str, str], list[Any]] = {}
+    for item in ruleset.get("nftables", []):
+        if "chain" in item:
+            c = item["chain"]
+            chains[(c.get("family"), c.get("table"), c.get("name"))] = c
+        elif "rule" in item:
+            r = item["rule"]
+            key = (r.get("family"), r.get("table"), r.get("chain"))
+            rules.setdefault(key, []).append(r.get("expr", []))
+    for key, c in sorted(chains.items()):
+        family, table, name = key
+        if table == ids.nft_table:
+            continue
+        hook = c.get("hook")
+        if c.get("type") == "nat" and hook == "postrouting":
+            prio = _nat_priority(c.get("prio"))
+            text = json.dumps(rules.get(key, []))
+            if prio is not None and prio <= 100 and ('"masquerade"' in text or '"snat"' in text):
+                findings.append(
+                    warn(
+                        "nat",
+                        f"{family} {table} chain {name} (priority {prio}) also source-NATs at "
+                        "postrouting before or with ours and may take the pool's packets",
+                        f"check with: nft list chain {family} {table} {name}",
+                    )
+                )
+        if c.get("type") == "filter" and hook == "forward" and c.get("policy") == "drop":
+            text = json.dumps(rules.get(key, []))
+            if tun not in text:
+                findings.append(
+                    warn(
+                        "firewall",
+                        f"{family} {table} chain {name} drops forwarded packets by default and "
+                        f"has no rule for {tun}",
+                        f'nft insert rule {family} {table} {name} iifname "{tun}" accept '
+                        "(plus ct state established,related accept)",
+                    )
+                )
+    return findings
+
+
+def check_certificate_dates(cert: x509.Certificate, now: dt.datetime, what: str) -> Finding:
+    after = cert.not_valid_after_utc
+    before = cert.not_valid_before_utc
+    renew = "renew it: masqued pki relay DIR --name NAME --force, then reload the relay"
+    if now > after:
+        return fail("certificate", f"{what} expired on {after:%Y-%m-%d %H:%M} UTC", renew)
+    if now < before:
+        return fail(
+            "certificate",
+            f"{what} is not valid before {before:%Y-%m-%d %H:%M} UTC",
+            "check the clock (timedatectl) or re-issue the certificate",
+        )
+    if after - now < dt.timedelta(days=CERT_WARN_DAYS):
+        return warn("certificate", f"{what} expires on {after:%Y-%m-%d}", renew)
+    return ok("certificate", f"{what} valid until {after:%Y-%m-%d}")
+
+
+# -- client ----------------------------------------------------------------------------------
+
+
+def _names(cert: x509.Certificate) -> tuple[list[str], list[str]]:
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return [], []
+    dns = [d.lower() for d in san.get_values_for_type(x509.DNSName)]
+    ips = [str(i) for i in san.get_values_for_type(x509.IPAddress)]
+    return dns, ips
+
+
+def name_matches(cert: x509.Certificate, server_name: str) -> bool:
+    dns, ips = _names(cert)
+    try:
+        return str(ipaddress.ip_address(server_name)) in ips
+    except ValueError:
+        pass
+    name = server_name.lower().rstrip(".")
+    for pattern in dns:
+        if pattern == name:
+            return True
+        if (
+            pattern.startswith("*.")
+            and name.count(".") >= 2
+            and name.split(".", 1)[1] == pattern[2:]
+        ):
+            return True
+    return False
+
+
+def check_relay_certificate(
+    chain: Sequence[x509.Certificate],
+    ca: Sequence[x509.Certificate],
+    server_name: str,
+    now: dt.datetime,
+    ca_path: str = "ca",
+) -> list[Finding]:
+    """What the relay presented, checked the way the client will check it."""
+    from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
+
+    leaf = chain[0]
+    subject = leaf.subject.rfc4514_string() or "(empty subject)"
+    dates = check_certificate_dates(leaf, now, f"relay certificate {subject}")
+    if dates.level == "fail":
+        return [dates]
+    if not name_matches(leaf, server_name):
+        dns, ips = _names(leaf)
+        return [
+            fail(
+                "certificate",
+                f"relay certificate names {', '.join(dns + ips) or 'nothing'}, not {server_name}",
+                f"set server_name to one of those, or re-issue: masqued pki relay DIR --name "
+                f"{server_name}",
+            )
+        ]
+    try:
+        builder = PolicyBuilder().store(Store(list(ca))).time(now)
+        verifier = builder.build_server_verifier(_subject(server_name))
+        verifier.verify(leaf, list(chain[1:]))
+    except VerificationError as exc:
+        issuer = leaf.issuer.rfc4514_string()
+        return [
+            fail(
+                "certificate",
+                f"relay certificate (issued by {issuer}) does not verify against {ca_path}: {exc}",
+                f"point ca at the CA that issued the relay's certificate ({issuer})",
+            )
+        ]
+    return [dates, ok("certificate", f"relay certificate matches {server_name} and {ca_path}")]
+
+
+def _subject(server_name: str) -> x509.DNSName | x509.IPAddress:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(server_name))
+    except ValueError:
+        return x509.DNSName(server_name)
+
+
+@dataclass
+class ProbeResult:
+    reached: bool
+    error: str | None = None
+    refused: bool = False
+    chain: list[x509.Certificate] | None = None
+    rtt_ms: float | None = None
+
+
+def probe_relay(
+    host: str, port: int, server_name: str, fwmark: int, timeout: float = PROBE_TIMEOUT
+) -> ProbeResult:
+    """A real QUIC handshake to the relay, without certificate checks, to fetch its chain.
+
+    Uses the client's fwmark so the probe takes the same path as the tunnel's socket.
+    """
+    from aioquic.quic.connection import QuicConnection
+    from aioquic.quic.events import ConnectionTerminated, HandshakeCompleted
+
+    from masqued.transport.quic import quic_configuration
+
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except OSError as exc:
+        return ProbeResult(False, f"cannot resolve {host}: {exc}")
+    family, _, _, _, addr = infos[0]
+    config = quic_configuration(is_client=True, server_name=server_name)
+    config.verify_mode = ssl.CERT_NONE
+    quic = QuicConnection(configuration=config)
+    with socket.socket(family, socket.SOCK_DGRAM) as sock:
+        try:
+            if fwmark:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, fwmark)
+            sock.connect(addr)
+        except OSError as exc:
+            return ProbeResult(False, f"cannot send to {host}:{port}: {exc.strerror}")
+        start = time.monotonic()
+        deadline = start + timeout
+        quic.connect(addr, now=start)
+        while True:
+            now = time.monotonic()
+            try:
+                for data, _ in quic.datagrams_to_send(now=now):
+                    sock.send(data)
+            except OSError as exc:
+                return ProbeResult(False, f"cannot send to {host}:{port}: {exc.strerror}")
+            timer = quic.get_timer()
+            wait = deadline - now if timer is None else min(deadline, timer) - now
+            if now >= deadline:
+                return ProbeResult(False, f"no QUIC answer within {timeout:g}s")
+            readable, _, _ = select.select([sock], [], [], max(0.0, wait))
+            now = time.monotonic()
+            if readable:
+                try:
+                    data = sock.recv(65535)
+                except ConnectionRefusedError:
+                    return ProbeResult(
+                        False, f"nothing listens on UDP {port} at {addr[0]}", refused=True
+                    )
+                except OSError as exc:
+                    return ProbeResult(False, f"{exc.strerror or exc}")
+                quic.receive_datagram(data, addr, now)
+            elif timer is not None and now >= timer:
+                quic.handle_timer(now)
+            while (event := quic.next_event()) is not None:
+                if isinstance(event, HandshakeCompleted):
+                    tls = quic.tls
+                    leaf = getattr(tls, "_peer_certificate", None)
+                    rest = list(getattr(tls, "_peer_certificate_chain", []))
+                    quic.close()
+                    with contextlib.suppress(OSError):
+                        for data, _ in quic.datagrams_to_send(now=time.monotonic()):
+                            sock.send(data)
+                    return ProbeResult(
+                        True,
+                        chain=[leaf, *rest] if leaf is not None else None,
+                        rtt_ms=round((time.monotonic() - start) * 1000, 1),
+                    )
+                if isinstance(event, ConnectionTerminated):
+                    return ProbeResult(
+                        True,
+                        f"relay closed the handshake: {event.reason_phrase or event.error_code}",
+                    )
+
+
+def check_probe(result: ProbeResult, host: str, port: int) -> Finding:
+    if result.reached and result.error is None:
+        return ok("relay", f"{host}:{port} answers QUIC (handshake {result.rtt_ms} ms)")
+    if result.refused:
+        return fail(
+            "relay",
+            f"relay {host}:{port} unreachable: {result.error} (ICMP port unreachable: relay down)",
+            "start the relay (systemctl start masqued@NAME on the relay host) and check it with "
+            "masqued status there",
+        )
+    if result.reached:
+        return fail("relay", f"{host}:{port}: {result.error}", "see the relay's journal")
+    return fail(
+        "relay",
+        f"relay {host}:{port} unreachable: {result.error} (relay down or UDP blocked)",
+        f"check the relay runs, and that UDP {port} is allowed on every firewall on the path",
+    )
+
+
+def check_route_loop(route_get_output: str, tun: str, relay_ip: str) -> Finding:
+    """``ip -j route get RELAY [mark M]``: the relay must not be reached through the tunnel."""
+    try:
+        routes = json.loads(route_get_output)
+        dev = routes[0].get("dev") if routes else None
+    except (ValueError, AttributeError, IndexError):
+        return warn("routing", f"cannot read the route to {relay_ip}", "ip route get " + relay_ip)
+    if dev == tun:
+        return fail(
+            "routing",
+            f"packets to the relay {relay_ip} are routed into the tunnel {tun} (routing loop)",
+            'remove fwmark = "off" (the mark keeps the relay out of the tunnel) or narrow routes',
+        )
+    return ok("routing", f"the relay {relay_ip} is reached via {dev}, outside the tunnel")
+
+
+# -- orchestration -----------------------------------------------------------------------------
+
+
+def _run(*cmd: str) -> subprocess.CompletedProcess[str] | None:
+    if shutil.which(cmd[0]) is None:
+        return None
+    try:
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=15)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
+def check_daemon(name: str) -> tuple[Finding, dict[str, Any] | None]:
+    from masqued import control
+
+    path = control.socket_path(name)
+    try:
+        doc = control.request(path, "status", {"nat": False}, timeout=5.0)
+    except (FileNotFoundError, ConnectionRefusedError):
+        return (
+            warn(
+                "daemon",
+                f"instance {name} is not running (nothing answers on {path})",
+                f"systemctl start masqued@{name}; journalctl -u masqued@{name} -e shows why "
+                "it stopped",
+            ),
+            None,
+        )
+    except (OSError, control.ControlError) as exc:
+        return warn("daemon", f"control socket {path}: {exc}", "run doctor as root"), None
+    role = doc.get("role")
+    if role == "client" and doc.get("state") != "connected":
+        err = doc.get("last_error") or "no error recorded"
+        return (
+            fail(
+                "daemon",
+                f"running, but the tunnel is {doc.get('state')}: {err}",
+                "see the relay checks below and journalctl -u masqued@" + name,
+            ),
+            doc,
+        )
+    what = f"{len(doc.get('sessions', []))} session(s)" if role == "relay" else "tunnel up"
+    return ok("daemon", f"running, pid {doc.get('pid')}, {what}"), doc
+
+
+def _relay_checks(
+    config: RelayConfig, ids: InstanceIds, doc: dict[str, Any] | None
+) -> list[Finding]:
+    from masqued.host.nat import make_nat
+    from masqued.host.routes import default_interface, forwarding_status
+
+    findings: list[Finding] = []
+    egress = (doc or {}).get("egress") or config.egress
+    if egress == "auto":
+        v4 = any(n.version == 4 for n in config.pool)
+        egress = default_interface(4 if v4 else 6) or default_interface(6 if v4 else 4) or ""
+        if not egress:
+            findings.append(
+                fail(
+                    "egress",
+                    'egress = "auto" but this host has no default route',
+                    'add a default route or set egress = "IFNAME"',
+                )
+            )
+    running = doc is not None
+    v4 = any(n.version == 4 for n in config.pool)
+    v6 = any(n.version == 6 for n in config.pool)
+    if running and egress:
+        findings += check_forwarding(forwarding_status([ids.tun, egress], v4=v4, v6=v6))
+    if config.nat == "off":
+        findings.append(ok("nat", 'nat = "off": route the pool back to this relay yourself'))
+    elif running and egress:
+        nat = make_nat(config.nat, ids)
+        assert nat is not None
+        listing = nat.describe()
+        findings += check_nat_listing(nat.kind, listing, ids, config.pool, egress)
+        res = _run("nft", "-j", "list", "ruleset")
+        if res is not None and res.returncode == 0:
+            with contextlib.suppress(ValueError):
+                findings += check_nft_ruleset(json.loads(res.stdout), ids, ids.tun)
+    cert = x509.load_pem_x509_certificates(config.certificate.read_bytes())[0]
+    findings.append(
+        check_certificate_dates(cert, dt.datetime.now(dt.UTC), f"certificate {config.certificate}")
+    )
+    return findings
+
+
+def _client_checks(
+    config: ClientConfig, ids: InstanceIds, doc: dict[str, Any] | None
+) -> list[Finding]:
+    findings: list[Finding] = []
+    fwmark = ids.fwmark if config.fwmark is None else config.fwmark
+    probe = probe_relay(config.relay_host, config.relay_port, config.server_name, fwmark)
+    findings.append(check_probe(probe, config.relay_host, config.relay_port))
+    if probe.chain:
+        ca = x509.load_pem_x509_certificates(config.ca.read_bytes())
+        findings += check_relay_certificate(
+            probe.chain, ca, config.server_name, dt.datetime.now(dt.UTC), str(config.ca)
+        )
+    try:
+        relay_ip = str(socket.getaddrinfo(config.relay_host, config.relay_port)[0][4][0])
+    except OSError:
+        relay_ip = None
+    if relay_ip is not None:
+        cmd = ["ip", "-j", "route", "get", relay_ip] + (["mark", str(fwmark)] if fwmark else [])
+        res = _run(*cmd)
+        if res is not None and res.returncode == 0:
+            findings.append(check_route_loop(res.stdout, ids.tun, relay_ip))
+    return findings
+
+
+def run_checks(path: Path, name: str) -> list[Finding]:
+    findings: list[Finding] = []
+    config: Config | None
+    try:
+        config = load_config(path, name)
+        findings.append(ok("config", f"{path} is valid ({config.mode})"))
+    except ConfigError as exc:
+        config = None
+        findings += [
+            fail("config", f"{path}: {p}", f"edit {path}; masqued check {name} lists every problem")
+            for p in exc.problems
+        ]
+    findings.append(check_tun_device())
+    try:
+        status_text = Path("/proc/self/status").read_text()
+    except OSError:
+        status_text = ""
+    findings.append(check_net_admin(status_text))
+    daemon, doc = check_daemon(name)
+    findings.append(daemon)
+    if config is None:
+        return findings
+    ids = InstanceIds(config.name)
+    try:
+        if isinstance(config, RelayConfig):
+            findings += _relay_checks(config, ids, doc)
+        else:
+            findings += _client_checks(config, ids, doc)
+    except Exception as exc:  # a check that breaks must not hide the others' findings
+        findings.append(
+            warn("doctor", f"a check failed to run: {type(exc).__name__}: {exc}", "report a bug")
+        )
+    return findings
+
+
+def render(findings: Sequence[Finding], header: str) -> str:
+    out = [header]
+    for f in findings:
+        out.append(f"  {f.level.upper():5} {f.check}: {f.message}")
+        if f.fix and f.level != "ok":
+            out.append(f"        fix: {f.fix}")
+    failed = sum(f.level == "fail" for f in findings)
+    warned = sum(f.level == "warn" for f in findings)
+    out.append(
+        "no problems found"
+        if not failed and not warned
+        else f"{failed} problem(s), {warned} warning(s)"
+    )
+    return "\n".join(out) + "\n"
+
+
+def main(path: Path, name: str, as_json: bool = False) -> int:
+    findings = run_checks(path, name)
+    if as_json:
+        print(json.dumps([asdict(f) for f in findings], indent=2))
+    else:
+        print(render(findings, f"masqued doctor {name} ({path})"), end="")
+    return 1 if any(f.level == "fail" for f in findings) else 0

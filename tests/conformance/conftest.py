@@ -1,0 +1,55 @@
+"""Fixtures: our relay (real RelayServer, in-memory TUN, loopback UDP) and PKI."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import socket
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+
+from masqued import pki
+from masqued.host.tun import FakeTun
+from masqued.ipam import AddressPool
+from masqued.transport.relay import RelayServer, RelaySettings
+
+ROUTES = (ipaddress.ip_network("198.19.0.0/24"), ipaddress.ip_network("2001:db8:19::/64"))
+RELAY_MTU = 1300
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("pki")
+    pki.init_ca(d)
+    pki.issue(d, "relay.example", "relay")
+    return d
+
+
+class OurRelay:
+    def __init__(self, certs: Path) -> None:
+        self.tun = FakeTun("mq-relay", RELAY_MTU)
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port: int = self.sock.getsockname()[1]
+        self.pool = AddressPool(
+            [ipaddress.ip_network("198.18.200.0/24"), ipaddress.ip_network("2001:db8:200::/64")]
+        )
+        settings = RelaySettings(
+            mtu=RELAY_MTU,
+            routes=ROUTES,
+            certificate=str(certs / "relay.example.pem"),
+            private_key=str(certs / "relay.example.key"),
+        )
+        self.server = RelayServer(
+            asyncio.get_running_loop(), self.sock, self.tun, self.pool, settings
+        )
+        self.server.start()
+
+
+@pytest.fixture
+async def relay(certs: Path) -> AsyncIterator[OurRelay]:
+    r = OurRelay(certs)
+    yield r
+    r.server.close()

@@ -1,0 +1,272 @@
+"""masqued.doctor: what each check concludes from a given host state (no root needed)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import ipaddress
+import json
+import socket
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from masqued import doctor, pki
+from masqued.doctor import (
+    Finding,
+    check_certificate_dates,
+    check_forwarding,
+    check_nat_listing,
+    check_net_admin,
+    check_nft_ruleset,
+    check_probe,
+    check_relay_certificate,
+    check_route_loop,
+    check_tun_device,
+    probe_relay,
+)
+from masqued.host.naming import InstanceIds
+from masqued.host.nat import iptables_rules, nft_ruleset
+from tests.unit.test_transport import Relay
+
+IDS = InstanceIds("relay")
+POOL = (ipaddress.ip_network("198.18.200.0/24"), ipaddress.ip_network("2001:db8:200::/64"))
+NOW = dt.datetime.now(dt.UTC)
+
+
+@pytest.fixture(scope="module")
+def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("pki")
+    pki.init_ca(d)
+    pki.issue(d, "relay.example", "relay", sans=["198.18.1.1"])
+    pki.issue(
+        d,
+        "old.example",
+        "relay",
+        not_before=NOW - dt.timedelta(days=30),
+        not_after=NOW - dt.timedelta(days=1),
+    )
+    pki.issue(d, "soon.example", "relay", days=3)
+    other = d / "other"
+    pki.init_ca(other, name="some other CA")
+    return d
+
+
+def cert(path: Path) -> x509.Certificate:
+    return x509.load_pem_x509_certificates(path.read_bytes())[0]
+
+
+def levels(findings: list[Finding]) -> list[str]:
+    return [f.level for f in findings]
+
+
+def test_tun_device(tmp_path: Path) -> None:
+    missing = check_tun_device(tmp_path / "tun")
+    assert missing.level == "fail" and "does not exist" in missing.message
+    assert missing.fix is not None and "modprobe tun" in missing.fix
+    (tmp_path / "file").touch()
+    assert "not a character device" in check_tun_device(tmp_path / "file").message
+
+
+def test_net_admin() -> None:
+    assert check_net_admin("Name:\tx\nCapEff:\t000001ffffffffff\n").level == "ok"
+    nope = check_net_admin("CapEff:\t0000000000000000\n")
+    assert nope.level == "fail" and "CAP_NET_ADMIN" in nope.message
+    assert check_net_admin("").level == "fail"
+
+
+def test_forwarding() -> None:
+    assert levels(check_forwarding({"net.ipv4.conf.mq-relay.forwarding": True})) == ["ok"]
+    found = check_forwarding(
+        {
+            "net.ipv4.conf.mq-relay.forwarding": False,
+            "net.ipv4.conf.eth0.forwarding": True,
+            "net.ipv6.conf.all.forwarding": False,
+        }
+    )
+    assert levels(found) == ["fail", "fail"]
+    assert found[0].fix is not None
+    assert found[0].fix.startswith("sysctl -w net.ipv4.conf.mq-relay.forwarding=1")
+
+
+def nft_listing(pool: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> str:
+    """What ``nft list table`` prints for the table nft_ruleset() creates."""
+    script = nft_ruleset(IDS.nft_table, pool, "eth0").splitlines()
+    body = script[2:]  # without the create/delete preamble
+    return "\n".join(body)
+
+
+def test_nat_listing_nftables() -> None:
+    assert levels(check_nat_listing("nftables", nft_listing(POOL), IDS, POOL, "eth0")) == ["ok"]
+    gone = check_nat_listing("nftables", "", IDS, POOL, "eth0")
+    assert levels(gone) == ["fail"] and "table inet masqued_relay is missing" in gone[0].message
+    assert gone[0].fix is not None and "systemctl restart masqued@relay" in gone[0].fix
+    partial = check_nat_listing("nftables", nft_listing(POOL[:1]), IDS, POOL, "eth0")
+    assert levels(partial) == ["fail"] and "2001:db8:200::/64" in partial[0].message
+    other_egress = check_nat_listing("nftables", nft_listing(POOL), IDS, POOL, "eth1")
+    assert levels(other_egress) == ["fail", "fail"]
+
+
+def test_nat_listing_iptables() -> None:
+    lines = "\n".join(iptables_rules(IDS.ipt_chain, IDS.comment, POOL, "eth0"))
+    assert levels(check_nat_listing("iptables", lines, IDS, POOL, "eth0")) == ["ok"]
+    no_jump = "\n".join(line for line in lines.splitlines() if "POSTROUTING" not in line)
+    assert (
+        "no jump from POSTROUTING"
+        in check_nat_listing("iptables", no_jump, IDS, POOL, "eth0")[0].message
+    )
+
+
+def test_nft_ruleset_shadowing_and_forward_drop() -> None:
+    ruleset = {
+        "nftables": [
+            {"metainfo": {"version": "1.0.6"}},
+            {
+                "chain": {
+                    "family": "inet",
+                    "table": "masqued_relay",
+                    "name": "postrouting",
+                    "type": "nat",
+                    "hook": "postrouting",
+                    "prio": 100,
+                }
+            },
+            {
+                "chain": {
+                    "family": "ip",
+                    "table": "nat",
+                    "name": "POSTROUTING",
+                    "type": "nat",
+                    "hook": "postrouting",
+                    "prio": 50,
+                }
+            },
+            {
+                "rule": {
+                    "family": "ip",
+                    "table": "nat",
+                    "chain": "POSTROUTING",
+                    "expr": [{"snat": {"addr": "198.19.0.9"}}],
+                }
+            },
+            {
+                "chain": {
+                    "family": "inet",
+                    "table": "filter",
+                    "name": "forward",
+                    "type": "filter",
+                    "hook": "forward",
+                    "prio": 0,
+                    "policy": "drop",
+                }
+            },
+        ]
+    }
+    found = check_nft_ruleset(ruleset, IDS, IDS.tun)
+    assert [(f.check, f.level) for f in found] == [("firewall", "warn"), ("nat", "warn")]
+    assert "ip nat chain POSTROUTING (priority 50)" in found[1].message
+    assert found[0].fix is not None and 'iifname "mq-relay" accept' in found[0].fix
+    # A forward chain that already lets our TUN through is fine.
+    ruleset["nftables"].append(
+        {
+            "rule": {
+                "family": "inet",
+                "table": "filter",
+                "chain": "forward",
+                "expr": [{"match": {"right": "mq-relay"}}, {"accept": None}],
+            }
+        }
+    )
+    assert [f.check for f in check_nft_ruleset(ruleset, IDS, IDS.tun)] == ["nat"]
+    assert check_nft_ruleset({"nftables": []}, IDS, IDS.tun) == []
+
+
+def test_certificate_dates(certs: Path) -> None:
+    assert check_certificate_dates(cert(certs / "relay.example.pem"), NOW, "c").level == "ok"
+    expired = check_certificate_dates(cert(certs / "old.example.pem"), NOW, "c")
+    assert expired.level == "fail" and "expired on" in expired.message
+    assert expired.fix is not None and "masqued pki relay" in expired.fix
+    assert check_certificate_dates(cert(certs / "soon.example.pem"), NOW, "c").level == "warn"
+    early = check_certificate_dates(
+        cert(certs / "relay.example.pem"), NOW - dt.timedelta(days=9), "c"
+    )
+    assert early.level == "fail" and "not valid before" in early.message
+
+
+def test_relay_certificate(certs: Path) -> None:
+    ca = [cert(certs / "ca.pem")]
+    chain = [cert(certs / "relay.example.pem")]
+    assert levels(check_relay_certificate(chain, ca, "relay.example", NOW)) == ["ok", "ok"]
+    assert levels(check_relay_certificate(chain, ca, "198.18.1.1", NOW)) == ["ok", "ok"]
+    (mismatch,) = check_relay_certificate(chain, ca, "vpn.example", NOW)
+    assert mismatch.level == "fail" and "not vpn.example" in mismatch.message
+    assert "relay.example" in mismatch.message
+    wrong_ca = [cert(certs / "other" / "ca.pem")]
+    (bad,) = check_relay_certificate(chain, wrong_ca, "relay.example", NOW, "other/ca.pem")
+    assert bad.level == "fail" and "does not verify against other/ca.pem" in bad.message
+    assert bad.fix is not None and "masqued CA" in bad.fix
+    (old,) = check_relay_certificate([cert(certs / "old.example.pem")], ca, "old.example", NOW)
+    assert "expired" in old.message
+
+
+def test_name_matching_with_wildcards(tmp_path: Path) -> None:
+    pki.init_ca(tmp_path)
+    pki.issue(tmp_path, "wild", "relay", sans=["*.vpn.example"])
+    c = cert(tmp_path / "wild.pem")
+    assert doctor.name_matches(c, "a.vpn.example")
+    assert not doctor.name_matches(c, "a.b.vpn.example")
+    assert not doctor.name_matches(c, "vpn.example")
+
+
+def test_route_loop() -> None:
+    out = json.dumps([{"dst": "198.18.1.1", "dev": "mq-c1"}])
+    loop = check_route_loop(out, "mq-c1", "198.18.1.1")
+    assert loop.level == "fail" and "routing loop" in loop.message
+    fine = check_route_loop(json.dumps([{"dst": "198.18.1.1", "dev": "eth0"}]), "mq-c1", "x")
+    assert fine.level == "ok"
+    assert check_route_loop("garbage", "mq-c1", "x").level == "warn"
+
+
+def test_probe_findings() -> None:
+    refused = check_probe(doctor.ProbeResult(False, "nothing listens", refused=True), "h", 443)
+    assert refused.level == "fail" and "relay down" in refused.message
+    silent = check_probe(doctor.ProbeResult(False, "no QUIC answer within 3s"), "h", 443)
+    assert "UDP blocked" in silent.message
+    assert silent.fix is not None and "UDP 443" in silent.fix
+    assert check_probe(doctor.ProbeResult(True, rtt_ms=1.0), "h", 443).level == "ok"
+
+
+def test_probe_of_a_closed_port_is_refused() -> None:
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+    s.close()  # nothing listens there now: ICMP port unreachable
+    result = probe_relay("127.0.0.1", port, "relay.example", fwmark=0, timeout=2)
+    assert not result.reached and result.refused
+
+
+async def test_probe_of_a_live_relay_fetches_its_chain(certs: Path) -> None:
+    relay = Relay(certs, ("198.18.200.0/24",))
+    try:
+        result = await asyncio.to_thread(
+            probe_relay, "127.0.0.1", relay.port, "relay.example", 0, 5.0
+        )
+    finally:
+        relay.close()
+    assert result.reached and result.error is None and result.chain
+    assert result.chain[0] == cert(certs / "relay.example.pem")
+
+
+def test_bad_config_fails_and_render(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MASQUED_RUN_DIR", str(tmp_path / "run"))
+    conf = tmp_path / "x.conf"
+    conf.write_text('mode = "relay"\npool = ["198.18.200.0/33"]\n')
+    findings = doctor.run_checks(conf, "x")
+    config = [f for f in findings if f.check == "config"]
+    assert config and all(f.level == "fail" for f in config)
+    daemon = next(f for f in findings if f.check == "daemon")
+    assert daemon.level == "warn" and "not running" in daemon.message
+    text = doctor.render(findings, "masqued doctor x")
+    assert "FAIL  config:" in text and "fix: edit" in text and "problem(s)" in text
+    assert doctor.main(conf, "x") == 1
