@@ -1,9 +1,15 @@
 # masqued — common tasks. Run as root on Debian 12.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := python3 python3-venv python3-dev gcc iproute2 nftables iptables iputils-ping procps kmod
+APT_PACKAGES := python3 python3-venv python3-dev gcc iproute2 nftables iptables iputils-ping procps kmod \
+	libsystemd-dev pkg-config \
+	debhelper dh-virtualenv python3.11-venv python3.11-dev dpkg-dev lintian mmdebstrap systemd-container
+# The benchmark's tools and the peer VPNs it measures masqued against (bench/README.md).
+BENCH_APT_PACKAGES := iperf3 wireguard-go wireguard-tools openvpn openssl sysstat procps iproute2 iptables iputils-ping
+# Vagrant and its libvirt provider, to check the Vagrantfile (README "Testing in VMs").
+VAGRANT_APT_PACKAGES := vagrant vagrant-libvirt rsync
 
-.PHONY: deps venv demo test unit lint clean
+.PHONY: deps venv demo test unit lint clean deb systest bench-deps bench bench-smoke vagrant-deps vagrant-validate
 
 deps:
 	@if [ "$$(id -u)" != 0 ]; then echo "make deps: run as root"; exit 1; fi
@@ -13,7 +19,7 @@ deps:
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[test,journal]'
 	touch $@
 
 venv: $(VENV)/.installed
@@ -32,6 +38,41 @@ unit: venv
 lint: venv
 	$(VENV)/bin/ruff check masqued tests
 	$(VENV)/bin/mypy
+
+## bench-deps: iperf3 and the peer VPNs (wireguard-go, OpenVPN); not needed by `make test`
+bench-deps:
+	@if [ "$$(id -u)" != 0 ]; then echo "make bench-deps: run as root"; exit 1; fi
+	@missing=""; for p in $(BENCH_APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; fi
+
+## bench: the full benchmark (<= 10 min): table on stdout, JSON in bench/results/, bench/README.md
+bench: deps venv bench-deps
+	$(PY) -m bench
+
+## bench-smoke: the same harness with very short runs (CI keeps it working; writes no results)
+bench-smoke: deps venv bench-deps
+	$(PY) -m bench --smoke
+
+## deb: build dist/masqued_<version>_<arch>.deb (dh-virtualenv) and run lintian on it
+deb: deps
+	bash packaging/build-deb.sh
+	lintian --info dist/masqued_$$(sed -n 's/^version = "\(.*\)"$$/\1/p' pyproject.toml)_$$(dpkg --print-architecture).deb
+
+## systest: only the system tests (build the .deb, boot Debian under systemd-nspawn)
+systest: deps venv
+	$(PY) -m pytest -q tests/system
+
+## vagrant-deps: Vagrant from Debian (with the libvirt provider; no hypervisor is installed)
+vagrant-deps:
+	@if [ "$$(id -u)" != 0 ]; then echo "make vagrant-deps: run as root"; exit 1; fi
+	@missing=""; for p in $(VAGRANT_APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing; fi
+
+## vagrant-validate: `vagrant validate` the Vagrantfile (1 and 3 clients); boots nothing
+vagrant-validate: vagrant-deps
+	@dot=$$(mktemp -d); trap 'rm -rf "$$dot"' EXIT; \
+	VAGRANT_DOTFILE_PATH=$$dot vagrant validate && \
+	VAGRANT_DOTFILE_PATH=$$dot MASQUED_VAGRANT_CLIENTS=3 vagrant validate
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -32,8 +32,8 @@ IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
 # Authentication failures tolerated per source address before CONNECTs from it are
 # answered 429 without looking at their credentials, and how fast that budget refills.
-FAIL_BURST = 5
-FAIL_REFILL_PER_SECOND = 0.2  # one more attempt every 5 s
+FAIL_BURST = 10
+FAIL_REFILL_PER_SECOND = 0.5  # one more attempt every 2 s
 MAX_TRACKED_PEERS = 4096
 
 

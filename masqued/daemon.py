@@ -18,6 +18,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from masqued.access import AccessControl, LeaseStore, state_dir_for
 from masqued.config import ClientConfig, ConfigError, RelayConfig, load_config
 from masqued.control import ControlSocketBusy
 from masqued.host.cleanup import cleanup_instance
@@ -194,8 +195,12 @@ async def run_relay(config: RelayConfig, notifier: Notifier) -> int:
                 ", ".join(map(str, config.pool)),
                 egress,
             )
+        access = _access_control(config)
+        leases = LeaseStore(state_dir_for(config) / "leases.json" if config.auth else None)
         sock = _bind_udp(config.listen_host, config.listen_port)
-        server = RelayServer(inst.loop, sock, tun, pool, _relay_settings(config))
+        server = RelayServer(
+            inst.loop, sock, tun, pool, _relay_settings(config), access=access, leases=leases
+        )
 
         def status() -> str:
             assert server is not None
@@ -223,7 +228,14 @@ async def run_relay(config: RelayConfig, notifier: Notifier) -> int:
                     ", ".join(restart),
                 )
             assert server is not None
+            try:
+                new_access = _access_control(new)
+            except StartupError as exc:
+                log.error("reload rejected, keeping the running configuration: %s", exc)
+                inst.reload_done(False, str(exc))
+                return
             server.update_settings(_relay_settings(new))
+            server.update_access(new_access)
             set_level(new.log_level)
             config = new
             inst.config = new
@@ -259,6 +271,24 @@ async def run_relay(config: RelayConfig, notifier: Notifier) -> int:
         if tun is not None:
             tun.close()
         inst.cleanup()
+
+
+def _access_control(config: RelayConfig) -> AccessControl:
+    """Credentials and per-client policy; an unreadable tokens file or CRL is fatal."""
+    try:
+        access = AccessControl(config)
+    except (OSError, ValueError) as exc:
+        raise StartupError(f"{config.path}: authentication: {exc}") from exc
+    if access.open:
+        log.warning(
+            'auth = "none": anyone who can reach this relay can use it as a proxy; '
+            'set auth = "mtls" and/or "token" unless the network is closed'
+        )
+    else:
+        log.info(
+            "authentication: %s; %d client policies", " or ".join(config.auth), len(config.clients)
+        )
+    return access
 
 
 def _relay_settings(config: RelayConfig) -> RelaySettings:
@@ -476,6 +506,9 @@ def _client_settings(config: ClientConfig, fwmark: int) -> ClientSettings:
         reconnect_max=config.reconnect_max,
         transport=config.transport,
         address_request=config.address_request,
+        certificate=str(config.certificate) if config.certificate else None,
+        private_key=str(config.private_key) if config.private_key else None,
+        token_file=str(config.token_file) if config.token_file else None,
         request_versions=tuple(sorted({r.version for r in config.routes})),
     )
 

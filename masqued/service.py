@@ -28,6 +28,7 @@ log = logging.getLogger("masqued")
 FIELD_INSTANCE = "MASQUED_INSTANCE"
 FIELD_ROLE = "MASQUED_ROLE"
 FIELD_CLIENT = "MASQUED_CLIENT"
+FIELD_PEER = "MASQUED_PEER"
 FIELD_ADDRESS = "MASQUED_ADDRESS"
 SYSLOG_IDENTIFIER = "masqued"
 
@@ -245,10 +246,14 @@ def read_reload_result(directory: Path) -> dict[str, Any] | None:
 # -- logging ---------------------------------------------------------------------------
 
 
-def client_fields(peer: str, addresses: str) -> dict[str, str]:
-    """``extra=`` for a log call about one client: journal fields for journalctl."""
+def client_fields(peer: str, addresses: str, identity: str | None = None) -> dict[str, str]:
+    """``extra=`` for a log call about one client: journal fields for journalctl.
+
+    MASQUED_CLIENT is the client's identity when it authenticated (certificate CN or
+    token name), else its IP address; MASQUED_PEER is always the IP address.
+    """
     host = peer.rsplit(":", 1)[0].strip("[]") if ":" in peer else peer
-    return {FIELD_CLIENT: host, FIELD_ADDRESS: addresses}
+    return {FIELD_CLIENT: identity or host, FIELD_PEER: host, FIELD_ADDRESS: addresses}
 
 
 class _InstanceFilter(logging.Filter):
@@ -321,6 +326,7 @@ def setup_logging(
             fmt = "%(asctime)s %(levelname)s masqued[%(instance)s] %(name)s: %(message)s"
         handler.setFormatter(logging.Formatter(fmt))
     handler.addFilter(_InstanceFilter(instance, role))
+    handler.addFilter(_QuietLibraries())
     root.addHandler(handler)
     set_level(level)
     return handler
@@ -329,5 +335,15 @@ def setup_logging(
 def set_level(level: str) -> None:
     logging.getLogger().setLevel(getattr(logging, level.upper(), logging.INFO))
     # Libraries stay quiet even at debug level: their per-message chatter is noise.
-    for noisy in ("pyroute2", "quic", "aioquic", "asyncio"):
+    for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+NOISY_LOGGERS = ("pyroute2", "quic", "aioquic", "asyncio")
+
+
+class _QuietLibraries(logging.Filter):
+    """Drop libraries' debug chatter even where they set their own loggers' levels."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return record.levelno >= logging.WARNING or not record.name.startswith(NOISY_LOGGERS)

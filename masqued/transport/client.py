@@ -134,6 +134,22 @@ class ClientSettings:
     address_request: bool = False
     # Datagram mode, address_request: the IP versions to ask an address for.
     request_versions: tuple[int, ...] = (4, 6)
+    # Credentials for the relay's `auth`: a client certificate, a token file.
+    certificate: str | None = None
+    private_key: str | None = None
+    token_file: str | None = None
+
+    def token(self) -> str | None:
+        """The bearer token, read at each attempt (so a replaced file takes effect)."""
+        if self.token_file is None:
+            return None
+        try:
+            with open(self.token_file) as f:
+                return f.read().strip() or None
+        except OSError as exc:
+            raise TunnelFailed(
+                f"cannot read token_file {self.token_file}: {exc.strerror}"
+            ) from None
 
     @property
     def dead_after(self) -> float:
@@ -175,6 +191,7 @@ class ClientConnection(QuicPeer):
         self.stream_id: int | None = None
         self.params: TunnelParams | None = None
         self.decoder = FrameDecoder(tunnel.settings.mtu)
+        self.token: str | None = None  # bearer token for the CONNECT, if configured
         # Datagram mode: the transport picked once the relay's SETTINGS are known, the
         # capsule decoder of the request stream, what the relay assigned and advertised.
         self.transport = "stream"
@@ -246,7 +263,12 @@ class ClientConnection(QuicPeer):
                 self.transport,
             )
         self.stream_id = self.quic.get_next_available_stream_id()
-        headers = build_connect_request(self.tunnel.settings.authority, transport=self.transport)
+        extra: list[tuple[bytes, bytes]] = []
+        if self.token is not None:
+            extra.append((b"authorization", b"Bearer " + self.token.encode()))
+        headers = build_connect_request(
+            self.tunnel.settings.authority, transport=self.transport, extra=extra
+        )
         self.h3.send_headers(self.stream_id, headers, end_stream=False)
 
     def _h3_event(self, event: H3Event) -> None:
@@ -483,8 +505,10 @@ class ClientTunnel:
                     backoff = BACKOFF_INITIAL  # the tunnel was up for a while: retry soon
                 delay = min(backoff, self.settings.reconnect_max) * random.uniform(0.8, 1.2)
                 self._set_state("reconnecting")
+                # Keyed by reason: a new kind of failure (e.g. a 403 after a
+                # reset) is always logged; repeats of one are rate-limited.
                 self._ratelog.warning(
-                    "down",
+                    f"down:{reason[:80]}",
                     "tunnel down: %s; reconnecting in %.1fs",
                     reason,
                     delay,
@@ -538,6 +562,9 @@ class ClientTunnel:
         config = quic_configuration(is_client=True, server_name=settings.server_name)
         config.max_datagram_frame_size = MAX_DATAGRAM_FRAME_SIZE
         config.load_verify_locations(cafile=settings.ca)
+        if settings.certificate is not None:
+            config.load_cert_chain(settings.certificate, settings.private_key)
+        token = settings.token()
         quic = QuicConnection(configuration=config)
         conn: ClientConnection | None = None
 
@@ -547,6 +574,7 @@ class ClientTunnel:
 
         udp = UdpSocket(self.loop, sock, on_batch)
         conn = ClientConnection(self, quic, udp)
+        conn.token = token
         # Nobody awaits ``ready`` after a timeout or a stop: mark its exception seen.
         conn.ready.add_done_callback(lambda f: f.cancelled() or f.exception())
         self._attempting = conn

@@ -214,3 +214,28 @@ def stream_send_backlog(quic: QuicConnection, stream_id: int) -> int:
     if stream is None:
         return 0
     return len(stream.sender._buffer)
+
+
+class ClientCertRequestingConnection(QuicConnection):
+    """A server connection whose TLS handshake asks the client for a certificate.
+
+    aioquic only has a private switch for this; it then checks the client's proof of
+    key possession (CertificateVerify) but not the chain, which the relay verifies
+    itself (masqued.auth.verify_client_certificate) before serving a CONNECT. A client
+    without a certificate may still complete the handshake (RFC 8446 §4.4.2.4), so
+    token authentication keeps working on the same relay.
+    """
+
+    def _initialize(self, peer_cid: bytes) -> None:
+        super()._initialize(peer_cid)
+        self.tls._request_client_certificate = True
+
+
+def peer_certificate(quic: QuicConnection) -> tuple[Any, list[Any]]:
+    """The certificate (and chain) the peer presented in the handshake, if any."""
+    tls = getattr(quic, "tls", None)
+    if tls is None:
+        return None, []
+    return getattr(tls, "_peer_certificate", None), list(
+        getattr(tls, "_peer_certificate_chain", []) or []
+    )

@@ -14,7 +14,7 @@ import ipaddress
 import logging
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -36,6 +36,8 @@ from aioquic.quic.packet import (
     pull_quic_header,
 )
 
+from masqued.access import AccessControl, Identity, LeaseStore
+from masqued.auth import AuthError
 from masqued.ipam import AddressPool, Lease, PoolExhausted
 from masqued.logutil import RateLimitedLog
 from masqued.metrics import (
@@ -48,6 +50,7 @@ from masqued.metrics import (
     LatencyHistogram,
     TrafficCounters,
 )
+from masqued.policy import CompiledAcl
 from masqued.proto.capsule import (
     ADDRESS_ASSIGN,
     ADDRESS_REQUEST,
@@ -77,12 +80,13 @@ from masqued.proto.errors import (
     PacketError,
     RequestError,
 )
-from masqued.proto.framing import FrameDecoder, encode_frames
+from masqued.proto.framing import FrameDecoder, encode_frame, encode_frames
 from masqued.proto.packet import (
     PROTO_ICMP,
     PROTO_ICMPV6,
     addresses,
     decrement_ttl,
+    icmp_admin_prohibited,
     icmp_error,
     icmp_packet_too_big,
     parse_packet,
@@ -103,11 +107,13 @@ from masqued.transport.datagrams import (
 )
 from masqued.transport.quic import (
     Address,
+    ClientCertRequestingConnection,
     QuicPeer,
     UdpSocket,
     bytes_in_flight,
     congestion_window,
     monotonic,
+    peer_certificate,
     quic_configuration,
     rtt_ms,
     stream_send_backlog,
@@ -133,6 +139,11 @@ DROP_LINK_LOCAL = "link_local"
 DROP_TTL_EXPIRED = "ttl_expired"
 DROP_UNKNOWN_CONTEXT = "unknown_context"
 DROP_UNKNOWN_STREAM = "unknown_stream"
+DROP_ACL = "acl"
+# ICMP errors (Packet Too Big, prohibited) sent to one client: burst, then per second.
+ICMP_BURST = 10.0
+ICMP_RATE = 10.0
+ANONYMOUS = Identity(None, "none")
 # ICMP Time Exceeded (RFC 792) / ICMPv6 Time Exceeded (RFC 4443 §3.3), code 0.
 ICMPV4_TIME_EXCEEDED = 11
 ICMPV6_TIME_EXCEEDED = 3
@@ -167,6 +178,11 @@ class RelaySession:
     lease: Lease
     decoder: FrameDecoder
     peer: str
+    identity: Identity = ANONYMOUS
+    acl: CompiledAcl | None = None  # None: everything the relay routes
+    peer_cert: Any = None
+    icmp_budget: float = ICMP_BURST
+    icmp_at: float = 0.0
     scope_targets: tuple[IPNetwork, ...] | None = None
     scope_ipproto: int | None = None
     started: float = field(default_factory=time.time)
@@ -185,12 +201,26 @@ class RelaySession:
 
     def describe(self) -> str:
         addrs = ", ".join(str(a.ip) for a in self.lease.addresses)
-        return f"{self.peer} as {addrs}"
+        who = f"{self.identity.name} ({self.peer})" if self.identity.name else self.peer
+        return f"{who} as {addrs}"
+
+    def icmp_allowed(self, now: float) -> bool:
+        """Token bucket for the ICMP errors we send this client (RFC 1812 §4.3.2.8)."""
+        self.icmp_budget = min(ICMP_BURST, self.icmp_budget + (now - self.icmp_at) * ICMP_RATE)
+        self.icmp_at = now
+        if self.icmp_budget < 1.0:
+            return False
+        self.icmp_budget -= 1.0
+        return True
 
 
 def session_log_fields(session: RelaySession) -> dict[str, str]:
     """Journal fields of a session's log lines (MASQUED_CLIENT, MASQUED_ADDRESS)."""
-    return client_fields(session.peer, ",".join(str(a.ip) for a in session.lease.addresses))
+    return client_fields(
+        session.peer,
+        ",".join(str(a.ip) for a in session.lease.addresses),
+        session.identity.name,
+    )
 
 
 class RelayConnection(QuicPeer):
@@ -270,11 +300,17 @@ class RelayServer:
         tun: Tun,
         pool: AddressPool,
         settings: RelaySettings,
+        access: AccessControl | None = None,
+        leases: LeaseStore | None = None,
     ) -> None:
         self.loop = loop
         self.tun = tun
         self.pool = pool
         self.settings = settings
+        self.access = access
+        self.leases = leases or LeaseStore(None)
+        if access is not None:
+            pool.set_reservations(access.reservations())
         self.udp = UdpSocket(loop, sock, self._datagrams_received)
         self.connections: dict[bytes, RelayConnection] = {}
         self.by_addr: dict[bytes, RelaySession] = {}
@@ -382,7 +418,12 @@ class RelayServer:
             return conn
         if header.packet_type != QuicPacketType.INITIAL or len(data) < MIN_INITIAL_SIZE:
             return None
-        quic = QuicConnection(
+        connection_class = (
+            ClientCertRequestingConnection
+            if self.access is not None and self.access.requests_client_certificate
+            else QuicConnection
+        )
+        quic = connection_class(
             configuration=config,
             original_destination_connection_id=header.destination_cid,
         )
@@ -444,9 +485,41 @@ class RelayServer:
             )
             self._respond_error(conn, stream_id, exc.status)
             return
+        identity = ANONYMOUS
+        acl: CompiledAcl | None = None
+        cert, chain = peer_certificate(conn.quic)
+        if self.access is not None:
+            try:
+                identity = self.access.authenticate(
+                    _peer_ip(conn.peer_addr), request.headers, cert, chain
+                )
+            except AuthError as exc:
+                self._count("auth_failed" if exc.status != 429 else "rate_limited")
+                # The reason never contains the secret; only the peer and what failed.
+                self._ratelog.warning(
+                    f"auth:{_peer_ip(conn.peer_addr)}:{exc.status}:{exc.reason}",
+                    "%s: authentication failed, answering %d: %s",
+                    conn.peer,
+                    exc.status,
+                    exc.reason,
+                )
+                extra: list[tuple[bytes, bytes]] = []
+                if exc.status == 401 and self.access.tokens is not None:
+                    extra.append((b"www-authenticate", b'Bearer realm="masqued"'))
+                self._respond_error(conn, stream_id, exc.status, extra)
+                return
+            policy, acl = self.access.policy_for(identity)
+            if policy is None and acl.acl.default_allow and not acl.acl.rules:
+                acl = None  # nothing to check per packet
+        if identity.name is not None:
+            # One tunnel per identity: a client that reconnects (new connection after a
+            # network change) replaces its old session and keeps its address.
+            for old in [s for s in self.sessions if s.identity.name == identity.name]:
+                self._close_session(old, "replaced by a new session of the same client")
         owner = f"{conn.peer}#{stream_id}"
+        prefer = self.leases.previous(identity.name) if identity.name else ()
         try:
-            lease = self.pool.allocate(owner)
+            lease = self.pool.allocate(owner, identity=identity.name, prefer=prefer)
         except PoolExhausted:
             self._count("pool_exhausted")
             self._ratelog.warning(
@@ -467,7 +540,12 @@ class RelayServer:
             scope_targets=request.target,
             scope_ipproto=request.ipproto,
             addr_keys=frozenset(a.ip.packed for a in lease.addresses),
+            identity=identity,
+            acl=acl,
+            peer_cert=cert,
         )
+        if identity.name is not None:
+            self.leases.remember(identity.name, [a.ip for a in lease.addresses])
         if request.transport == "datagram":
             self._open_datagram_session(session, routes)
         else:
@@ -502,10 +580,18 @@ class RelayServer:
             narrowed.append(target)
         return tuple(narrowed)
 
-    def _respond_error(self, conn: RelayConnection, stream_id: int, status: int) -> None:
+    def _respond_error(
+        self,
+        conn: RelayConnection,
+        stream_id: int,
+        status: int,
+        extra: Sequence[tuple[bytes, bytes]] = (),
+    ) -> None:
         assert conn.h3 is not None
         try:
-            conn.h3.send_headers(stream_id, build_response_headers(status), end_stream=True)
+            conn.h3.send_headers(
+                stream_id, build_response_headers(status, extra=extra), end_stream=True
+            )
         except Exception:  # the stream may already be gone
             conn.abort_stream(stream_id, H3ErrorCode.H3_REQUEST_REJECTED)
         self._dirty.add(conn)
@@ -541,6 +627,43 @@ class RelayServer:
         )
         self._changed()
 
+    def _close_session(self, session: RelaySession, reason: str) -> None:
+        """End a session from our side: release it and reset its stream."""
+        conn = session.conn
+        self.end_session(session, reason)
+        if not conn.closed:
+            conn.abort_stream(session.stream_id, H3ErrorCode.H3_REQUEST_CANCELLED)
+            self._dirty.add(conn)
+
+    def update_access(self, access: AccessControl | None) -> None:
+        """After a reload: new credentials and policies for new and live sessions.
+
+        Sessions whose client is no longer authorized (token removed, certificate
+        revoked) are closed; the others keep running with their new ACL.
+        """
+        if access is not None and self.access is not None:
+            access.carry_over(self.access)
+        self.access = access
+        self.pool.set_reservations(access.reservations() if access is not None else {})
+        for session in list(self.sessions):
+            if access is None:
+                session.acl = None
+                continue
+            if not access.still_valid(session.identity, session.peer_cert):
+                self._ratelog.warning(
+                    f"revoked:{session.identity}",
+                    "%s: no longer authorized after reload: closing its session",
+                    session.describe(),
+                    extra=session_log_fields(session),
+                )
+                self._close_session(session, "no longer authorized")
+                continue
+            policy, acl = access.policy_for(session.identity)
+            session.acl = (
+                None if policy is None and acl.acl.default_allow and not acl.acl.rules else acl
+            )
+        self._flush()
+
     def _changed(self) -> None:
         if self.on_change is not None:
             self.on_change()
@@ -565,36 +688,8 @@ class RelayServer:
             conn.abort_stream(session.stream_id, exc.wire_code)
             self._dirty.add(conn)
             return
-        counters = session.counters
-        keys = session.addr_keys
-        write = self.tun.write
-        scoped = session.scope_targets is not None or session.scope_ipproto is not None
         if packets:
-            counters.last_rx = time.time()
-        for pkt in packets:
-            counters.rx_packets += 1
-            counters.rx_bytes += len(pkt)
-            version = pkt[0] >> 4
-            if version == 4 and len(pkt) >= 20:
-                src = pkt[12:16]
-            elif version == 6 and len(pkt) >= 40:
-                src = pkt[8:24]
-            else:
-                counters.drops[DROP_MALFORMED] += 1
-                continue
-            if src not in keys:
-                counters.drops[DROP_SPOOFED] += 1
-                self._ratelog.warning(
-                    f"spoof:{session.peer}",
-                    "%s: dropped packet with spoofed source %s",
-                    session.describe(),
-                    ipaddress.ip_address(src),
-                )
-                continue
-            if scoped and not self._in_scope(session, pkt):
-                continue
-            if not write(pkt):
-                counters.drops[DROP_TUN_WRITE] += 1
+            self._packets_from_client(session, packets)
 
     def _in_scope(self, session: RelaySession, pkt: bytes) -> bool:
         """Scoped requests (RFC 9484 §4.6): only the requested target and protocol."""
@@ -806,6 +901,7 @@ class RelayServer:
         write = self.tun.write
         mtu = self.settings.mtu
         scoped = session.scope_targets is not None or session.scope_ipproto is not None
+        acl = session.acl.allows if session.acl is not None else None
         for pkt in packets:
             counters.rx_packets += 1
             counters.rx_bytes += len(pkt)
@@ -836,8 +932,28 @@ class RelayServer:
                 continue
             if scoped and not self._in_scope(session, pkt):
                 continue
+            if acl is not None and not acl(pkt):
+                self._denied(session, version, pkt)
+                continue
             if not write(pkt):
                 counters.drops[DROP_TUN_WRITE] += 1
+
+    def _denied(self, session: RelaySession, version: int, pkt: bytes) -> None:
+        """An ACL drop: count it, log it (rate-limited), answer ICMP prohibited."""
+        session.counters.drops[DROP_ACL] += 1
+        self._ratelog.info(
+            f"acl:{session.identity}",
+            "%s: packet to %s denied by ACL",
+            session.describe(),
+            ipaddress.ip_address(pkt[16:20] if version == 4 else pkt[24:40]),
+            extra=session_log_fields(session),
+        )
+        gateway = self.gateways.get(version)
+        if gateway is None or not session.icmp_allowed(time.monotonic()):
+            return
+        icmp = icmp_admin_prohibited(pkt, gateway)
+        if icmp is not None:
+            self._send_to_client(session, icmp)
 
     def _send_to_client(self, session: RelaySession, pkt: bytes) -> str:
         """Queue one IP packet for the client: a QUIC DATAGRAM when the client accepts
@@ -845,6 +961,13 @@ class RelayServer:
         conn = session.conn
         if conn.closed or session.stream_id not in conn.sessions:
             return DROP_NO_SESSION
+        if session.transport == "stream":
+            if stream_send_backlog(conn.quic, session.stream_id) > SEND_BACKLOG_LIMIT:
+                return DROP_QUEUE_FULL
+            assert conn.h3 is not None
+            conn.h3.send_data(session.stream_id, encode_frame(pkt), end_stream=False)
+            self._dirty.add(conn)
+            return ""
         payload = encode_ip_datagram(pkt)
         if peer_accepts_datagrams(conn.h3, conn.quic):
             reason = queue_datagram(conn.h3, conn.quic, session.stream_id, payload)
@@ -971,6 +1094,11 @@ def _dcid(data: bytes) -> bytes:
         n = data[5]
         return data[6 : 6 + n]
     return data[1:9]
+
+
+def _peer_ip(addr: Address) -> str:
+    host = str(addr[0])
+    return host[7:] if host.startswith("::ffff:") else host
 
 
 def _format_addr(addr: Address) -> str:

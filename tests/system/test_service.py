@@ -1,0 +1,365 @@
+"""masqued.deb and masqued@.service in booted Debian containers, as an operator uses them.
+
+    mq-<t>-c1 [client container] --- mq-<t>-relay [relay container] --- mq-<t>-target
+                                                                        (servers.py)
+
+The tests run in order against one pair of containers (one boot each): install the
+previous build, start, traffic, journal fields, reload, a broken reload, the
+watchdog, the security exposure, upgrade to the new build, the iptables NAT
+backend, stop (nothing left behind) and apt remove.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.integration.lab import (
+    EGRESS_V4,
+    RELAY_V4,
+    TARGET_NET_V4,
+    TARGET_NET_V6,
+    TARGET_V4,
+    TARGET_V6,
+    NamespaceLab,
+    client_addr_v4,
+)
+from tests.system.machine import Container, ensure_rootfs
+
+REPO = Path(__file__).resolve().parents[2]
+UPSTREAM = re.search(r'^version = "(.+)"$', (REPO / "pyproject.toml").read_text(), re.M).group(1)  # type: ignore[union-attr]
+OLD_VERSION = UPSTREAM
+NEW_VERSION = f"{UPSTREAM}+systest1"
+DEBS = "/mnt/debs"
+# How long the watchdog test lets the stopped daemon hang: > WatchdogSec below.
+TEST_WATCHDOG_SEC = 3
+
+TCP_PROBE = """
+import hashlib, os, socket, struct, sys
+data = os.urandom(200_000)
+s = socket.create_connection((sys.argv[1], 5201), timeout=20)
+s.sendall(struct.pack("!Q", len(data)) + data)
+reply = b""
+while not reply.endswith(b"\\n"):
+    chunk = s.recv(4096)
+    if not chunk:
+        break
+    reply += chunk
+digest, peer = reply.decode().split()
+assert digest == hashlib.sha256(data).hexdigest(), "sha mismatch"
+print(peer)
+"""
+
+
+@dataclass
+class Env:
+    lab: NamespaceLab
+    relay: Container
+    client: Container
+    old_deb: str
+    new_deb: str
+    timings: dict[str, float]
+
+
+def _build(version: str, out: Path) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        ["bash", str(REPO / "packaging" / "build-deb.sh"), "--version", version, "--out", str(out)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def _wait_build(proc: subprocess.Popen[str]) -> Path:
+    out, err = proc.communicate(timeout=1200)
+    if proc.returncode != 0:
+        raise AssertionError(f"build-deb.sh failed:\n{err[-4000:]}")
+    return Path(out.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    timings: dict[str, float] = {}
+    work = tmp_path_factory.mktemp("systest")
+    debs = work / "debs"
+    debs.mkdir()
+    t0 = time.monotonic()
+    # Two real builds (the previous and the new one) while the root fs is made.
+    builds = [_build(OLD_VERSION, debs / "old"), _build(NEW_VERSION, debs / "new")]
+    rootfs, timings["rootfs"] = ensure_rootfs()
+    old_deb, new_deb = (_wait_build(b) for b in builds)
+    timings["build"] = time.monotonic() - t0
+    the_lab = NamespaceLab(work / "lab", work / "pki", clients=1, tag=secrets.token_hex(2))
+    binds = {debs: DEBS}
+    tag = the_lab.tag
+    relay = Container(f"mq-{tag}-relay", the_lab.relay_ns, rootfs, work / "relay.log", binds)
+    client = Container(f"mq-{tag}-c1", the_lab.client_ns(1), rootfs, work / "c1.log", binds)
+    try:
+        the_lab.up()
+        the_lab.start_servers()
+        timings["boot_relay"] = relay.boot()
+        timings["boot_client"] = client.boot()
+        yield Env(
+            the_lab,
+            relay,
+            client,
+            f"{DEBS}/old/{old_deb.name}",
+            f"{DEBS}/new/{new_deb.name}",
+            timings,
+        )
+    finally:
+        for c in (client, relay):
+            c.shutdown()
+        the_lab.down()
+        print(f"\nsystem test timings (s): { {k: round(v, 1) for k, v in timings.items()} }")
+
+
+def _apt_install(c: Container, deb: str) -> None:
+    c.run("apt-get", "install", "-y", "-q", deb, timeout=300)
+
+
+def _active(c: Container, unit: str) -> bool:
+    return c.run("systemctl", "is-active", unit, check=False).stdout.strip() == "active"
+
+
+def _main_pid(c: Container, unit: str) -> int:
+    return int(c.prop(unit, "MainPID"))
+
+
+def _ping(c: Container, addr: str, timeout: float = 20) -> None:
+    c.wait_for(
+        f"ping {addr}",
+        lambda: c.run("ping", "-c", "1", "-W", "1", addr, check=False).returncode == 0,
+        timeout,
+    )
+
+
+def _tcp_peer(c: Container, addr: str) -> str:
+    return c.run("python3.11", "-c", TCP_PROBE, addr, timeout=60).stdout.strip()
+
+
+def _journal(c: Container, *args: str) -> list[dict[str, str]]:
+    out = c.run("journalctl", "--no-pager", "-o", "json", *args).stdout
+    return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+
+def _start(c: Container, unit: str) -> None:
+    res = c.run("systemctl", "start", unit, check=False, timeout=120)
+    if res.returncode != 0:
+        logs = c.run("journalctl", "--no-pager", "-u", unit, check=False).stdout
+        raise AssertionError(f"systemctl start {unit} failed: {res.stderr}\n{logs[-4000:]}")
+
+
+def _configure(env: Env) -> None:
+    relay, client = env.relay, env.client
+    # The operator's steps: a CA and relay certificate, then the shipped examples.
+    relay.sh(
+        "masqued pki init /etc/masque/pki >/dev/null\n"
+        f"masqued pki relay /etc/masque/pki --name relay --san relay.example --san {RELAY_V4}"
+        " >/dev/null\n"
+        "cp /etc/masque/relay.conf.example /etc/masque/relay.conf\n"
+        # the example relay wants client certificates (auth = "mtls"): make one
+        "masqued pki client /etc/masque/pki --name alice >/dev/null\n"
+    )
+    client.run("mkdir", "-p", "/etc/masque/pki")
+    client.write("/etc/masque/pki/ca.pem", relay.read("/etc/masque/pki/ca.pem"), "0644")
+    client.write("/etc/masque/pki/alice.pem", relay.read("/etc/masque/pki/alice.pem"), "0644")
+    client.write("/etc/masque/pki/alice.key", relay.read("/etc/masque/pki/alice.key"), "0600")
+    client.sh(
+        "cp /etc/masque/client.conf.example /etc/masque/client.conf\n"
+        f'sed -i \'s/^relay = .*/relay = "{RELAY_V4}:443"/; '
+        's/^# server_name = .*/server_name = "relay.example"/; '
+        "s/^# certificate = /certificate = /; "
+        "s/^# private_key = /private_key = /' /etc/masque/client.conf\n"
+    )
+
+
+def _set_routes(c: Container, routes: list[str]) -> None:
+    listed = ", ".join(f'\\"{r}\\"' for r in routes)
+    c.sh(f"sed -i 's|^routes = .*|routes = [{listed}]|' /etc/masque/client.conf")
+
+
+# -- the tests, in order ------------------------------------------------------------------
+
+
+def test_install_package(env: Env) -> None:
+    for c in (env.relay, env.client):
+        _apt_install(c, env.old_deb)
+        assert c.run("masqued", "--version").stdout.strip() == f"masqued {OLD_VERSION}"
+        assert c.run("dpkg-query", "-W", "-f", "${Version}", "masqued").stdout == OLD_VERSION
+        modes = c.run("stat", "-c", "%a %n", "/etc/masque/relay.conf.example").stdout
+        assert modes.split()[0] == "600"
+        assert c.run("test", "-L", "/usr/sbin/masqued", check=False).returncode == 0
+    _configure(env)
+    for c, name in ((env.relay, "relay"), (env.client, "client")):
+        res = c.run("masqued", "check", name)
+        assert "warning" not in res.stderr, res.stderr  # no world-readable config warning
+
+
+def test_start_and_traffic(env: Env) -> None:
+    relay, client = env.relay, env.client
+    _start(relay, "masqued@relay")
+    assert _active(relay, "masqued@relay")
+    status = relay.prop("masqued@relay", "StatusText")
+    assert status.startswith("relay: 0 clients, pool "), status
+    _start(client, "masqued@client")  # Type=notify: returns once the tunnel is up
+    assert _active(client, "masqued@client")
+    status = client.prop("masqued@client", "StatusText")
+    assert status.startswith(f"client: connected to {RELAY_V4}:443 as 198.18.200."), status
+    _ping(client, TARGET_V4)
+    # The target has no route back to the pool: the answer came through the relay's NAT.
+    assert _tcp_peer(client, TARGET_V4) == EGRESS_V4
+    relay.wait_for(
+        "relay STATUS with 1 client",
+        lambda: relay.prop("masqued@relay", "StatusText").startswith("relay: 1 clients"),
+    )
+
+
+def test_journal_fields(env: Env) -> None:
+    peer = client_addr_v4(1)
+    # MASQUED_CLIENT is the authenticated identity (the certificate's CN)
+    entries = _journal(env.relay, "-u", "masqued@relay", "MASQUED_CLIENT=alice")
+    opened = [e for e in entries if "session opened" in e.get("MESSAGE", "")]
+    assert opened, entries
+    e = opened[-1]
+    assert e["MASQUED_INSTANCE"] == "relay"
+    assert e["MASQUED_ROLE"] == "relay"
+    assert e["MASQUED_ADDRESS"].startswith("198.18.200.")
+    assert e["MASQUED_PEER"] == peer
+    assert e["SYSLOG_IDENTIFIER"] == "masqued"
+    client_entries = _journal(env.client, "-u", "masqued@client", "MASQUED_ROLE=client")
+    assert client_entries and client_entries[0]["MASQUED_INSTANCE"] == "client"
+
+
+def _sessions_opened(env: Env) -> int:
+    entries = _journal(env.relay, "-u", "masqued@relay", f"MASQUED_PEER={client_addr_v4(1)}")
+    return sum("session opened" in e.get("MESSAGE", "") for e in entries)
+
+
+def test_reload_applies_routes_live(env: Env) -> None:
+    client = env.client
+    pid = _main_pid(client, "masqued@client")
+    opened = _sessions_opened(env)
+    assert client.run("ping", "-6", "-c", "1", "-W", "1", TARGET_V6, check=False).returncode != 0
+    _set_routes(client, [TARGET_NET_V4, TARGET_NET_V6])
+    res = client.run("systemctl", "reload", "masqued@client", check=False)
+    assert res.returncode == 0, res.stderr
+    assert _main_pid(client, "masqued@client") == pid
+    routes = client.run("ip", "-6", "route", "show", "table", "all", "proto", "109").stdout
+    assert TARGET_NET_V6 in routes
+    _ping(client, TARGET_V6)
+    _ping(client, TARGET_V4)
+    assert _sessions_opened(env) == opened  # the session was kept
+    assert _active(client, "masqued@client")
+
+
+def test_reload_rejects_broken_config(env: Env) -> None:
+    client = env.client
+    pid = _main_pid(client, "masqued@client")
+    good = client.read("/etc/masque/client.conf")
+    client.write("/etc/masque/client.conf", good + 'routes_typo = ["198.19.9.0/24"]\n')
+    res = client.run("systemctl", "reload", "masqued@client", check=False)
+    assert res.returncode != 0
+    logs = client.run("journalctl", "--no-pager", "-u", "masqued@client").stdout
+    assert "reload rejected" in logs and "routes_typo" in logs
+    assert _active(client, "masqued@client")
+    assert _main_pid(client, "masqued@client") == pid
+    _ping(client, TARGET_V4)
+    client.write("/etc/masque/client.conf", good)
+
+
+def test_watchdog_restarts_a_stuck_daemon(env: Env) -> None:
+    client = env.client
+    client.run("mkdir", "-p", "/etc/systemd/system/masqued@client.service.d")
+    client.write(
+        "/etc/systemd/system/masqued@client.service.d/watchdog.conf",
+        f"[Service]\nWatchdogSec={TEST_WATCHDOG_SEC}s\nRestartSec=1s\n",
+        "0644",
+    )
+    client.run("systemctl", "daemon-reload")
+    client.run("systemctl", "restart", "masqued@client", timeout=120)
+    assert client.prop("masqued@client", "WatchdogUSec") == f"{TEST_WATCHDOG_SEC}s"
+    _ping(client, TARGET_V4)
+    pid = _main_pid(client, "masqued@client")
+    restarts = int(client.prop("masqued@client", "NRestarts"))
+    # The test hook: freeze the whole process, event loop included, for > WatchdogSec.
+    client.run("kill", "-STOP", str(pid))
+    client.wait_for(
+        "a new main process after the watchdog fired",
+        lambda: (
+            _active(client, "masqued@client")
+            and _main_pid(client, "masqued@client") not in (0, pid)
+        ),
+        timeout=TEST_WATCHDOG_SEC * 3 + 30,
+    )
+    assert int(client.prop("masqued@client", "NRestarts")) == restarts + 1
+    logs = client.run("journalctl", "--no-pager", "-u", "masqued@client").stdout
+    assert "Watchdog timeout" in logs
+    _ping(client, TARGET_V4, timeout=30)
+
+
+def test_security_exposure(env: Env) -> None:
+    res = env.relay.run("systemd-analyze", "security", "--no-pager", "masqued@relay.service")
+    m = re.search(r"Overall exposure level for \S+: ([\d.]+) (\w+)", res.stdout)
+    assert m, res.stdout
+    score = float(m.group(1))
+    print(f"\nsystemd-analyze security masqued@relay.service: {score} {m.group(2)}")
+    print(res.stdout, file=sys.stderr)
+    assert score <= 3.0, res.stdout
+
+
+def test_upgrade_restarts_running_instances(env: Env) -> None:
+    before = {c.name: _main_pid(c, f"masqued@{u}") for c, u in _pairs(env)}
+    for c, unit in _pairs(env):
+        _apt_install(c, env.new_deb)
+        assert c.run("masqued", "--version").stdout.strip() == f"masqued {NEW_VERSION}"
+        assert _active(c, f"masqued@{unit}")
+        assert _main_pid(c, f"masqued@{unit}") not in (0, before[c.name])
+    _ping(env.client, TARGET_V4, timeout=30)
+    assert _tcp_peer(env.client, TARGET_V4) == EGRESS_V4
+
+
+def test_iptables_backend_under_the_unit(env: Env) -> None:
+    relay = env.relay
+    relay.sh("sed -i 's/^nat = .*/nat = \"iptables\"/' /etc/masque/relay.conf")
+    relay.run("systemctl", "restart", "masqued@relay", timeout=120)
+    chain = relay.run("iptables-legacy", "-t", "nat", "-S", "MASQUED-relay").stdout
+    assert "MASQUERADE" in chain
+    assert "masqued" not in relay.run("nft", "list", "tables").stdout
+    _ping(env.client, TARGET_V4, timeout=30)
+    assert _tcp_peer(env.client, TARGET_V4) == EGRESS_V4
+
+
+def test_stop_leaves_nothing(env: Env) -> None:
+    for c, unit in _pairs(env):
+        c.run("systemctl", "stop", f"masqued@{unit}", timeout=60)
+        assert not _active(c, f"masqued@{unit}")
+        assert c.leftovers() == []
+        assert c.run("ls", "/run/masqued").stdout.strip() == ""
+
+
+def test_remove_stops_instances_and_keeps_config(env: Env) -> None:
+    for c, unit in _pairs(env):
+        _start(c, f"masqued@{unit}")
+    _ping(env.client, TARGET_V4, timeout=30)
+    for c, unit in _pairs(env):
+        c.run("apt-get", "remove", "-y", "-q", "masqued", timeout=300)
+        assert c.run("systemctl", "is-active", f"masqued@{unit}", check=False).stdout.strip() in (
+            "inactive",
+            "failed",
+        )
+        assert c.run("test", "-f", f"/etc/masque/{unit}.conf", check=False).returncode == 0
+        assert c.leftovers() == []
+
+
+def _pairs(env: Env) -> list[tuple[Container, str]]:
+    return [(env.relay, "relay"), (env.client, "client")]
