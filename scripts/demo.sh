@@ -40,6 +40,7 @@ ip netns exec $C ping -c1 -W1 198.19.0.2 >/dev/null 2>&1 && echo "reachable?!" |
 say "certificates (masqued pki)"
 run "$MASQUED" pki init "$WORK/pki"
 run "$MASQUED" pki relay "$WORK/pki" --name relay.example --san 198.18.1.1
+run "$MASQUED" pki client "$WORK/pki" --name alice
 
 say "configs"
 cat > "$WORK/relay.conf" <<CONF
@@ -50,6 +51,8 @@ private_key = "$WORK/pki/relay.example.key"
 pool = ["198.18.200.0/24"]
 egress = "auto"
 nat = "auto"
+auth = "mtls"                       # only clients with a certificate from our CA
+client_ca = "$WORK/pki/ca.pem"
 CONF
 cat > "$WORK/client.conf" <<CONF
 mode = "client"
@@ -57,6 +60,8 @@ relay = "198.18.1.1:443"
 server_name = "relay.example"
 ca = "$WORK/pki/ca.pem"
 routes = ["198.19.0.0/24"]
+certificate = "$WORK/pki/alice.pem"
+private_key = "$WORK/pki/alice.key"
 CONF
 chmod 600 "$WORK"/*.conf
 run "$MASQUED" check --config "$WORK/relay.conf"
