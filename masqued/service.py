@@ -49,7 +49,11 @@ class Notifier:
             if path.startswith("@"):  # abstract namespace
                 path = "\0" + path[1:]
             self._address = path
-            self._sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            # Non-blocking: a notify socket nobody reads (its queue holds only
+            # net.unix.max_dgram_qlen = 10 datagrams) must never stall the event loop.
+            self._sock = socket.socket(
+                socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
+            )
 
     @property
     def enabled(self) -> bool:

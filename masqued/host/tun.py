@@ -115,6 +115,7 @@ def open_tun(name: str, mtu: int) -> TunDevice:
     except pytun.Error as e:
         raise OSError(f"cannot create TUN {name}: {e}") from None
     try:
+        _no_link_local(dev.name)
         log.info("[#] ip link set mtu %d up dev %s", mtu, name)
         dev.mtu = mtu
         dev.up()
@@ -123,6 +124,21 @@ def open_tun(name: str, mtu: int) -> TunDevice:
         dev.close()
         raise
     return TunDevice(dev, dev.name, mtu)
+
+
+def _no_link_local(name: str) -> None:
+    """No IPv6 link-local address on the tunnel (addr_gen_mode 1, before link up).
+
+    A point-to-point L3 tunnel has no use for one, and with it the kernel sends router
+    solicitations and MLD reports from fe80::/10 into the tunnel, which the relay must
+    drop as not coming from the client's assigned address.
+    """
+    path = f"/proc/sys/net/ipv6/conf/{name}/addr_gen_mode"
+    try:
+        with open(path, "w") as f:
+            f.write("1")
+    except OSError:
+        pass  # IPv6 disabled on this host: nothing to suppress
 
 
 class FakeTun:

@@ -339,3 +339,29 @@ def test_stderr_is_journal_matches_device_and_inode(tmp_path: Path) -> None:
     assert service.stderr_is_journal({"JOURNAL_STREAM": f"{st.st_dev}:{st.st_ino}"})
     assert not service.stderr_is_journal({"JOURNAL_STREAM": "1:2"})
     assert not service.stderr_is_journal({})
+
+
+def test_notify_never_blocks_when_nobody_reads(tmp_path: Path) -> None:
+    """A full notify socket (nobody reading) drops messages instead of stalling the
+    daemon: the kernel queues only net.unix.max_dgram_qlen (10) datagrams."""
+    import threading
+
+    path = tmp_path / "full.sock"
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(path))
+    notifier = Notifier(str(path))
+    done = threading.Event()
+
+    def flood() -> None:
+        for i in range(200):
+            notifier.status(f"update {i}")
+        done.set()
+
+    worker = threading.Thread(target=flood, daemon=True)
+    worker.start()
+    worker.join(10)
+    assert done.is_set(), "sd_notify blocked on a full socket"
+    first = receiver.recv(4096).decode()
+    assert first == "STATUS=update 0"
+    receiver.close()
+    notifier.close()

@@ -1,0 +1,269 @@
+"""The peer VPNs (wireguard-go, OpenVPN UDP/TCP), measured by calling the scripts in
+``../shared/bench-peers/`` (``$MASQUED_BENCH_PEERS``), which are not part of this project.
+
+Those scripts build their own ``perf-*`` namespaces, run iperf3 TCP and ping through the
+tunnel, print one line per run and delete what they create. We parse their lines and, while
+a script runs, read the peak RSS (VmHWM) of the VPN processes from /proc. If a script is
+interrupted or times out we kill its process group and run its own ``topo.sh down``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from bench.lab import REPO
+from bench.measure import summary, vm_kb
+
+PEERS_ENV = "MASQUED_BENCH_PEERS"
+PERF_NAMESPACES = ("perf-client", "perf-relay", "perf-target")
+
+
+@dataclass(frozen=True)
+class Peer:
+    name: str
+    script: str
+    args: tuple[str, ...]
+    env: tuple[tuple[str, str], ...]
+    tools: tuple[str, ...]
+    processes: tuple[str, ...]  # /proc/PID/comm of the VPN's processes
+    tcp4: bool
+
+
+PEERS: tuple[Peer, ...] = (
+    Peer(
+        "wireguard-go",
+        "bench_wireguard.sh",
+        (),
+        (("TESTS", "tcpP4"),),
+        ("wireguard-go", "wg", "iperf3"),
+        ("wireguard-go",),
+        True,
+    ),
+    Peer(
+        "openvpn-udp",
+        "bench_openvpn.sh",
+        ("udp",),
+        (),
+        ("openvpn", "openssl", "iperf3"),
+        ("openvpn",),
+        False,
+    ),
+    Peer(
+        "openvpn-tcp",
+        "bench_openvpn.sh",
+        ("tcp",),
+        (),
+        ("openvpn", "openssl", "iperf3"),
+        ("openvpn",),
+        False,
+    ),
+)
+PEER_NAMES = tuple(p.name for p in PEERS)
+
+_TCP = re.compile(
+    r"^(tcp1|tcpP4)\s+run\d+ Mbps/sndCPU/rcvCPU/retr: (\d+) ([\d.]+) ([\d.]+) (\d+)(.*)$"
+)
+_PROC_CPU = re.compile(r"procCPU% (-?\d+)")
+_MACHINE_CPU = re.compile(r"machineCPU% (-?\d+)/(\d+)")
+_PING = re.compile(r"rtt min/avg/max/mdev = ([\d.]+)/([\d.]+)/([\d.]+)/([\d.]+) ms")
+_PING_RECV = re.compile(r"(\d+) packets transmitted, (\d+) received")
+_BUSY = re.compile(r"pre-run busy=(\d+)%")
+_FAILURES = ("did not come up", "tunnel ping failed", "route to target not via tunnel")
+
+
+def peers_dir() -> Path:
+    """``$MASQUED_BENCH_PEERS``, else ``../shared/bench-peers`` next to the repository."""
+    env = os.environ.get(PEERS_ENV)
+    return Path(env) if env else REPO.parent / "shared" / "bench-peers"
+
+
+def _which(tool: str) -> bool:
+    return any(
+        os.access(Path(d) / tool, os.X_OK) for d in os.environ.get("PATH", "").split(os.pathsep)
+    ) or any(os.access(Path(d) / tool, os.X_OK) for d in ("/usr/sbin", "/sbin"))
+
+
+def skip_reason(peer: Peer, directory: Path) -> str | None:
+    """Why ``peer`` cannot be measured here, or None."""
+    if not (directory / peer.script).is_file() or not (directory / "topo.sh").is_file():
+        return f"{directory / peer.script} not found (set ${PEERS_ENV})"
+    missing = [t for t in peer.tools if not _which(t)]
+    if missing:
+        return f"not installed: {', '.join(missing)} (make bench-deps)"
+    busy = [ns for ns in PERF_NAMESPACES if Path("/run/netns", ns).exists()]
+    if busy:
+        return f"namespace {busy[0]} exists: another bench-peers run is using the topology"
+    return None
+
+
+def estimate_seconds(peer: Peer, seconds: float, runs: int) -> float:
+    """Rough wall time of one script run when the machine is quiet."""
+    tests = 2 if peer.tcp4 else 1
+    return 12 + runs * tests * (seconds + 1.5) + runs * 1.5
+
+
+class _RssWatcher(threading.Thread):
+    """Samples VmHWM of the peer's processes in perf-client / perf-relay once a second."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        super().__init__(daemon=True)
+        self.names = names
+        self.peak_kb: dict[str, int] = {}
+        self.stop_event = threading.Event()
+
+    def _ns_inodes(self) -> dict[int, str]:
+        out: dict[int, str] = {}
+        for ns in ("perf-client", "perf-relay"):
+            with contextlib.suppress(OSError):
+                out[os.stat(f"/run/netns/{ns}").st_ino] = ns.removeprefix("perf-")
+        return out
+
+    def _sample(self) -> None:
+        inodes = self._ns_inodes()
+        if not inodes:
+            return
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                comm = Path(f"/proc/{entry}/comm").read_text().strip()
+                if comm not in self.names:
+                    continue
+                role = inodes.get(os.stat(f"/proc/{entry}/ns/net").st_ino)
+            except OSError:
+                continue
+            kb = vm_kb(int(entry), "VmHWM") if role else None
+            if role and kb is not None:
+                self.peak_kb[role] = max(self.peak_kb.get(role, 0), kb)
+
+    def run(self) -> None:
+        while not self.stop_event.wait(1.0):
+            self._sample()
+
+
+def parse_output(text: str) -> dict[str, Any]:
+    """The figures in a bench-peers script's output."""
+    tcp1: list[float] = []
+    tcp4: list[float] = []
+    cpu: list[float] = []
+    machine: list[float] = []
+    ping_min: list[float] = []
+    ping_avg: list[float] = []
+    ping_max: list[float] = []
+    ping_loss: list[float] = []
+    busy: float | None = None
+    failure: str | None = None
+    for line in text.splitlines():
+        if m := _TCP.match(line):
+            (tcp1 if m.group(1) == "tcp1" else tcp4).append(float(m.group(2)))
+            if m.group(1) == "tcp1":
+                if c := _PROC_CPU.search(line):
+                    cpu.append(float(c.group(1)))
+                if c2 := _MACHINE_CPU.search(line):
+                    machine.append(float(c2.group(1)))
+        elif line.startswith("ping") and (p := _PING.search(line)):
+            ping_min.append(float(p.group(1)))
+            ping_avg.append(float(p.group(2)))
+            ping_max.append(float(p.group(3)))
+            if r := _PING_RECV.search(line):
+                sent, recv = int(r.group(1)), int(r.group(2))
+                ping_loss.append(100 * (sent - recv) / sent if sent else 100.0)
+        elif b := _BUSY.search(line):
+            busy = float(b.group(1))
+        elif any(f in line for f in _FAILURES):
+            failure = line.strip()
+    out: dict[str, Any] = {"pre_run_busy_pct": busy}
+    if tcp1:
+        out["tcp1_mbps"] = summary(tcp1)
+    if tcp4:
+        out["tcp4_mbps"] = summary(tcp4)
+    if cpu:
+        out["cpu_pct"] = summary(cpu)
+    if machine:
+        out["machine_cpu_pct"] = summary(machine)
+    if ping_avg:
+        out["ping"] = {
+            "min_ms": summary(ping_min),
+            "avg_ms": summary(ping_avg),
+            "max_ms": summary(ping_max),
+            "loss_pct": summary(ping_loss),
+        }
+    if failure:
+        out["failure"] = failure
+    return out
+
+
+def _teardown(directory: Path) -> None:
+    with contextlib.suppress(Exception):
+        subprocess.run(
+            ["bash", str(directory / "topo.sh"), "down"], capture_output=True, timeout=30
+        )
+    for pidfile in Path("/tmp").glob("perf-iperf3-perf-*.pid"):
+        with contextlib.suppress(OSError):
+            pidfile.unlink()
+
+
+def run_peer(
+    peer: Peer, directory: Path, seconds: float, runs: int, timeout: float, log: Path
+) -> dict[str, Any]:
+    """Run one bench-peers script; return its figures (``status`` ok or failed)."""
+    env = {**os.environ, "RUNS": str(runs), "BENCH_T": f"{seconds:g}", **dict(peer.env)}
+    watcher = _RssWatcher(peer.processes)
+    started = time.monotonic()
+    proc = subprocess.Popen(
+        ["bash", str(directory / peer.script), *peer.args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
+    watcher.start()
+    clean = False
+    out = ""
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+        clean = True
+    except subprocess.TimeoutExpired:
+        pass
+    finally:
+        watcher.stop_event.set()
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGTERM)
+            try:
+                out2, _ = proc.communicate(timeout=5)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(proc.pid, signal.SIGKILL)
+                out2, _ = proc.communicate()
+            out = out or out2 or ""
+        if not clean or proc.returncode != 0:
+            _teardown(directory)
+    log.write_text(out)
+    result = parse_output(out)
+    result["wall_s"] = round(time.monotonic() - started, 1)
+    result["runs"] = runs
+    result["seconds"] = seconds
+    result["script"] = f"{peer.script} {' '.join(peer.args)}".strip()
+    if watcher.peak_kb:
+        result["peak_rss_mb"] = {k: v / 1024 for k, v in watcher.peak_kb.items()}
+    if not clean:
+        result["status"] = "failed"
+        result["note"] = f"timed out after {timeout:.0f}s"
+    elif "tcp1_mbps" not in result:
+        result["status"] = "failed"
+        result["note"] = result.get("failure") or f"no figures (exit {proc.returncode})"
+    else:
+        result["status"] = "ok"
+    return result
