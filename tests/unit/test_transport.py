@@ -194,3 +194,35 @@ async def test_client_reconnects_when_relay_restarts(certs: Path) -> None:
         await client.close()
     finally:
         relay.close()
+
+
+async def test_udp_gso_and_gro_keep_datagram_boundaries() -> None:
+    """Runs of equal-size datagrams go out in one sendmsg (UDP_SEGMENT) and come back
+    split at the right places, including a shorter last one and other destinations."""
+    from masqued.transport.quic import UdpSocket
+
+    loop = asyncio.get_running_loop()
+    socks = []
+    for _ in range(3):
+        s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        s.bind(("127.0.0.1", 0))
+        s.setblocking(False)
+        socks.append(s)
+    got: dict[int, list[bytes]] = {1: [], 2: []}
+    sender = UdpSocket(loop, socks[0], lambda batch: None)
+    receivers = [
+        UdpSocket(loop, socks[i], lambda batch, i=i: got[i].extend(d for d, _ in batch))
+        for i in (1, 2)
+    ]
+    for r in receivers:
+        r.start()
+    to1, to2 = socks[1].getsockname(), socks[2].getsockname()
+    first = [bytes([i]) * 1200 for i in range(70)] + [b"tail"]  # more than one GSO run
+    sender.send([(m, to1) for m in first] + [(b"other", to2), (b"x" * 1200, to1)])
+    await until(lambda: len(got[1]) == 72 and len(got[2]) == 1)
+    assert got[1] == [*first, b"x" * 1200]
+    assert got[2] == [b"other"]
+    assert sender.send_errors == 0
+    for r in receivers:
+        r.close()
+    sender.close()
