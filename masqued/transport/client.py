@@ -35,7 +35,6 @@ from masqued.metrics import (
     DROP_DISCONNECTED,
     DROP_MALFORMED,
     DROP_OVERSIZED,
-    DROP_QUEUE_FULL,
     DROP_TUN_WRITE,
     LatencyHistogram,
     TrafficCounters,
@@ -63,7 +62,7 @@ from masqued.proto.errors import (
     ProtocolError,
     ResponseError,
 )
-from masqued.proto.framing import FrameDecoder, encode_frames
+from masqued.proto.framing import FrameDecoder
 from masqued.proto.packet import addresses
 from masqued.proto.request import (
     IPV6_MIN_MTU,
@@ -87,10 +86,10 @@ from masqued.transport.quic import (
     monotonic,
     quic_configuration,
     rtt_ms,
-    stream_send_backlog,
+    send_packets_on_stream,
     tune_socket,
 )
-from masqued.transport.relay import SEND_BACKLOG_LIMIT, TUN_READ_BATCH, Tun
+from masqued.transport.relay import TUN_READ_BATCH, Tun
 
 log = logging.getLogger("masqued.client")
 
@@ -659,28 +658,12 @@ class ClientTunnel:
         if conn.transport == "datagram":
             self._send_datagrams(conn, packets)
             return
-        mtu = self.settings.mtu
-        budget = SEND_BACKLOG_LIMIT - stream_send_backlog(conn.quic, conn.stream_id)
-        batch: list[bytes] = []
-        nbytes = 0
-        for pkt in packets:
-            size = len(pkt)
-            if size > mtu:
-                counters.drops[DROP_OVERSIZED] += 1
-                continue
-            if nbytes + size + 2 > budget:
-                counters.drops[DROP_QUEUE_FULL] += 1
-                continue
-            batch.append(pkt)
-            nbytes += size + 2
-        if not batch:
-            return
-        counters.tx_packets += len(batch)
-        counters.tx_bytes += nbytes - 2 * len(batch)
-        counters.last_tx = time.time()
         assert conn.h3 is not None
         try:
-            conn.h3.send_data(conn.stream_id, encode_frames(batch), end_stream=False)
+            if not send_packets_on_stream(
+                conn.h3, conn.quic, conn.stream_id, packets, self.settings.mtu, counters
+            ):
+                return
         except ProtocolError as exc:  # pragma: no cover - defensive
             conn.fail(str(exc))
             return

@@ -22,6 +22,9 @@ from aioquic.h3.connection import H3_ALPN, H3Connection
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 
+from masqued.metrics import DROP_OVERSIZED, DROP_QUEUE_FULL, TrafficCounters
+from masqued.proto.framing import encode_frames
+
 log = logging.getLogger("masqued.transport")
 
 Address = Any  # what socket.recvfrom returns: (host, port) or (host, port, flow, scope)
@@ -256,6 +259,46 @@ class QuicPeer:
             self._timer.cancel()
             self._timer = None
             self._timer_at = None
+
+
+# A CONNECT stream's unacknowledged send backlog above which packets are dropped
+# (tail drop, like a router queue) rather than queued: bounds memory and delay.
+SEND_BACKLOG_LIMIT = 1024 * 1024
+
+
+def send_packets_on_stream(
+    h3: H3Connection,
+    quic: QuicConnection,
+    stream_id: int,
+    packets: list[bytes],
+    mtu: int,
+    counters: TrafficCounters,
+) -> bool:
+    """Stream mode: frame ``packets`` into one DATA write on the tunnel stream.
+
+    Packets above ``mtu`` and those that would push the stream's backlog past
+    SEND_BACKLOG_LIMIT are dropped and counted. Returns True if anything was queued.
+    """
+    budget = SEND_BACKLOG_LIMIT - stream_send_backlog(quic, stream_id)
+    batch: list[bytes] = []
+    nbytes = 0
+    for pkt in packets:
+        size = len(pkt)
+        if size > mtu:
+            counters.drops[DROP_OVERSIZED] += 1
+            continue
+        if nbytes + size + 2 > budget:
+            counters.drops[DROP_QUEUE_FULL] += 1
+            continue
+        batch.append(pkt)
+        nbytes += size + 2
+    if not batch:
+        return False
+    counters.tx_packets += len(batch)
+    counters.tx_bytes += nbytes - 2 * len(batch)
+    counters.last_tx = time.time()
+    h3.send_data(stream_id, encode_frames(batch), end_stream=False)
+    return True
 
 
 def rtt_ms(quic: QuicConnection) -> float | None:

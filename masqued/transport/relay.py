@@ -80,7 +80,7 @@ from masqued.proto.errors import (
     PacketError,
     RequestError,
 )
-from masqued.proto.framing import FrameDecoder, encode_frame, encode_frames
+from masqued.proto.framing import FrameDecoder, encode_frame
 from masqued.proto.packet import (
     PROTO_ICMP,
     PROTO_ICMPV6,
@@ -106,6 +106,7 @@ from masqued.transport.datagrams import (
     queue_datagram,
 )
 from masqued.transport.quic import (
+    SEND_BACKLOG_LIMIT,
     Address,
     ClientCertRequestingConnection,
     QuicPeer,
@@ -116,6 +117,7 @@ from masqued.transport.quic import (
     peer_certificate,
     quic_configuration,
     rtt_ms,
+    send_packets_on_stream,
     stream_send_backlog,
     tune_socket,
 )
@@ -124,9 +126,6 @@ log = logging.getLogger("masqued.relay")
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
-# A CONNECT stream's unacknowledged send backlog above which packets from the TUN
-# are dropped (tail drop) rather than queued: bounds memory and queueing delay.
-SEND_BACKLOG_LIMIT = 1024 * 1024
 # CONNECT-IP sessions one QUIC connection may open at once.
 MAX_SESSIONS_PER_CONNECTION = 4
 # Smallest UDP payload that may open a connection (RFC 9000 §14.1).
@@ -749,28 +748,11 @@ class RelayServer:
         conn = session.conn
         if conn.closed or session.stream_id not in conn.sessions:
             return
-        counters = session.counters
-        budget = SEND_BACKLOG_LIMIT - stream_send_backlog(conn.quic, session.stream_id)
-        batch: list[bytes] = []
-        nbytes = 0
-        for pkt in packets:
-            size = len(pkt)
-            if size > mtu:
-                counters.drops[DROP_OVERSIZED] += 1
-                continue
-            if nbytes + size + 2 > budget:
-                counters.drops[DROP_QUEUE_FULL] += 1
-                continue
-            batch.append(pkt)
-            nbytes += size + 2
-        if not batch:
-            return
-        counters.tx_packets += len(batch)
-        counters.tx_bytes += nbytes - 2 * len(batch)
-        counters.last_tx = time.time()
         assert conn.h3 is not None
-        conn.h3.send_data(session.stream_id, encode_frames(batch), end_stream=False)
-        self._dirty.add(conn)
+        if send_packets_on_stream(
+            conn.h3, conn.quic, session.stream_id, packets, mtu, session.counters
+        ):
+            self._dirty.add(conn)
 
     # -- datagram mode (RFC 9484) ---------------------------------------------------
 
