@@ -16,6 +16,7 @@ import signal
 import socket
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 from masqued.access import AccessControl, LeaseStore, state_dir_for
@@ -221,19 +222,30 @@ async def run_relay(config: RelayConfig, notifier: Notifier) -> int:
             restart = _changed_keys(
                 config, new, ("listen_host", "listen_port", "pool", "egress", "nat", "mtu")
             )
-            if restart:
-                log.warning(
-                    "reload: %s changed; restart the instance to apply "
-                    "(running sessions kept as they are)",
-                    ", ".join(restart),
-                )
-            assert server is not None
+            assert server is not None and tun is not None
             try:
                 new_access = _access_control(new)
             except StartupError as exc:
                 log.error("reload rejected, keeping the running configuration: %s", exc)
                 inst.reload_done(False, str(exc))
                 return
+            added = _pool_growth(config.pool, new.pool)
+            if "pool" in restart and added:
+                try:
+                    _grow_pool(pool, added, new.pool, router, tun.name, egress, nat)
+                except (OSError, ValueError) as exc:
+                    log.error("reload: cannot grow the pool by %s: %s", added, exc)
+                else:
+                    server.pool_changed()
+                    restart.remove("pool")
+            if restart:
+                log.warning(
+                    "reload: %s changed; restart the instance to apply "
+                    "(running sessions kept as they are)",
+                    ", ".join(restart),
+                )
+                # Keep describing what really runs until the restart.
+                new = replace(new, **{key: getattr(config, key) for key in restart})
             server.update_settings(_relay_settings(new))
             server.update_access(new_access)
             set_level(new.log_level)
@@ -271,6 +283,34 @@ async def run_relay(config: RelayConfig, notifier: Notifier) -> int:
         if tun is not None:
             tun.close()
         inst.cleanup()
+
+
+def _pool_growth(old: tuple[IPNetwork, ...], new: tuple[IPNetwork, ...]) -> tuple[IPNetwork, ...]:
+    """The networks a reload adds, if it only adds (else empty: needs a restart)."""
+    if len(new) > len(old) and new[: len(old)] == old:
+        return new[len(old) :]
+    return ()
+
+
+def _grow_pool(
+    pool: AddressPool,
+    added: tuple[IPNetwork, ...],
+    networks: tuple[IPNetwork, ...],
+    router: Router,
+    tun: str,
+    egress: str,
+    nat: NatBackend | None,
+) -> None:
+    """Pool growth on reload: more client addresses, without touching sessions."""
+    pool.add_networks(added)
+    router.set(
+        NetState(addresses=frozenset(pool.gateways()), routes=frozenset(), rules=frozenset())
+    )
+    families = {n.version for n in networks}
+    enable_forwarding([tun, egress], v4=4 in families, v6=6 in families)
+    if nat is not None:
+        nat.apply(list(networks), egress)
+    log.info("reload: pool grown by %s", ", ".join(map(str, added)))
 
 
 def _access_control(config: RelayConfig) -> AccessControl:

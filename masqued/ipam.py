@@ -139,6 +139,22 @@ class AddressPool:
         self._reservations: dict[str, tuple[IPAddress, ...]] = {}
         self._reserved_for: dict[IPAddress, str] = {}
 
+    def add_networks(self, networks: Sequence[IPNetwork]) -> None:
+        """Grow the pool (reload): new networks after the existing ones. Leases held
+        stay as they are. Raises ValueError for overlaps or too-small networks."""
+        ranges = [_Range(net) for net in networks]
+        for i, new in enumerate(ranges):
+            for other in self._ranges + ranges[:i]:
+                if new.network.version == other.network.version and new.network.overlaps(
+                    other.network
+                ):
+                    raise ValueError(f"pool networks {new.network} and {other.network} overlap")
+        for r in ranges:
+            self._ranges.append(r)
+            self._families.setdefault(r.network.version, []).append(r)
+        # fixed addresses of the new networks, if any were configured already
+        self.set_reservations(self._reservations)
+
     @property
     def networks(self) -> tuple[IPNetwork, ...]:
         return tuple(r.network for r in self._ranges)

@@ -634,6 +634,11 @@ class RelayServer:
             conn.abort_stream(session.stream_id, H3ErrorCode.H3_REQUEST_CANCELLED)
             self._dirty.add(conn)
 
+    def pool_changed(self) -> None:
+        """The pool grew (reload): ICMP errors may now come from a new family's gateway."""
+        for gateway in reversed(self.pool.gateways()):
+            self.gateways[gateway.version] = gateway.ip
+
     def update_access(self, access: AccessControl | None) -> None:
         """After a reload: new credentials and policies for new and live sessions.
 

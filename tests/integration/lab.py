@@ -1,5 +1,10 @@
 """The namespace lab (DESIGN.md §5): real namespaces, veths, daemons and servers.
 
+Also the lab interface (``Lab``, ``LabDaemon``) that the end-to-end tests are written
+against: ``NamespaceLab`` here, ``VagrantLab`` (tests/integration/vagrant_lab.py) runs
+the same tests on the Vagrantfile's VMs. A "namespace" argument (``ns``) names a host
+of the lab: a network namespace here, a VM there.
+
     mq-<t>-c1..cN (198.18.1.10+N) --bridge-- mq-<t>-relay (198.18.1.1 | 198.19.0.1)
         --veth-- mq-<t>-target (198.19.0.2)
     IPv6: 2001:db8:1::/64 on the client side, 2001:db8:19::/64 on the target side.
@@ -22,7 +27,8 @@ import sys
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePath
+from typing import Protocol
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
@@ -49,6 +55,117 @@ def client_addr_v4(i: int) -> str:
 
 def client_addr_v6(i: int) -> str:
     return f"2001:db8:1::{10 + i:x}"
+
+
+class LabDaemon(Protocol):
+    """One masqued instance a lab started (a process here, a systemd unit on a VM)."""
+
+    name: str
+
+    def wait_ready(self, timeout: float = 20) -> None:
+        """Return once the instance told its supervisor READY=1; raise with its log if not."""
+
+    def log_text(self) -> str:
+        """Everything this instance logged since the lab started it."""
+        ...
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> int | None:
+        """Stop it with ``sig`` (SIGKILL: a crash); its exit code, -N for signal N."""
+        ...
+
+    def running(self) -> bool:
+        """The daemon's main process is alive."""
+        ...
+
+
+class LabProcess(Protocol):
+    """A command started in the background by ``Lab.spawn`` (subprocess.Popen-like)."""
+
+    def wait(self, timeout: float | None = None) -> int: ...
+
+    def poll(self) -> int | None: ...
+
+
+class Lab(Protocol):
+    """What an end-to-end test may use: hosts, commands on them, daemons, servers.
+
+    Hosts are named by ``relay_ns``, ``target_ns`` and ``client_ns(i)``; addresses are
+    the module constants (RELAY_V4, EGRESS_V4, TARGET_V4, client_addr_v4(i), ...),
+    which both labs use.
+    """
+
+    workdir: Path
+    clients: int
+
+    @property
+    def pki(self) -> PurePath:
+        """Directory with ca.pem and relay.example.pem/.key, as seen on the lab's hosts."""
+        ...
+
+    @property
+    def supervised(self) -> bool:
+        """Daemons run under systemd (masqued@NAME): a crash is cleaned up by ExecStopPost."""
+        ...
+
+    @property
+    def daemons(self) -> Sequence[LabDaemon]: ...
+
+    @property
+    def relay_ns(self) -> str: ...
+
+    @property
+    def target_ns(self) -> str: ...
+
+    def client_ns(self, i: int = 1) -> str: ...
+
+    def up(self) -> None: ...
+
+    def down(self) -> None: ...
+
+    def run(
+        self, ns: str, *cmd: str, check: bool = True, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]: ...
+
+    def ip(self, ns: str, *args: str) -> str: ...
+
+    def spawn(
+        self, ns: str, *cmd: str, log: Path | None = None, env: dict[str, str] | None = None
+    ) -> LabProcess: ...
+
+    def helper_cmd(self, ns: str, script: str, *args: str) -> list[str]:
+        """The command line running tests/integration/``script`` on host ``ns``."""
+        ...
+
+    def start_daemon(self, name: str, ns: str, config_text: str, run: str = "") -> LabDaemon: ...
+
+    def forget(self, daemon: LabDaemon) -> None:
+        """Drop ``daemon`` from ``daemons`` (it was stopped and replaced by the test)."""
+
+    def start_servers(self) -> None: ...
+
+    def servers_log(self) -> str: ...
+
+    def relay_config(
+        self, *, pool: Sequence[str] = ..., nat: str = "auto", extra: str = ""
+    ) -> str: ...
+
+    def client_config(
+        self, *, routes: Sequence[str] = ..., relay: str = ..., extra: str = ""
+    ) -> str: ...
+
+    def masqued(
+        self, ns: str, *args: str, check: bool = False, timeout: float = 60
+    ) -> subprocess.CompletedProcess[str]: ...
+
+    def ping(
+        self, ns: str, addr: str, count: int = 3, timeout: float = 30
+    ) -> subprocess.CompletedProcess[str]: ...
+
+    def wait_ping(self, ns: str, addr: str, timeout: float = 20) -> float: ...
+
+    def traffic(self, ns: str, *args: str, timeout: float = 120) -> str: ...
+
+    def leftovers(self, ns: str) -> list[str]: ...
 
 
 class NotifyListener:
@@ -110,6 +227,9 @@ class Daemon:
         self.notify.close()
         return self.proc.returncode
 
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
 
 @dataclass
 class NamespaceLab:
@@ -132,6 +252,11 @@ class NamespaceLab:
 
     def client_ns(self, i: int = 1) -> str:
         return f"mq-{self.tag}-c{i}"
+
+    @property
+    def supervised(self) -> bool:
+        """Daemons are plain child processes: nothing cleans up after a crash."""
+        return False
 
     @property
     def namespaces(self) -> list[str]:
@@ -349,6 +474,19 @@ class NamespaceLab:
             cwd=REPO,
             env={**os.environ, "MASQUED_RUN_DIR": str(self.run_dir)},
         )
+
+    def helper_cmd(self, ns: str, script: str, *args: str) -> list[str]:
+        return [PYTHON, str(REPO / "tests" / "integration" / script), *args]
+
+    def forget(self, daemon: LabDaemon) -> None:
+        self.daemons[:] = [d for d in self.daemons if d is not daemon]
+
+    def servers_log(self) -> str:
+        """What the target's servers printed (one line per UDP datagram)."""
+        try:
+            return (self.workdir / "servers.log").read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
 
     # -- traffic --------------------------------------------------------------------------
 

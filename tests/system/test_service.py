@@ -235,6 +235,9 @@ def test_journal_fields(env: Env) -> None:
     assert e["MASQUED_ROLE"] == "relay"
     assert e["MASQUED_ADDRESS"].startswith("198.18.200.")
     assert e["MASQUED_PEER"] == peer
+    # the lease of the identity is kept in the unit's StateDirectory (sticky addresses)
+    leases = env.relay.read("/var/lib/masqued/relay/leases.json")
+    assert '"alice"' in leases and e["MASQUED_ADDRESS"].split(",")[0] in leases
     assert e["SYSLOG_IDENTIFIER"] == "masqued"
     client_entries = _journal(env.client, "-u", "masqued@client", "MASQUED_ROLE=client")
     assert client_entries and client_entries[0]["MASQUED_INSTANCE"] == "client"

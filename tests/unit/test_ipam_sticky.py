@@ -149,3 +149,21 @@ class PoolMachine(RuleBasedStateMachine):
 
 PoolMachine.TestCase.settings = settings(max_examples=300, stateful_step_count=30, deadline=None)
 TestPoolMachine = PoolMachine.TestCase
+
+
+def test_pool_grows_without_touching_leases() -> None:
+    pool = AddressPool([ip_network("198.18.200.0/30")])
+    a = pool.allocate("a")
+    with pytest.raises(PoolExhausted):
+        pool.allocate("b")
+    pool.add_networks([ip_network("198.18.201.0/29"), ip_network("2001:db8:200::/126")])
+    assert pool.lease_of("a") == a
+    b = pool.allocate("b")
+    assert [str(x.ip) for x in b.addresses] == ["198.18.201.2", "2001:db8:200::2"]
+    assert [str(g) for g in pool.gateways()] == [
+        "198.18.200.1/30",
+        "198.18.201.1/29",
+        "2001:db8:200::1/126",
+    ]
+    with pytest.raises(ValueError):
+        pool.add_networks([ip_network("198.18.200.0/24")])  # overlaps
