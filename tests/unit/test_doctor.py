@@ -37,6 +37,11 @@ NOW = dt.datetime.now(dt.UTC)
 
 @pytest.fixture(scope="module")
 def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    # The tests' "now" must be when these certificates are made, not when the module
+    # was imported: collection can happen minutes earlier (in CI the integration tests
+    # run first), past the 5-minute clock-skew allowance of issued certificates.
+    global NOW
+    NOW = dt.datetime.now(dt.UTC)
     d = tmp_path_factory.mktemp("pki")
     pki.init_ca(d)
     pki.issue(d, "relay.example", "relay", sans=["198.18.1.1"])
