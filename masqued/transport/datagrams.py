@@ -21,7 +21,7 @@ from masqued.proto.capsule import varint_size
 MAX_DATAGRAM_FRAME_SIZE = 65535
 #: Datagrams waiting in aioquic's queue (for congestion window) beyond which new
 #: ones are dropped, like a router's tail drop: bounds memory and queueing delay.
-DATAGRAM_QUEUE_LIMIT = 512
+DATAGRAM_QUEUE_LIMIT = 128
 
 # Worst-case bytes around a DATAGRAM frame's data in a 1-RTT packet: first byte,
 # packet number (≤ 4), AEAD tag (16), frame type (1) and length varint (2 while the

@@ -263,7 +263,7 @@ class QuicPeer:
 
 # A CONNECT stream's unacknowledged send backlog above which packets are dropped
 # (tail drop, like a router queue) rather than queued: bounds memory and delay.
-SEND_BACKLOG_LIMIT = 1024 * 1024
+SEND_BACKLOG_LIMIT = 128 * 1024
 
 
 def send_packets_on_stream(

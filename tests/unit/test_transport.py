@@ -127,9 +127,11 @@ async def test_many_packets_in_one_batch_keep_order(relay: Relay, certs: Path) -
         build_udp(client.address, "198.19.0.2", 1000, 9, i.to_bytes(4, "big") * 300)
         for i in range(500)
     ]
+    # Bursts of 50 (about 60 KB, inside the stream's backlog bound), each drained
+    # before the next: a burst larger than the bound would be tail-dropped by design.
     for i in range(0, 500, 50):
         client.tun.inject(*packets[i : i + 50])
-    await until(lambda: len(relay.tun.written) == 500)
+        await until(lambda i=i: len(relay.tun.written) == i + 50)
     assert list(relay.tun.written) == packets
     await client.close()
 
@@ -226,3 +228,20 @@ async def test_udp_gso_and_gro_keep_datagram_boundaries() -> None:
     for r in receivers:
         r.close()
     sender.close()
+
+
+async def test_burst_beyond_the_stream_bound_is_tail_dropped_and_counted(
+    relay: Relay, certs: Path
+) -> None:
+    from masqued.transport.quic import SEND_BACKLOG_LIMIT
+
+    client = Client(certs, relay.port)
+    await asyncio.wait_for(client.up, 5)
+    packet = build_udp(client.address, "198.19.0.2", 1000, 9, b"x" * 1200)
+    burst = 4 * SEND_BACKLOG_LIMIT // len(packet)
+    client.tun.inject(*[packet] * burst)
+    drops = client.tunnel.status.counters.drops
+    await until(lambda: drops["queue_full"] > 0)
+    await until(lambda: len(relay.tun.written) + drops["queue_full"] == burst, timeout=10)
+    assert len(relay.tun.written) <= SEND_BACKLOG_LIMIT // len(packet) + 256
+    await client.close()
