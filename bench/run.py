@@ -283,7 +283,8 @@ def _run(
                 notes.append(f"datagram mode not measured: masqued check said: {why}")
         for kind in kinds:
             name = kind if kind == "direct" else f"masqued-{kind}"
-            need = settings.repeat_seconds() + 5
+            # every repeat, plus the lab and daemons coming up and going down
+            need = settings.repeats * settings.repeat_seconds() + 15
             if time_left() < need:
                 result["paths"][name] = {"status": "skipped", "note": "time budget"}
                 notes.append(f"{name} skipped: time budget")
