@@ -36,7 +36,7 @@ unit: venv
 	$(PY) -m pytest -q tests/unit
 
 lint: venv
-	$(VENV)/bin/ruff check masqued tests
+	$(VENV)/bin/ruff check masqued tests bench
 	$(VENV)/bin/mypy
 
 ## bench-deps: iperf3 and the peer VPNs (wireguard-go, OpenVPN); not needed by `make test`
