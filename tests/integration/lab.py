@@ -168,6 +168,33 @@ class Lab(Protocol):
     def leftovers(self, ns: str) -> list[str]: ...
 
 
+class LabTraffic:
+    """Ping and the traffic client, for any lab: only its ``run`` and ``helper_cmd``."""
+
+    def ping(
+        self: Lab, ns: str, addr: str, count: int = 3, timeout: float = 30
+    ) -> subprocess.CompletedProcess[str]:
+        return self.run(
+            ns, "ping", "-c", str(count), "-i", "0.2", "-W", "2", addr, check=False, timeout=timeout
+        )
+
+    def wait_ping(self: Lab, ns: str, addr: str, timeout: float = 20) -> float:
+        """Ping until one reply arrives; return seconds waited."""
+        start = time.monotonic()
+        while time.monotonic() - start < timeout:
+            res = self.run(ns, "ping", "-c", "1", "-W", "1", addr, check=False, timeout=10)
+            if res.returncode == 0:
+                return time.monotonic() - start
+        raise AssertionError(f"no ping reply from {addr} in {ns} within {timeout}s")
+
+    def traffic(self: Lab, ns: str, *args: str, timeout: float = 120) -> str:
+        """Run the traffic client (tests/integration/traffic.py) on ``ns``."""
+        res = self.run(ns, *self.helper_cmd(ns, "traffic.py", *args), check=False, timeout=timeout)
+        if res.returncode != 0:
+            raise AssertionError(f"traffic {args} failed on {ns}: {res.stdout}\n{res.stderr}")
+        return res.stdout.strip()
+
+
 class NotifyListener:
     """An AF_UNIX datagram socket standing in for systemd's notify socket."""
 
@@ -232,7 +259,7 @@ class Daemon:
 
 
 @dataclass
-class NamespaceLab:
+class NamespaceLab(LabTraffic):
     """Creates the namespaces; runs daemons and servers inside them."""
 
     workdir: Path
@@ -487,38 +514,6 @@ class NamespaceLab:
             return (self.workdir / "servers.log").read_text(errors="replace")
         except FileNotFoundError:
             return ""
-
-    # -- traffic --------------------------------------------------------------------------
-
-    def ping(
-        self, ns: str, addr: str, count: int = 3, timeout: float = 30
-    ) -> subprocess.CompletedProcess[str]:
-        return self.run(
-            ns, "ping", "-c", str(count), "-i", "0.2", "-W", "2", addr, check=False, timeout=timeout
-        )
-
-    def wait_ping(self, ns: str, addr: str, timeout: float = 20) -> float:
-        """Ping until one reply arrives; return seconds waited."""
-        start = time.monotonic()
-        while time.monotonic() - start < timeout:
-            res = self.run(ns, "ping", "-c", "1", "-W", "1", addr, check=False, timeout=5)
-            if res.returncode == 0:
-                return time.monotonic() - start
-        raise AssertionError(f"no ping reply from {addr} in {ns} within {timeout}s")
-
-    def traffic(self, ns: str, *args: str, timeout: float = 120) -> str:
-        """Run the traffic client (tests/integration/traffic.py) in ``ns``."""
-        res = self.run(
-            ns,
-            PYTHON,
-            str(REPO / "tests" / "integration" / "traffic.py"),
-            *args,
-            timeout=timeout,
-            check=False,
-        )
-        if res.returncode != 0:
-            raise AssertionError(f"traffic {args} failed: {res.stdout}\n{res.stderr}")
-        return res.stdout.strip()
 
     # -- impairment -------------------------------------------------------------------------
 

@@ -53,6 +53,7 @@ from tests.integration.lab import (
     TARGET_V6,
     LabDaemon,
     LabProcess,
+    LabTraffic,
     client_addr_v4,
     client_addr_v6,
 )
@@ -434,7 +435,7 @@ class VagrantDaemon:
 
 
 @dataclass
-class VagrantLab:
+class VagrantLab(LabTraffic):
     """``Lab`` on the Vagrant VMs (see the module docstring)."""
 
     hosts: VagrantHosts
@@ -701,29 +702,6 @@ class VagrantLab:
             f"routes = [{route_list}]\n"
             "mtu = 1300\n" + ("" if "log_level" in extra else 'log_level = "debug"\n') + extra
         )
-
-    # -- traffic -----------------------------------------------------------------------
-
-    def ping(
-        self, ns: str, addr: str, count: int = 3, timeout: float = 30
-    ) -> subprocess.CompletedProcess[str]:
-        return self.run(
-            ns, "ping", "-c", str(count), "-i", "0.2", "-W", "2", addr, check=False, timeout=timeout
-        )
-
-    def wait_ping(self, ns: str, addr: str, timeout: float = 20) -> float:
-        start = time.monotonic()
-        while time.monotonic() - start < timeout:
-            res = self.run(ns, "ping", "-c", "1", "-W", "1", addr, check=False, timeout=10)
-            if res.returncode == 0:
-                return time.monotonic() - start
-        raise AssertionError(f"no ping reply from {addr} on {ns} within {timeout}s")
-
-    def traffic(self, ns: str, *args: str, timeout: float = 120) -> str:
-        res = self.run(ns, *self.helper_cmd(ns, "traffic.py", *args), check=False, timeout=timeout)
-        if res.returncode != 0:
-            raise AssertionError(f"traffic {args} failed on {ns}: {res.stdout}\n{res.stderr}")
-        return res.stdout.strip()
 
     # -- host state --------------------------------------------------------------------
 
