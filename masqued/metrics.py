@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import socket
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -99,6 +100,12 @@ class TrafficCounters:
             "last_rx": self.last_rx or None,
             "last_tx": self.last_tx or None,
         }
+
+    def sent(self, packets: int, nbytes: int) -> None:
+        """``packets`` IP packets of ``nbytes`` in total went to the peer just now."""
+        self.tx_packets += packets
+        self.tx_bytes += nbytes
+        self.last_tx = time.time()
 
     def add(self, other: TrafficCounters) -> None:
         self.rx_packets += other.rx_packets

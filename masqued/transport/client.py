@@ -738,9 +738,7 @@ class ClientTunnel:
             sent += 1
             nbytes += len(pkt)
         if sent:
-            counters.tx_packets += sent
-            counters.tx_bytes += nbytes
-            counters.last_tx = time.time()
+            counters.sent(sent, nbytes)
             conn.flush()
 
     def snapshot(self) -> dict[str, Any]:

@@ -294,9 +294,7 @@ def send_packets_on_stream(
         nbytes += size + 2
     if not batch:
         return False
-    counters.tx_packets += len(batch)
-    counters.tx_bytes += nbytes - 2 * len(batch)
-    counters.last_tx = time.time()
+    counters.sent(len(batch), nbytes - 2 * len(batch))
     h3.send_data(stream_id, encode_frames(batch), end_stream=False)
     return True
 

@@ -1014,9 +1014,7 @@ class RelayServer:
             sent += 1
             nbytes += len(fwd)
         if sent:
-            counters.tx_packets += sent
-            counters.tx_bytes += nbytes
-            counters.last_tx = time.time()
+            counters.sent(sent, nbytes)
 
     # -- status -------------------------------------------------------------------
 
