@@ -1,7 +1,7 @@
 # masqued — common tasks. Run as root on Debian 12.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := python3 python3-venv python3-dev gcc iproute2 nftables iptables iputils-ping procps kmod \
+APT_PACKAGES := python3 python3-venv python3-dev gcc iproute2 nftables iptables iputils-ping procps kmod ethtool \
 	libsystemd-dev pkg-config \
 	debhelper dh-virtualenv python3.11-venv python3.11-dev dpkg-dev lintian mmdebstrap systemd-container
 # The benchmark's tools and the peer VPNs it measures masqued against (bench/README.md).

@@ -14,6 +14,8 @@ import os
 from collections import deque
 from typing import Any, Protocol
 
+from masqued.host.coalesce import VNET_HDR_LEN, ZERO_VNET_HDR, coalesce
+
 log = logging.getLogger("masqued.host")
 
 # write() reports these as a dropped packet instead of raising: the queue is full
@@ -45,18 +47,29 @@ class Tun(Protocol):
         """Hand one IP packet to the kernel; False (no exception) when it was dropped."""
         ...
 
+    def write_batch(self, packets: list[bytes]) -> int:
+        """Hand a batch of IP packets to the kernel; returns how many were dropped."""
+        ...
+
     def close(self) -> None: ...
 
 
 class TunDevice:
-    """A real TUN device; the kernel deletes it when the fd is closed."""
+    """A real TUN device; the kernel deletes it when the fd is closed.
 
-    def __init__(self, dev: Any, name: str, mtu: int) -> None:
+    With ``vnet`` (IFF_VNET_HDR) every packet crosses the fd behind a virtio_net_hdr,
+    and ``write_batch`` merges consecutive segments of a TCP flow into one
+    super-packet (masqued.host.coalesce). Reads never carry offloads: the device
+    does not announce any (no TUNSETOFFLOAD), so the kernel hands us plain packets.
+    """
+
+    def __init__(self, dev: Any, name: str, mtu: int, vnet: bool = False) -> None:
         self._dev = dev
         self._fd: int = dev.fileno()
         self._name = name
         self._mtu = mtu
-        self._bufsize = mtu + _READ_SLACK
+        self.vnet = vnet
+        self._bufsize = mtu + _READ_SLACK + (VNET_HDR_LEN if vnet else 0)
 
     @property
     def name(self) -> str:
@@ -75,20 +88,41 @@ class TunDevice:
         out: list[bytes] = []
         read, fd, size = os.read, self._fd, self._bufsize
         try:
-            while len(out) < max_packets:
-                out.append(read(fd, size))
+            if self.vnet:
+                while len(out) < max_packets:
+                    out.append(read(fd, size)[VNET_HDR_LEN:])
+            else:
+                while len(out) < max_packets:
+                    out.append(read(fd, size))
         except BlockingIOError:
             pass
         return out
 
     def write(self, packet: bytes) -> bool:
         try:
-            os.write(self._fd, packet)
+            if self.vnet:
+                os.writev(self._fd, (ZERO_VNET_HDR, packet))
+            else:
+                os.write(self._fd, packet)
         except OSError as e:
             if e.errno in _DROP_ERRNOS:
                 return False
             raise
         return True
+
+    def write_batch(self, packets: list[bytes]) -> int:
+        if not self.vnet or len(packets) < 2:
+            return sum(not self.write(p) for p in packets)
+        dropped = 0
+        writev, fd = os.writev, self._fd
+        for iov, count in coalesce(packets):
+            try:
+                writev(fd, iov)
+            except OSError as e:
+                if e.errno not in _DROP_ERRNOS:
+                    raise
+                dropped += count
+        return dropped
 
     def close(self) -> None:
         if self._fd >= 0:
@@ -103,15 +137,25 @@ class TunDevice:
         self.close()
 
 
-def open_tun(name: str, mtu: int) -> TunDevice:
-    """Create TUN ``name`` (IFF_TUN|IFF_NO_PI), set its MTU, bring it up, non-blocking."""
+def tun_offload_wanted() -> bool:
+    """Coalesced TUN writes unless MASQUED_TUN_OFFLOAD=0 (for comparisons, or a
+    kernel that mishandles them)."""
+    return os.environ.get("MASQUED_TUN_OFFLOAD", "1") != "0"
+
+
+def open_tun(name: str, mtu: int, vnet: bool | None = None) -> TunDevice:
+    """Create TUN ``name`` (IFF_TUN|IFF_NO_PI, and IFF_VNET_HDR unless ``vnet`` is
+    False or MASQUED_TUN_OFFLOAD=0), set its MTU, bring it up, non-blocking."""
     import pytun
 
     if not 0 < len(name) <= 15:
         raise ValueError(f"TUN name {name!r} must be 1-15 characters")
-    log.info("[#] ip tuntap add dev %s mode tun", name)
+    if vnet is None:
+        vnet = tun_offload_wanted()
+    log.info("[#] ip tuntap add dev %s mode tun%s", name, " vnet_hdr" if vnet else "")
+    flags = pytun.IFF_TUN | pytun.IFF_NO_PI | (pytun.IFF_VNET_HDR if vnet else 0)
     try:
-        dev = pytun.TunTapDevice(name=name, flags=pytun.IFF_TUN | pytun.IFF_NO_PI)
+        dev = pytun.TunTapDevice(name=name, flags=flags)
     except pytun.Error as e:
         raise OSError(f"cannot create TUN {name}: {e}") from None
     try:
@@ -123,7 +167,7 @@ def open_tun(name: str, mtu: int) -> TunDevice:
     except BaseException:
         dev.close()
         raise
-    return TunDevice(dev, dev.name, mtu)
+    return TunDevice(dev, dev.name, mtu, vnet=vnet)
 
 
 def _no_link_local(name: str) -> None:
@@ -206,6 +250,9 @@ class FakeTun:
             return False
         self.written.append(bytes(packet))
         return True
+
+    def write_batch(self, packets: list[bytes]) -> int:
+        return sum(not self.write(p) for p in packets)
 
     def take_written(self) -> list[bytes]:
         """Everything written so far, emptying the queue (the kernel consumed it)."""

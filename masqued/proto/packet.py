@@ -77,7 +77,7 @@ def internet_checksum(data: BytesLike, initial: int = 0) -> int:
     return ~folded & 0xFFFF
 
 
-def _pseudo_sum(src: bytes, dst: bytes, proto: int, length: int) -> int:
+def pseudo_header_sum(src: bytes, dst: bytes, proto: int, length: int) -> int:
     """One's-complement sum of the TCP/UDP/ICMPv6 pseudo-header (RFC 768, RFC 8200 §8.1)."""
     if len(src) == 4:
         tail = bytes((0, proto)) + length.to_bytes(2, "big")
@@ -364,7 +364,7 @@ def build_ip(
 
 
 def _transport_checksum(s: IPAddress, d: IPAddress, proto: int, segment: bytes) -> int:
-    return internet_checksum(segment, _pseudo_sum(s.packed, d.packed, proto, len(segment)))
+    return internet_checksum(segment, pseudo_header_sum(s.packed, d.packed, proto, len(segment)))
 
 
 def build_udp(

@@ -213,8 +213,16 @@ class ClientConnection(QuicPeer):
         receive = self.quic.receive_datagram
         for data, addr in batch:
             receive(data, addr, now)
-        self.process_events()
+        tunnel = self.tunnel
+        tunnel.batching = True
+        try:
+            self.process_events()
+        finally:
+            tunnel.batching = False
+            tunnel.write_tun()
         if not self.closed:
+            if tunnel.conn is self:
+                tunnel.pump_tun()
             self.flush()
 
     def process_events(self) -> None:
@@ -470,6 +478,9 @@ class ClientTunnel:
         self.loop = loop
         self.settings = settings
         self.tun = tun
+        # Packets from the relay, written to the TUN once per UDP batch (write_tun).
+        self._tun_out: list[bytes] = []
+        self.batching = False
         self.on_params = on_params
         self.on_state = on_state
         self.status = ClientStatus()
@@ -637,41 +648,65 @@ class ClientTunnel:
             counters.drops[DROP_MALFORMED] += 1
             conn.fail(f"malformed frame from relay: {exc.reason}")
             return
-        write = self.tun.write
-        if packets:
-            counters.last_rx = time.time()
-        for pkt in packets:
-            counters.rx_packets += 1
-            counters.rx_bytes += len(pkt)
-            if not write(pkt):
-                counters.drops[DROP_TUN_WRITE] += 1
-
-    def _tun_ready(self) -> None:
-        packets = self.tun.read_batch(TUN_READ_BATCH)
         if not packets:
             return
+        counters.last_rx = time.time()
+        counters.rx_packets += len(packets)
+        counters.rx_bytes += sum(map(len, packets))
+        self._to_tun(packets)
+
+    def _to_tun(self, packets: list[bytes]) -> None:
+        self._tun_out += packets
+        if not self.batching:
+            self.write_tun()
+
+    def write_tun(self) -> None:
+        """Write what the relay sent in this UDP batch to the TUN in one batch, so that
+        consecutive TCP segments can go to the kernel as one (masqued.host.coalesce)."""
+        if not self._tun_out:
+            return
+        packets, self._tun_out = self._tun_out, []
+        dropped = self.tun.write_batch(packets)
+        if dropped:
+            self.status.counters.drops[DROP_TUN_WRITE] += dropped
+
+    def _tun_ready(self) -> None:
+        conn = self.pump_tun()
+        if conn is not None:
+            conn.flush()
+
+    def pump_tun(self) -> ClientConnection | None:
+        """Hand every packet waiting on the TUN to the connection, without sending.
+
+        Returns the connection that has something new to send, or None. Called on TUN
+        readiness and also right after a batch from the relay was written to the TUN:
+        what the local stack answered meanwhile (TCP ACKs, new data the ACKs released)
+        then leaves in the same flush as the QUIC ACKs instead of in packets of its own.
+        """
+        packets = self.tun.read_batch(TUN_READ_BATCH)
+        if not packets:
+            return None
         counters = self.status.counters
         conn = self.conn
         if conn is None or conn.closed or conn.stream_id is None:
             counters.drops[DROP_DISCONNECTED] += len(packets)
-            return
+            return None
         if conn.transport == "datagram":
-            self._send_datagrams(conn, packets)
-            return
+            return conn if self._send_datagrams(conn, packets) else None
         assert conn.h3 is not None
         try:
             if not send_packets_on_stream(
                 conn.h3, conn.quic, conn.stream_id, packets, self.settings.mtu, counters
             ):
-                return
+                return None
         except ProtocolError as exc:  # pragma: no cover - defensive
             conn.fail(str(exc))
-            return
+            return None
         except Exception as exc:
             # aioquic raises if the stream is already closed for sending.
             conn.fail(f"tunnel stream unusable: {exc}")
-            return
-        conn.flush()
+            return None
+        return conn
 
     def params_changed(self, conn: ClientConnection, params: TunnelParams) -> None:
         """The relay sent new ADDRESS_ASSIGN / ROUTE_ADVERTISEMENT on a live tunnel."""
@@ -690,7 +725,7 @@ class ClientTunnel:
         """IP packets from the relay's HTTP Datagrams (or DATAGRAM capsules) -> TUN."""
         counters = self.status.counters
         counters.last_rx = time.time()
-        write = self.tun.write
+        valid: list[bytes] = []
         for pkt in packets:
             counters.rx_packets += 1
             counters.rx_bytes += len(pkt)
@@ -699,17 +734,19 @@ class ClientTunnel:
             except PacketError:
                 counters.drops[DROP_MALFORMED] += 1
                 continue
-            if not write(pkt):
-                counters.drops[DROP_TUN_WRITE] += 1
+            valid.append(pkt)
+        if valid:
+            self._to_tun(valid)
 
-    def _send_datagrams(self, conn: ClientConnection, packets: list[bytes]) -> None:
+    def _send_datagrams(self, conn: ClientConnection, packets: list[bytes]) -> bool:
         """TUN -> relay in datagram mode: one HTTP Datagram per packet, sizes checked
-        before anything enters aioquic's queue, the queue bounded; one flush."""
+        before anything enters aioquic's queue, the queue bounded. True when something
+        was queued (the caller flushes)."""
         counters = self.status.counters
         assert conn.stream_id is not None
         if not conn.responded:
             counters.drops[DROP_DISCONNECTED] += len(packets)
-            return
+            return False
         room = datagram_room(conn.quic, conn.stream_id) - 1  # minus Context ID 0
         if (
             room < IPV6_MIN_MTU
@@ -718,7 +755,7 @@ class ClientTunnel:
         ):
             # RFC 9484 §7.2: an IPv6 tunnel must carry 1280-byte packets.
             conn.fail(f"QUIC path carries only {room}-byte packets, below the IPv6 minimum MTU")
-            return
+            return False
         sent = 0
         nbytes = 0
         for pkt in packets:
@@ -739,7 +776,7 @@ class ClientTunnel:
             nbytes += len(pkt)
         if sent:
             counters.sent(sent, nbytes)
-            conn.flush()
+        return sent > 0
 
     def snapshot(self) -> dict[str, Any]:
         """The tunnel as plain data (docs/status.schema.json, client part).

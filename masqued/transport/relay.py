@@ -155,6 +155,7 @@ class Tun(Protocol):
     def fileno(self) -> int: ...
     def read_batch(self, max_packets: int = ...) -> list[bytes]: ...
     def write(self, packet: bytes) -> bool: ...
+    def write_batch(self, packets: list[bytes]) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -188,6 +189,7 @@ class RelaySession:
     counters: TrafficCounters = field(default_factory=TrafficCounters)
     addr_keys: frozenset[bytes] = frozenset()
     out: list[bytes] = field(default_factory=list)
+    tun_out: list[bytes] = field(default_factory=list)  # accepted, not yet written
     # Datagram mode (RFC 9484): capsules on the stream, packets in HTTP Datagrams.
     transport: str = "stream"
     capsules: CapsuleDecoder | None = None
@@ -321,6 +323,10 @@ class RelayServer:
         self._ratelog = RateLimitedLog(log)
         self._quic_config = self._make_quic_config()
         self._dirty: set[RelayConnection] = set()
+        # Packets from clients are written to the TUN once per UDP batch, so that
+        # consecutive TCP segments can go to the kernel as one (masqued.host.coalesce).
+        self._tun_pending: list[RelaySession] = []
+        self._batching = False
         # The relay's own TUN address per IP version: source of the ICMP errors we make.
         self.gateways: dict[int, ipaddress.IPv4Address | ipaddress.IPv6Address] = {
             g.version: g.ip for g in pool.gateways()
@@ -373,10 +379,25 @@ class RelayServer:
                     continue
             conn.quic.receive_datagram(data, addr, now)
             dirty.add(conn)
-        for conn in dirty:
-            if not conn.closed:
-                conn.process_events()
+        self._batching = True
+        try:
+            for conn in dirty:
+                if not conn.closed:
+                    conn.process_events()
+        finally:
+            self._batching = False
+            self._write_tun()
+        self._pump_tun()
         self._flush()
+
+    def _write_tun(self) -> None:
+        """Write what the clients sent in this batch, one TUN batch per session."""
+        pending, self._tun_pending = self._tun_pending, []
+        for session in pending:
+            packets, session.tun_out = session.tun_out, []
+            dropped = self.tun.write_batch(packets)
+            if dropped:
+                session.counters.drops[DROP_TUN_WRITE] += dropped
 
     def _flush(self) -> None:
         dirty = self._dirty
@@ -718,6 +739,16 @@ class RelayServer:
     # -- TUN -> client ------------------------------------------------------------
 
     def _tun_ready(self) -> None:
+        self._pump_tun()
+        self._flush()
+
+    def _pump_tun(self) -> None:
+        """Hand every packet waiting on the TUN to its session, without sending.
+
+        Runs on TUN readiness and also right after a batch from the clients was written
+        to the TUN: the answers the kernel produced meanwhile (TCP ACKs above all) then
+        leave with the QUIC ACKs in one flush instead of in packets of their own.
+        """
         packets = self.tun.read_batch(TUN_READ_BATCH)
         if not packets:
             return
@@ -742,7 +773,6 @@ class RelayServer:
         mtu = self.settings.mtu
         for session in touched:
             self._send_packets(session, mtu)
-        self._flush()
 
     def _send_packets(self, session: RelaySession, mtu: int) -> None:
         if session.transport == "datagram":
@@ -885,7 +915,7 @@ class RelayServer:
         counters = session.counters
         counters.last_rx = time.time()
         keys = session.addr_keys
-        write = self.tun.write
+        accepted: list[bytes] = []
         mtu = self.settings.mtu
         scoped = session.scope_targets is not None or session.scope_ipproto is not None
         acl = session.acl.allows if session.acl is not None else None
@@ -922,8 +952,13 @@ class RelayServer:
             if acl is not None and not acl(pkt):
                 self._denied(session, version, pkt)
                 continue
-            if not write(pkt):
-                counters.drops[DROP_TUN_WRITE] += 1
+            accepted.append(pkt)
+        if accepted:
+            if not session.tun_out:
+                self._tun_pending.append(session)
+            session.tun_out += accepted
+            if not self._batching:
+                self._write_tun()
 
     def _denied(self, session: RelaySession, version: int, pkt: bytes) -> None:
         """An ACL drop: count it, log it (rate-limited), answer ICMP prohibited."""

@@ -79,3 +79,30 @@ def test_tun_device_batches_and_drops() -> None:
     tun.close()
     assert dev.closed
     b.close()
+
+
+def test_vnet_tun_device_strips_and_adds_headers_and_coalesces() -> None:
+    from masqued.host.coalesce import VNET_HDR, VNET_HDR_LEN, ZERO_VNET_HDR
+    from masqued.proto.packet import build_tcp, build_udp
+
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    a.setblocking(False)
+    tun = TunDevice(_SockDev(a), "mq-test", 1400, vnet=True)
+    b.send(ZERO_VNET_HDR + V4)
+    assert tun.read_batch() == [V4]
+    assert tun.write(V6)
+    assert b.recv(2000) == ZERO_VNET_HDR + V6
+    # A run of TCP segments leaves as one write; a lone packet with a zero header.
+    segs = [
+        build_tcp("198.18.200.2", "198.19.0.2", 1, 2, b"x" * 100, flags=0x10, seq=1 + 100 * i)
+        for i in range(3)
+    ]
+    segs = [s[:6] + b"\x40" + s[7:] for s in segs]  # DF (checksum not re-done: not checked)
+    udp = build_udp("198.18.200.2", "198.19.0.2", 1, 2, b"u")
+    assert tun.write_batch([*segs, udp]) == 0
+    first = b.recv(2000)
+    assert VNET_HDR.unpack(first[:VNET_HDR_LEN])[1:4] == (1, 40, 100)  # TCPv4, hdr, mss
+    assert len(first) == VNET_HDR_LEN + 40 + 300
+    assert b.recv(2000) == ZERO_VNET_HDR + udp
+    tun.close()
+    b.close()
