@@ -19,14 +19,17 @@ import logging
 import os
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from masqued import __version__
 from masqued.config import ClientConfig, Config, RelayConfig
 from masqued.control import ControlServer, server_socket_path, socket_path
 from masqued.host.naming import InstanceIds
 from masqued.host.nat import NatBackend
-from masqued.metrics import MetricsServer, make_registry
+
+if TYPE_CHECKING:
+    from masqued.exposition import MetricsServer
+
 
 log = logging.getLogger("masqued")
 
@@ -75,6 +78,8 @@ class StatusService:
         await self.control.start()
         endpoint = self.get_config().metrics
         if endpoint is not None:
+            from masqued.exposition import MetricsServer, make_registry
+
             per_client = getattr(self.get_config(), "metrics_per_client", False)
             registry = make_registry(self.document, per_client)
             self.metrics = MetricsServer(

@@ -83,6 +83,7 @@ from masqued.transport.quic import (
     UdpSocket,
     bytes_in_flight,
     congestion_window,
+    merged_events,
     monotonic,
     quic_configuration,
     rtt_ms,
@@ -228,7 +229,7 @@ class ClientConnection(QuicPeer):
     def process_events(self) -> None:
         h3 = self.h3
         assert h3 is not None
-        while (event := self.quic.next_event()) is not None:
+        for event in merged_events(self.quic):
             if isinstance(event, ConnectionTerminated):
                 reason = event.reason_phrase or f"code {event.error_code:#x}"
                 self.finish(f"connection closed by relay or timeout ({reason})")

@@ -15,12 +15,13 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 from aioquic.h3.connection import H3_ALPN, H3Connection
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
+from aioquic.quic.events import QuicEvent, StreamDataReceived
 
 from masqued.metrics import DROP_OVERSIZED, DROP_QUEUE_FULL, TrafficCounters
 from masqued.proto.framing import encode_frames
@@ -206,6 +207,43 @@ class UdpSocket:
         except OSError:
             # Kernel buffer full or a transient route error: QUIC treats it as loss.
             self.send_errors += 1
+
+
+def merged_events(quic: QuicConnection) -> Iterator[QuicEvent]:
+    """``quic``'s pending events, each run of StreamDataReceived on one stream merged
+    into one event.
+
+    A UDP batch of a bulk transfer yields one event per QUIC packet; the H3 layer,
+    the frame decoder and the packet checks then run once per run instead of once
+    per packet. Stream data is a byte stream, so the merge changes nothing else.
+    An event is yielded only after everything before it, so a consumer that stops
+    early leaves the rest in aioquic's queue.
+    """
+    run: StreamDataReceived | None = None
+    chunks: list[bytes] = []
+    while (event := quic.next_event()) is not None:
+        if type(event) is StreamDataReceived:
+            if run is not None and event.stream_id == run.stream_id and not run.end_stream:
+                chunks.append(event.data)
+                run.end_stream = event.end_stream
+                continue
+            if run is not None:
+                yield _merged(run, chunks)
+            run = StreamDataReceived(event.data, event.end_stream, event.stream_id)
+            chunks = [event.data]
+            continue
+        if run is not None:
+            yield _merged(run, chunks)
+            run = None
+        yield event
+    if run is not None:
+        yield _merged(run, chunks)
+
+
+def _merged(run: StreamDataReceived, chunks: list[bytes]) -> StreamDataReceived:
+    if len(chunks) > 1:
+        run.data = b"".join(chunks)
+    return run
 
 
 class QuicPeer:

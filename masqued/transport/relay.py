@@ -113,6 +113,7 @@ from masqued.transport.quic import (
     UdpSocket,
     bytes_in_flight,
     congestion_window,
+    merged_events,
     monotonic,
     peer_certificate,
     quic_configuration,
@@ -244,7 +245,7 @@ class RelayConnection(QuicPeer):
         quic = self.quic
         h3 = self.h3
         assert h3 is not None
-        while (event := quic.next_event()) is not None:
+        for event in merged_events(quic):
             if isinstance(event, ConnectionIdIssued):
                 self.server._register_cid(event.connection_id, self)
             elif isinstance(event, ConnectionIdRetired):

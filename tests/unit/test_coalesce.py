@@ -123,9 +123,9 @@ def segment(iov: list[bytes | memoryview]) -> list[bytes]:
             h[4:6] = (total - 40).to_bytes(2, "big")
         t = bytearray(h[hl:]) + chunk
         t[16:18] = b"\0\0"
-        t[16:18] = internet_checksum(
-            t, pseudo_header_sum(src, dst, PROTO_TCP, len(t))
-        ).to_bytes(2, "big")
+        t[16:18] = internet_checksum(t, pseudo_header_sum(src, dst, PROTO_TCP, len(t))).to_bytes(
+            2, "big"
+        )
         out.append(bytes(h[:hl]) + bytes(t))
     return out
 
@@ -171,6 +171,7 @@ def assert_same_per_flow(got: list[bytes], sent: list[bytes]) -> None:
     assert sorted(got) == sorted(sent)
     for key in {flow_of(p) for p in sent}:
         assert [p for p in got if flow_of(p) == key] == [p for p in sent if flow_of(p) == key]
+
     def barriers(pkts: list[bytes]) -> list[int]:
         return [i for i, p in enumerate(pkts) if p in OPAQUE_FREE]
 
@@ -280,9 +281,7 @@ def test_limits_segments_and_size() -> None:
     assert [count for _, count in coalesce(many)] == [MAX_SEGMENTS, 5]
     big = stream(C4, T4, [1400] * 60)
     plan = coalesce(big)
-    assert all(
-        sum(len(bytes(p)) for p in iov) - VNET_HDR_LEN <= MAX_IP_LEN for iov, _ in plan
-    )
+    assert all(sum(len(bytes(p)) for p in iov) - VNET_HDR_LEN <= MAX_IP_LEN for iov, _ in plan)
     assert replay(big) == big
 
 

@@ -1,4 +1,4 @@
-"""masqued.metrics: cheap counters, the snapshot collector and the /metrics endpoint."""
+"""masqued.metrics (cheap counters) and masqued.exposition (snapshot collector, /metrics)."""
 
 from __future__ import annotations
 
@@ -11,14 +11,12 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
+from masqued.exposition import MetricsServer, make_registry, scrape
 from masqued.metrics import (
     HANDSHAKE_BUCKETS,
     MAX_CLIENT_SERIES,
     LatencyHistogram,
-    MetricsServer,
     TrafficCounters,
-    make_registry,
-    scrape,
 )
 
 

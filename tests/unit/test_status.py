@@ -17,9 +17,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from masqued import pki, status
 from masqued.config import ClientConfig, MetricsEndpoint, RelayConfig
 from masqued.control import socket_path
+from masqued.exposition import scrape
 from masqued.host.naming import InstanceIds
 from masqued.host.nat import FakeNat
-from masqued.metrics import scrape
 from masqued.proto.packet import build_udp
 from masqued.status import StatusService, compute_rates, parse_nat_description, render_text
 from tests.unit.test_transport import Client, Relay, until

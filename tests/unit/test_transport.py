@@ -245,3 +245,58 @@ async def test_burst_beyond_the_stream_bound_is_tail_dropped_and_counted(
     await until(lambda: len(relay.tun.written) + drops["queue_full"] == burst, timeout=10)
     assert len(relay.tun.written) <= SEND_BACKLOG_LIMIT // len(packet) + 256
     await client.close()
+
+
+class _EventQueue:
+    """Stands in for a QuicConnection: hands out queued events one by one."""
+
+    def __init__(self, events: list[object]) -> None:
+        self.events = list(events)
+
+    def next_event(self) -> object | None:
+        return self.events.pop(0) if self.events else None
+
+
+def test_merged_events_joins_runs_of_one_stream_only() -> None:
+    from aioquic.quic.events import HandshakeCompleted, StreamDataReceived
+
+    from masqued.transport.quic import merged_events
+
+    hs = HandshakeCompleted(alpn_protocol="h3", early_data_accepted=False, session_resumed=False)
+    q = _EventQueue(
+        [
+            StreamDataReceived(b"a", False, 0),
+            StreamDataReceived(b"b", False, 0),
+            StreamDataReceived(b"x", False, 4),
+            StreamDataReceived(b"c", True, 0),
+            StreamDataReceived(b"d", False, 0),  # after the end: not merged into it
+            hs,
+            StreamDataReceived(b"e", False, 0),
+        ]
+    )
+    got = [
+        (e.stream_id, e.data, e.end_stream) if isinstance(e, StreamDataReceived) else e
+        for e in merged_events(q)  # type: ignore[arg-type]
+    ]
+    assert got == [
+        (0, b"ab", False),
+        (4, b"x", False),
+        (0, b"c", True),
+        (0, b"d", False),
+        hs,
+        (0, b"e", False),
+    ]
+
+
+def test_merged_events_leaves_the_rest_queued_when_the_consumer_stops() -> None:
+    from aioquic.quic.events import ConnectionTerminated, StreamDataReceived
+
+    from masqued.transport.quic import merged_events
+
+    bye = ConnectionTerminated(error_code=0, frame_type=None, reason_phrase="")
+    later = StreamDataReceived(b"z", False, 0)
+    q = _EventQueue([StreamDataReceived(b"a", False, 0), bye, later])
+    for event in merged_events(q):  # type: ignore[arg-type]
+        if event is bye:
+            break
+    assert q.events == [later]
