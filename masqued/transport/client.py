@@ -89,6 +89,7 @@ from masqued.transport.quic import (
     rtt_ms,
     send_packets_on_stream,
     tune_socket,
+    use_burst_pacer,
 )
 from masqued.transport.relay import TUN_READ_BATCH, Tun
 
@@ -577,6 +578,7 @@ class ClientTunnel:
             config.load_cert_chain(settings.certificate, settings.private_key)
         token = settings.token()
         quic = QuicConnection(configuration=config)
+        use_burst_pacer(quic)
         conn: ClientConnection | None = None
 
         def on_batch(batch: list[tuple[bytes, Address]]) -> None:

@@ -22,6 +22,7 @@ from aioquic.h3.connection import H3_ALPN, H3Connection
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import QuicEvent, StreamDataReceived
+from aioquic.quic.recovery import QuicPacketPacer
 
 from masqued.metrics import DROP_OVERSIZED, DROP_QUEUE_FULL, TrafficCounters
 from masqued.proto.framing import encode_frames
@@ -207,6 +208,42 @@ class UdpSocket:
         except OSError:
             # Kernel buffer full or a transient route error: QUIC treats it as loss.
             self.send_errors += 1
+
+
+# Packets the pacer lets out back to back: one GSO send (GSO_MAX_SEGMENTS), at most
+# half the congestion window.
+PACER_BURST = 64
+
+
+class BurstPacer(QuicPacketPacer):
+    """aioquic's pacer (same rate: window / smoothed RTT) with a burst of 64 packets.
+
+    aioquic's bucket holds at most 16 packets. Once the pacer gates, every further
+    send waits for a timer, and asyncio sleeps in whole milliseconds (epoll's
+    timeout), so a timer-driven sender moves at most ~16 packets per millisecond
+    (~190 Mbit/s) and spends its CPU on wake-ups: under load the tunnel fell into
+    that mode in about one run in three (75-105 Mbit/s with both daemons at 95% CPU,
+    QuicPeer._on_timer 54% of the client's profile instead of 10%). A burst the
+    size of one GSO send keeps the rate and leaves the timer granularity out of it.
+    """
+
+    def update_rate(self, congestion_window: int, smoothed_rtt: float) -> None:
+        super().update_rate(congestion_window, smoothed_rtt)
+        pacing_rate = congestion_window / max(smoothed_rtt, 1e-6)
+        burst = max(
+            2 * self._max_datagram_size,
+            min(congestion_window // 2, PACER_BURST * self._max_datagram_size),
+        )
+        self.bucket_max = burst / pacing_rate
+
+
+def use_burst_pacer(quic: QuicConnection) -> None:
+    """Give ``quic`` a BurstPacer (aioquic has no setting for the burst). A no-op on
+    an aioquic whose recovery object looks different."""
+    loss = getattr(quic, "_loss", None)
+    old = getattr(loss, "_pacer", None)
+    if loss is not None and type(old) is QuicPacketPacer:
+        loss._pacer = BurstPacer(max_datagram_size=old._max_datagram_size)
 
 
 def merged_events(quic: QuicConnection) -> Iterator[QuicEvent]:

@@ -121,6 +121,7 @@ from masqued.transport.quic import (
     send_packets_on_stream,
     stream_send_backlog,
     tune_socket,
+    use_burst_pacer,
 )
 
 log = logging.getLogger("masqued.relay")
@@ -448,6 +449,7 @@ class RelayServer:
             configuration=config,
             original_destination_connection_id=header.destination_cid,
         )
+        use_burst_pacer(quic)
         conn = RelayConnection(self, quic, addr, self.udp.send)
         self._register_cid(header.destination_cid, conn)
         self._register_cid(quic.host_cid, conn)

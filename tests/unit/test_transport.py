@@ -300,3 +300,45 @@ def test_merged_events_leaves_the_rest_queued_when_the_consumer_stops() -> None:
         if event is bye:
             break
     assert q.events == [later]
+
+
+def _burst_at_one_instant(pacer: object) -> int:
+    """How many packets the pacer lets out at once after a long idle."""
+    pacer.update_rate(congestion_window=1_000_000, smoothed_rtt=0.01)  # type: ignore[attr-defined]
+    now, sent = 10.0, 0
+    while pacer.next_send_time(now) is None and sent < 1000:  # type: ignore[attr-defined]
+        pacer.update_after_send(now)  # type: ignore[attr-defined]
+        sent += 1
+    return sent
+
+
+def test_burst_pacer_lets_one_gso_send_out_and_keeps_the_rate() -> None:
+    from aioquic.quic.connection import QuicConnection
+    from aioquic.quic.recovery import QuicPacketPacer
+
+    from masqued.transport.quic import (
+        MAX_DATAGRAM_SIZE,
+        PACER_BURST,
+        BurstPacer,
+        quic_configuration,
+        use_burst_pacer,
+    )
+
+    stock = QuicPacketPacer(max_datagram_size=MAX_DATAGRAM_SIZE)
+    burst = BurstPacer(max_datagram_size=MAX_DATAGRAM_SIZE)
+    assert _burst_at_one_instant(stock) <= 17
+    assert PACER_BURST - 1 <= _burst_at_one_instant(burst) <= PACER_BURST + 1
+    assert burst.packet_time == stock.packet_time  # same pacing rate
+    # Then one packet per packet_time, as before.
+    later = 10.0 + 3 * burst.packet_time  # type: ignore[operator]
+    assert burst.next_send_time(later) is None
+    # A small window caps the burst at half of it.
+    small = BurstPacer(max_datagram_size=MAX_DATAGRAM_SIZE)
+    small.update_rate(congestion_window=10 * MAX_DATAGRAM_SIZE, smoothed_rtt=0.01)
+    assert small.bucket_max == pytest.approx(
+        5 * MAX_DATAGRAM_SIZE / (10 * MAX_DATAGRAM_SIZE / 0.01)
+    )
+
+    quic = QuicConnection(configuration=quic_configuration(is_client=True, server_name="x"))
+    use_burst_pacer(quic)
+    assert isinstance(quic._loss._pacer, BurstPacer)
