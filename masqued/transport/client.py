@@ -79,6 +79,7 @@ from masqued.transport.datagrams import (
 )
 from masqued.transport.quic import (
     Address,
+    BacklogBound,
     QuicPeer,
     UdpSocket,
     bytes_in_flight,
@@ -203,6 +204,7 @@ class ClientConnection(QuicPeer):
         self.assigned: tuple[IPNetwork, ...] | None = None
         self.routes: tuple[IPNetwork, ...] | None = None
         self.rx_packets: list[bytes] = []
+        self.bound = BacklogBound()  # the tunnel stream's queue (stream mode)
         self._request_ids: dict[int, int] = {}  # request ID -> IP version
         self.ready: asyncio.Future[TunnelParams] = tunnel.loop.create_future()
         self.done: asyncio.Future[str] = tunnel.loop.create_future()
@@ -699,7 +701,13 @@ class ClientTunnel:
         assert conn.h3 is not None
         try:
             if not send_packets_on_stream(
-                conn.h3, conn.quic, conn.stream_id, packets, self.settings.mtu, counters
+                conn.h3,
+                conn.quic,
+                conn.stream_id,
+                packets,
+                self.settings.mtu,
+                counters,
+                conn.bound,
             ):
                 return None
         except ProtocolError as exc:  # pragma: no cover - defensive

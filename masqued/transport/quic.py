@@ -336,9 +336,52 @@ class QuicPeer:
             self._timer_at = None
 
 
-# A CONNECT stream's unacknowledged send backlog above which packets are dropped
-# (tail drop, like a router queue) rather than queued: bounds memory and delay.
-SEND_BACKLOG_LIMIT = 128 * 1024
+class BacklogBound:
+    """How many unacknowledged bytes a tunnel stream may hold before packets are
+    dropped (tail drop, like a router queue): a bound in time, not in bytes.
+
+    aioquic's stream send buffer is unbounded. The bound is what the peer has been
+    acknowledging per second times (minimum RTT + QUEUE_TARGET): the data in flight
+    plus at most ~QUEUE_TARGET of queue, whatever the link's speed, kept between
+    FLOOR and CEILING. A fixed 128 KiB was 5 ms of queue at 200 Mbit/s (inner TCP
+    lost ~10% of its segments to it) but 100 ms on a 10 Mbit/s uplink.
+    """
+
+    QUEUE_TARGET = 0.010
+    FLOOR = 64 * 1024
+    CEILING = 4 * 1024 * 1024
+    WINDOW = 0.025  # rate samples span at least this long
+
+    def __init__(self) -> None:
+        self.limit = self.FLOOR
+        self.rate = 0.0  # acknowledged bytes per second (moving average)
+        self._at: float | None = None
+        self._acked = 0
+
+    def update(self, quic: QuicConnection, stream_id: int, now: float) -> int:
+        """The bound for the stream now; call before queuing on it."""
+        stream = quic._streams.get(stream_id)  # aioquic exposes no public accessor
+        if stream is None:
+            return self.limit
+        acked = stream.sender._buffer_start  # every byte below it is acknowledged
+        if self._at is None:
+            self._at, self._acked = now, acked
+            return self.limit
+        elapsed = now - self._at
+        if elapsed < self.WINDOW:
+            return self.limit
+        sample = (acked - self._acked) / elapsed
+        self._at, self._acked = now, acked
+        # Rise at once (a transfer starting), fall gently (one quiet window).
+        self.rate = sample if sample > self.rate else 0.75 * self.rate + 0.25 * sample
+        loss = getattr(quic, "_loss", None)
+        min_rtt = getattr(loss, "_rtt_min", 0.0)
+        if not 0.0 < min_rtt < 1.0:
+            min_rtt = 0.0
+        self.limit = int(
+            min(self.CEILING, max(self.FLOOR, self.rate * (min_rtt + self.QUEUE_TARGET)))
+        )
+        return self.limit
 
 
 def send_packets_on_stream(
@@ -348,13 +391,14 @@ def send_packets_on_stream(
     packets: list[bytes],
     mtu: int,
     counters: TrafficCounters,
+    bound: BacklogBound,
 ) -> bool:
     """Stream mode: frame ``packets`` into one DATA write on the tunnel stream.
 
     Packets above ``mtu`` and those that would push the stream's backlog past
-    SEND_BACKLOG_LIMIT are dropped and counted. Returns True if anything was queued.
+    ``bound`` are dropped and counted. Returns True if anything was queued.
     """
-    budget = SEND_BACKLOG_LIMIT - stream_send_backlog(quic, stream_id)
+    budget = bound.update(quic, stream_id, monotonic()) - stream_send_backlog(quic, stream_id)
     batch: list[bytes] = []
     nbytes = 0
     for pkt in packets:
@@ -408,7 +452,7 @@ def stream_send_backlog(quic: QuicConnection, stream_id: int) -> int:
     """Bytes queued on a stream but not yet acknowledged by the peer.
 
     aioquic's stream send buffer is unbounded; this lets the data path apply its own
-    bound (tail drop, like a router queue) instead of buffering without limit.
+    bound (BacklogBound) instead of buffering without limit.
     """
     stream = quic._streams.get(stream_id)  # aioquic exposes no public accessor
     if stream is None:

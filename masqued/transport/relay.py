@@ -106,8 +106,8 @@ from masqued.transport.datagrams import (
     queue_datagram,
 )
 from masqued.transport.quic import (
-    SEND_BACKLOG_LIMIT,
     Address,
+    BacklogBound,
     ClientCertRequestingConnection,
     QuicPeer,
     UdpSocket,
@@ -192,6 +192,7 @@ class RelaySession:
     addr_keys: frozenset[bytes] = frozenset()
     out: list[bytes] = field(default_factory=list)
     tun_out: list[bytes] = field(default_factory=list)  # accepted, not yet written
+    bound: BacklogBound = field(default_factory=BacklogBound)  # stream mode's queue
     # Datagram mode (RFC 9484): capsules on the stream, packets in HTTP Datagrams.
     transport: str = "stream"
     capsules: CapsuleDecoder | None = None
@@ -788,7 +789,7 @@ class RelayServer:
             return
         assert conn.h3 is not None
         if send_packets_on_stream(
-            conn.h3, conn.quic, session.stream_id, packets, mtu, session.counters
+            conn.h3, conn.quic, session.stream_id, packets, mtu, session.counters, session.bound
         ):
             self._dirty.add(conn)
 
@@ -987,7 +988,7 @@ class RelayServer:
         if conn.closed or session.stream_id not in conn.sessions:
             return DROP_NO_SESSION
         if session.transport == "stream":
-            if stream_send_backlog(conn.quic, session.stream_id) > SEND_BACKLOG_LIMIT:
+            if stream_send_backlog(conn.quic, session.stream_id) > session.bound.limit:
                 return DROP_QUEUE_FULL
             assert conn.h3 is not None
             conn.h3.send_data(session.stream_id, encode_frame(pkt), end_stream=False)
@@ -996,7 +997,7 @@ class RelayServer:
         payload = encode_ip_datagram(pkt)
         if peer_accepts_datagrams(conn.h3, conn.quic):
             reason = queue_datagram(conn.h3, conn.quic, session.stream_id, payload)
-        elif stream_send_backlog(conn.quic, session.stream_id) > SEND_BACKLOG_LIMIT:
+        elif stream_send_backlog(conn.quic, session.stream_id) > session.bound.limit:
             reason = DROP_QUEUE_FULL
         else:
             conn.h3.send_data(session.stream_id, encode_datagram_capsule(payload), False)

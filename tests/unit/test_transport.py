@@ -233,17 +233,18 @@ async def test_udp_gso_and_gro_keep_datagram_boundaries() -> None:
 async def test_burst_beyond_the_stream_bound_is_tail_dropped_and_counted(
     relay: Relay, certs: Path
 ) -> None:
-    from masqued.transport.quic import SEND_BACKLOG_LIMIT
+    from masqued.transport.quic import BacklogBound
 
     client = Client(certs, relay.port)
     await asyncio.wait_for(client.up, 5)
     packet = build_udp(client.address, "198.19.0.2", 1000, 9, b"x" * 1200)
-    burst = 4 * SEND_BACKLOG_LIMIT // len(packet)
+    # A burst at once, from an idle tunnel: the bound is still its floor.
+    burst = 4 * BacklogBound.FLOOR // len(packet)
     client.tun.inject(*[packet] * burst)
     drops = client.tunnel.status.counters.drops
     await until(lambda: drops["queue_full"] > 0)
     await until(lambda: len(relay.tun.written) + drops["queue_full"] == burst, timeout=10)
-    assert len(relay.tun.written) <= SEND_BACKLOG_LIMIT // len(packet) + 256
+    assert len(relay.tun.written) <= BacklogBound.FLOOR // len(packet) + 256
     await client.close()
 
 
@@ -342,3 +343,66 @@ def test_burst_pacer_lets_one_gso_send_out_and_keeps_the_rate() -> None:
     quic = QuicConnection(configuration=quic_configuration(is_client=True, server_name="x"))
     use_burst_pacer(quic)
     assert isinstance(quic._loss._pacer, BurstPacer)
+
+
+class _FakeSender:
+    def __init__(self) -> None:
+        self._buffer_start = 0
+
+
+class _FakeStream:
+    def __init__(self) -> None:
+        self.sender = _FakeSender()
+
+
+class _FakeLoss:
+    _rtt_min = 0.002
+
+
+class _FakeQuic:
+    """Just what BacklogBound reads: the stream's acknowledged offset, the min RTT."""
+
+    def __init__(self) -> None:
+        self._streams = {0: _FakeStream()}
+        self._loss = _FakeLoss()
+
+    def ack(self, n: int) -> None:
+        self._streams[0].sender._buffer_start += n
+
+
+def test_backlog_bound_follows_the_acknowledged_rate_in_time() -> None:
+    from masqued.transport.quic import BacklogBound
+
+    quic = _FakeQuic()
+    bound = BacklogBound()
+    t = 100.0
+    assert bound.update(quic, 0, t) == BacklogBound.FLOOR  # type: ignore[arg-type]
+    # 25 MB/s acknowledged (200 Mbit/s): rate x (2 ms + 10 ms) = 300 kB.
+    for _ in range(10):
+        t += 0.05
+        quic.ack(int(25e6 * 0.05))
+        limit = bound.update(quic, 0, t)  # type: ignore[arg-type]
+    assert limit == pytest.approx(25e6 * (0.002 + BacklogBound.QUEUE_TARGET), rel=0.01)
+    # Samples closer than WINDOW change nothing.
+    quic.ack(10**9)
+    assert bound.update(quic, 0, t + BacklogBound.WINDOW / 2) == limit  # type: ignore[arg-type]
+    # A slow link: 1 MB/s (8 Mbit/s) -> the floor, not 12 kB; it decays, not jumps.
+    t += BacklogBound.WINDOW / 2
+    quic._streams[0].sender._buffer_start = 0
+    bound = BacklogBound()
+    bound.update(quic, 0, t)  # type: ignore[arg-type]
+    for _ in range(20):
+        t += 0.05
+        quic.ack(int(1e6 * 0.05))
+        limit = bound.update(quic, 0, t)  # type: ignore[arg-type]
+    assert limit == BacklogBound.FLOOR
+    # Fast and then idle: the bound shrinks back over a few windows.
+    for _ in range(4):
+        t += 0.05
+        quic.ack(int(400e6 * 0.05))
+        bound.update(quic, 0, t)  # type: ignore[arg-type]
+    assert bound.limit == BacklogBound.CEILING
+    for _ in range(40):
+        t += 0.05
+        bound.update(quic, 0, t)  # type: ignore[arg-type]
+    assert bound.limit == BacklogBound.FLOOR
