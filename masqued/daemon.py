@@ -31,13 +31,13 @@ from masqued.host.naming import (
 from masqued.host.nat import NatBackend, make_nat
 from masqued.host.routes import (
     NetState,
-    PyRoute2Netlink,
     Route,
     Router,
     Rule,
     default_interface,
     enable_forwarding,
 )
+from masqued.host.rtnetlink import RtNetlink
 from masqued.host.tun import open_tun
 from masqued.ipam import AddressPool
 from masqued.metrics import TrafficCounters
@@ -158,7 +158,7 @@ def _changed_keys(old: Any, new: Any, keys: tuple[str, ...]) -> list[str]:
 async def run_relay(config: RelayConfig, notifier: Notifier) -> int:
     inst = Instance(config, notifier)
     ids = inst.ids
-    nl = PyRoute2Netlink()
+    nl = RtNetlink()
     nat: NatBackend | None = None
     server: RelayServer | None = None
     tun = None
@@ -283,6 +283,7 @@ async def run_relay(config: RelayConfig, notifier: Notifier) -> int:
         if tun is not None:
             tun.close()
         inst.cleanup()
+        nl.close()
 
 
 def _pool_growth(old: tuple[IPNetwork, ...], new: tuple[IPNetwork, ...]) -> tuple[IPNetwork, ...]:
@@ -402,7 +403,7 @@ def client_netstate(
 async def run_client(config: ClientConfig, notifier: Notifier) -> int:
     inst = Instance(config, notifier)
     ids = inst.ids
-    nl = PyRoute2Netlink()
+    nl = RtNetlink()
     router = Router(nl, ids)
     fwmark = ids.fwmark if config.fwmark is None else config.fwmark
     tunnel: ClientTunnel | None = None
@@ -516,6 +517,7 @@ async def run_client(config: ClientConfig, notifier: Notifier) -> int:
         if tun is not None:
             tun.close()
         inst.cleanup()
+        nl.close()
 
 
 def _not_yet(inst: Instance, part: RelayServer | ClientTunnel | None) -> dict[str, Any]:

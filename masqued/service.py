@@ -343,7 +343,7 @@ def set_level(level: str) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-NOISY_LOGGERS = ("pyroute2", "quic", "aioquic", "asyncio")
+NOISY_LOGGERS = ("quic", "aioquic", "asyncio")
 
 
 class _QuietLibraries(logging.Filter):

@@ -6,7 +6,8 @@ from collections.abc import Callable
 
 from masqued.host.naming import InstanceIds
 from masqued.host.nat import cleanup_nat
-from masqued.host.routes import Netlink, PyRoute2Netlink, cleanup
+from masqued.host.routes import Netlink, cleanup
+from masqued.host.rtnetlink import RtNetlink
 
 
 def cleanup_instance(
@@ -23,5 +24,5 @@ def cleanup_instance(
     done = nat_cleanup(ids)
     if nl is not None:
         return done + cleanup(nl, ids)
-    with PyRoute2Netlink() as real:
+    with RtNetlink() as real:
         return done + cleanup(real, ids)

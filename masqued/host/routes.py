@@ -11,8 +11,9 @@ What is "ours" is found from the instance name alone (see ``naming.py``):
 So ``cleanup()`` needs no saved state. Every change is logged once, wg-quick style,
 as the ``ip`` command that would make it (``[#] ip -4 route add ...``).
 
-The kernel is reached through the small ``Netlink`` protocol; ``PyRoute2Netlink`` is
-the real one, ``FakeNetlink`` keeps state in memory and prints it as sorted text.
+The kernel is reached through the small ``Netlink`` protocol; ``RtNetlink`` (in
+``rtnetlink.py``) is the real one, ``FakeNetlink`` keeps state in memory and prints it
+as sorted text.
 """
 
 from __future__ import annotations
@@ -20,14 +21,11 @@ from __future__ import annotations
 import errno
 import ipaddress
 import logging
-import os
-import socket
 from collections.abc import Callable, Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from functools import partial
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Protocol
 
 from masqued.host.naming import (
     ROUTE_PROTO,
@@ -46,9 +44,6 @@ RT_TABLE_MAIN = 254
 RT_TABLE_LOCAL = 255
 FIB_RULE_INVERT = 0x2
 IFA_F_NODAD = 0x02
-_NO_SUPPRESS = 0xFFFFFFFF  # FRA_SUPPRESS_PREFIXLEN when unset
-
-_T = TypeVar("_T")
 
 
 # --------------------------------------------------------------------------- values
@@ -214,213 +209,6 @@ class Netlink(Protocol):
     def default_interface(self, family: int) -> str | None:
         """The device of the default route in the main table, if any."""
         ...
-
-
-class PyRoute2Netlink:
-    """``Netlink`` over pyroute2's ``IPRoute``.
-
-    pyroute2 >= 0.9 runs its synchronous API on an asyncio loop and fails with
-    "This event loop is already running" when called from a coroutine. All calls
-    therefore go through one private worker thread (created in the caller's network
-    namespace, which threads inherit), so this is safe to use from the daemon's loop.
-    """
-
-    def __init__(self) -> None:
-        from pyroute2 import IPRoute
-
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="masqued-netlink")
-        self._ipr: Any = self._pool.submit(IPRoute).result()
-
-    def close(self) -> None:
-        try:
-            self._call(self._ipr.close)
-        finally:
-            self._pool.shutdown(wait=True)
-
-    def __enter__(self) -> PyRoute2Netlink:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def _call(self, fn: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
-        from pyroute2.netlink.exceptions import NetlinkError
-
-        try:
-            return self._pool.submit(fn, *args, **kwargs).result()
-        except NetlinkError as e:
-            code = int(e.code) if e.code else errno.EIO
-            raise OSError(code, f"{os.strerror(code)} ({e})") from None
-
-    # links
-    def _index(self, ifname: str) -> int | None:
-        found = self._call(self._ipr.link_lookup, ifname=ifname)
-        return int(found[0]) if found else None
-
-    def _need_index(self, ifname: str) -> int:
-        idx = self._index(ifname)
-        if idx is None:
-            raise OSError(errno.ENODEV, f"no such device: {ifname}")
-        return idx
-
-    def _names(self) -> dict[int, str]:
-        return {
-            int(link["index"]): str(link.get_attr("IFLA_IFNAME"))
-            for link in self._call(self._ipr.get_links)
-        }
-
-    def link_exists(self, ifname: str) -> bool:
-        return self._index(ifname) is not None
-
-    def link_delete(self, ifname: str) -> None:
-        self._call(self._ipr.link, "del", index=self._need_index(ifname))
-
-    # addresses
-    def addresses(self, ifname: str) -> set[IPInterface]:
-        idx = self._index(ifname)
-        if idx is None:
-            return set()
-        out: set[IPInterface] = set()
-        for msg in self._call(self._ipr.get_addr, index=idx):
-            ip = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
-            out.add(ipaddress.ip_interface(f"{ip}/{msg['prefixlen']}"))
-        return out
-
-    def address_add(self, ifname: str, addr: IPInterface) -> None:
-        kw: dict[str, Any] = {}
-        if addr.version == 6:
-            kw["flags"] = IFA_F_NODAD  # usable at once, no 1-2 s of "tentative"
-        self._call(
-            self._ipr.addr,
-            "add",
-            index=self._need_index(ifname),
-            address=str(addr.ip),
-            prefixlen=addr.network.prefixlen,
-            **kw,
-        )
-
-    def address_del(self, ifname: str, addr: IPInterface) -> None:
-        self._call(
-            self._ipr.addr,
-            "del",
-            index=self._need_index(ifname),
-            address=str(addr.ip),
-            prefixlen=addr.network.prefixlen,
-        )
-
-    # routes
-    def routes(
-        self, *, table: int | None = None, dev: str | None = None
-    ) -> list[tuple[Route, int]]:
-        names = self._names()
-        out: list[tuple[Route, int]] = []
-        for family in (socket.AF_INET, socket.AF_INET6):
-            for msg in self._call(self._ipr.get_routes, family=family, table=table):
-                if msg["type"] != 1:  # RTN_UNICAST only
-                    continue
-                rtable = msg.get_attr("RTA_TABLE") or msg["table"]
-                if table is not None and rtable != table:
-                    continue
-                oif = msg.get_attr("RTA_OIF")
-                rdev = names.get(int(oif), "") if oif is not None else ""
-                if dev is not None and rdev != dev:
-                    continue
-                zero = "0.0.0.0" if family == socket.AF_INET else "::"
-                dst = ipaddress.ip_network(
-                    f"{msg.get_attr('RTA_DST') or zero}/{msg['dst_len']}", strict=False
-                )
-                gw = msg.get_attr("RTA_GATEWAY")
-                via = ipaddress.ip_address(gw) if gw else None
-                out.append((Route(dst, rdev, int(rtable), via), int(msg["proto"])))
-        return out
-
-    def _route_kw(self, route: Route) -> dict[str, Any]:
-        kw: dict[str, Any] = {
-            "family": socket.AF_INET if route.family == 4 else socket.AF_INET6,
-            "dst": str(route.dst.network_address),
-            "dst_len": route.dst.prefixlen,
-            "table": route.table,
-        }
-        if route.dev:
-            kw["oif"] = self._need_index(route.dev)
-        if route.via is not None:
-            kw["gateway"] = str(route.via)
-        return kw
-
-    def route_add(self, route: Route) -> None:
-        self._call(self._ipr.route, "add", proto=ROUTE_PROTO, **self._route_kw(route))
-
-    def route_del(self, route: Route, proto: int = ROUTE_PROTO) -> None:
-        # proto is part of the match: never delete the kernel's twin of our route.
-        self._call(self._ipr.route, "del", proto=proto, **self._route_kw(route))
-
-    # rules
-    def rules(self) -> set[Rule]:
-        out: set[Rule] = set()
-        for family, version in ((socket.AF_INET, 4), (socket.AF_INET6, 6)):
-            for msg in self._call(self._ipr.get_rules, family=family):
-                sup = msg.get_attr("FRA_SUPPRESS_PREFIXLEN")
-                out.add(
-                    Rule(
-                        family=version,
-                        priority=int(msg.get_attr("FRA_PRIORITY") or 0),
-                        table=int(msg.get_attr("FRA_TABLE") or msg["table"]),
-                        fwmark=msg.get_attr("FRA_FWMARK"),
-                        invert=bool(msg["flags"] & FIB_RULE_INVERT),
-                        suppress_prefixlength=(
-                            None if sup is None or sup == _NO_SUPPRESS else int(sup)
-                        ),
-                    )
-                )
-        return out
-
-    def _rule_kw(self, rule: Rule) -> dict[str, Any]:
-        kw: dict[str, Any] = {
-            "family": socket.AF_INET if rule.family == 4 else socket.AF_INET6,
-            "priority": rule.priority,
-            "table": rule.table,
-            "flags": FIB_RULE_INVERT if rule.invert else 0,
-        }
-        if rule.fwmark is not None:
-            kw["fwmark"] = rule.fwmark
-        if rule.suppress_prefixlength is not None:
-            kw["suppress_prefixlen"] = rule.suppress_prefixlength
-        return kw
-
-    def rule_add(self, rule: Rule) -> None:
-        self._call(self._ipr.rule, "add", **self._rule_kw(rule))
-
-    def rule_del(self, rule: Rule) -> None:
-        self._call(self._ipr.rule, "del", **self._rule_kw(rule))
-
-    # lookups
-    def route_get(self, addr: IPAddress) -> tuple[str, IPAddress | None]:
-        msgs = self._call(self._ipr.route, "get", dst=str(addr))
-        msg = msgs[0]
-        oif = msg.get_attr("RTA_OIF")
-        dev = self._names().get(int(oif), "") if oif is not None else ""
-        gw = msg.get_attr("RTA_GATEWAY")
-        return dev, (ipaddress.ip_address(gw) if gw else None)
-
-    def default_interface(self, family: int) -> str | None:
-        best: tuple[int, str] | None = None
-        names = self._names()
-        af = socket.AF_INET if family == 4 else socket.AF_INET6
-        for msg in self._call(self._ipr.get_routes, family=af, table=RT_TABLE_MAIN):
-            if msg["dst_len"] != 0 or msg["type"] != 1:
-                continue
-            if (msg.get_attr("RTA_TABLE") or msg["table"]) != RT_TABLE_MAIN:
-                continue
-            oif = msg.get_attr("RTA_OIF")
-            if oif is None:
-                mp = msg.get_attr("RTA_MULTIPATH")
-                oif = mp[0]["oif"] if mp else None
-            if oif is None or int(oif) not in names:
-                continue
-            metric = int(msg.get_attr("RTA_PRIORITY") or 0)
-            if best is None or metric < best[0]:
-                best = (metric, names[int(oif)])
-        return best[1] if best else None
 
 
 @dataclass
@@ -670,7 +458,9 @@ def default_interface(family: int, nl: Netlink | None = None) -> str | None:
     """Egress for ``egress = "auto"``: the device of the main table's default route."""
     if nl is not None:
         return nl.default_interface(family)
-    with PyRoute2Netlink() as real:
+    from masqued.host.rtnetlink import RtNetlink
+
+    with RtNetlink() as real:
         return real.default_interface(family)
 
 
@@ -678,7 +468,9 @@ def route_get(addr: IPAddress, nl: Netlink | None = None) -> tuple[str, IPAddres
     """(device, gateway or None) the kernel would use to reach ``addr`` now."""
     if nl is not None:
         return nl.route_get(addr)
-    with PyRoute2Netlink() as real:
+    from masqued.host.rtnetlink import RtNetlink
+
+    with RtNetlink() as real:
         return real.route_get(addr)
 
 

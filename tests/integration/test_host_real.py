@@ -7,6 +7,7 @@ rules or netfilter. The test process only *looks* with ``ip -n`` / ``ip netns ex
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import os
 import re
@@ -21,6 +22,7 @@ from typing import Any
 import pytest
 
 from masqued.host.naming import InstanceIds
+from masqued.host.routes import Route, Rule
 
 pytestmark = [
     pytest.mark.root,
@@ -138,18 +140,19 @@ ROUTER_SETUP = """
 import ipaddress, socket, struct
 from masqued.host.naming import InstanceIds
 from masqued.host.routes import *
+from masqued.host.rtnetlink import RtNetlink
 from masqued.host.tun import open_tun
 from masqued.host.cleanup import cleanup_instance
 ids = InstanceIds({name!r})
 tun = open_tun(ids.tun, 1400)
-nl = PyRoute2Netlink()
+nl = RtNetlink()
 router = Router(nl, ids)
 net, ifc, ip = ipaddress.ip_network, ipaddress.ip_interface, ipaddress.ip_address
 T = ids.table
 def state(addrs, routes, rules):
     return NetState(frozenset(map(ifc, addrs)), frozenset(routes), frozenset(rules))
 import asyncio
-async def from_a_coroutine():  # pyroute2 >= 0.9 breaks here unless we use a thread
+async def from_a_coroutine():  # the daemon calls it from its event loop
     return default_interface(4, nl)
 assert asyncio.run(from_a_coroutine()) == "mq-e0"
 result = [default_interface(4, nl), default_interface(6, nl),
@@ -289,6 +292,175 @@ result = [len(replies), str(ip(replies[0][12:16])), str(ip(replies[0][16:20]))]
     assert sh(f"ip -n {ns} rule") == foreign_rules
     assert f"fwmark {mark}" not in sh(f"ip -n {ns} -6 rule")
     assert "mq-ti" not in sh(f"ip -n {ns} link")
+
+
+# ------------------------------------------------------------------ rtnetlink vs ip
+
+RTNL_SETUP = """
+import errno, ipaddress
+from masqued.host.routes import Route, Rule
+from masqued.host.rtnetlink import RtNetlink
+net, ifc, ip = ipaddress.ip_network, ipaddress.ip_interface, ipaddress.ip_address
+T, M, DEV = {table}, {mark}, "mq-n0"
+nl = RtNetlink()
+ADDRS = [ifc("198.18.7.1/24"), ifc("198.18.7.9/32"), ifc("2001:db8:7::1/64"),
+         ifc("2001:db8:7:1::5/128")]
+ROUTES = [
+    Route(net("198.19.7.0/24"), DEV, T),
+    Route(net("0.0.0.0/0"), DEV, T),
+    Route(net("198.19.8.8/32"), DEV, T, ip("198.18.7.2")),
+    Route(net("2001:db8:70::/48"), DEV, T),
+    Route(net("::/0"), DEV, T, ip("2001:db8:7::2")),
+    Route(net("198.19.9.0/24"), DEV),  # main table
+]
+RULES = [
+    Rule(4, 5209, 254, fwmark=M, invert=True, suppress_prefixlength=0),
+    Rule(4, 5210, T, fwmark=M, invert=True),
+    Rule(6, 5209, 254, fwmark=M, invert=True, suppress_prefixlength=0),
+    Rule(6, 5210, T, fwmark=M, invert=True),
+    Rule(4, 5300, 100, fwmark=0x7),
+]
+def errno_of(fn, *args):
+    try:
+        fn(*args)
+    except OSError as e:
+        return errno.errorcode.get(e.errno, str(e.errno))
+    return "ok"
+def report():
+    return {{
+        "addresses": sorted(map(str, nl.addresses(DEV))),
+        "routes": {{t: sorted(f"{{r}} proto {{p}}" for r, p in nl.routes(table=t))
+                   for t in (T, 254)}},
+        "rules": sorted(f"{{r.family}} {{r.priority}}: {{r}}" for r in nl.rules()),
+    }}
+"""
+
+RTNL_ADD = """
+for a in ADDRS:
+    nl.address_add(DEV, a)
+for r in ROUTES:
+    nl.route_add(r)
+for r in RULES:
+    nl.rule_add(r)
+result = report()
+result["again"] = [errno_of(nl.address_add, DEV, ADDRS[0]), errno_of(nl.route_add, ROUTES[0]),
+                   errno_of(nl.rule_add, RULES[0]), errno_of(nl.address_add, "mq-none", ADDRS[0])]
+result["egress"] = [nl.default_interface(4), nl.default_interface(6),
+                    nl.route_get(ip("198.19.9.1")), nl.route_get(ip("2001:db8:7::2")),
+                    nl.route_get(ip("198.19.8.8"))]
+"""
+
+RTNL_REMOVE = """
+for r in RULES:
+    nl.rule_del(r)
+for r in ROUTES:
+    nl.route_del(r)
+for a in ADDRS:
+    nl.address_del(DEV, a)
+result = report()
+result["again"] = [errno_of(nl.address_del, DEV, ADDRS[0]), errno_of(nl.route_del, ROUTES[0]),
+                   errno_of(nl.rule_del, RULES[0])]
+nl.link_delete("mq-n2")
+result["links"] = [nl.link_exists("mq-n2"), errno_of(nl.link_delete, "mq-n2"), nl.link_exists(DEV)]
+nl.close()
+"""
+
+_TABLES = {"main": 254, "local": 255, "default": 253}
+_PROTOS = {"kernel": 2, "boot": 3, "static": 4}
+_RULE_KEYS = {"priority", "not", "src", "fwmark", "table", "suppress_prefixlen"}
+
+
+def ip_json(ns: str, args: str) -> list[dict[str, Any]]:
+    out: list[dict[str, Any]] = json.loads(sh(f"ip -n {ns} -j {args}") or "[]")
+    return out
+
+
+def ip_view(ns: str, table: int, dev: str) -> dict[str, Any]:
+    """What ``ip`` prints, in the shapes ``Route``/``Rule``/``ip_interface`` print
+    (routes keyed by table as a string, as they come back from the agent's JSON)."""
+    addrs = sorted(
+        f"{a['local']}/{a['prefixlen']}"
+        for link in ip_json(ns, f"addr show dev {dev}")
+        for a in link["addr_info"]
+    )
+    routes: dict[str, list[str]] = {str(table): [], "254": []}
+    for fam, zero in (("-4", "0.0.0.0/0"), ("-6", "::/0")):
+        # (not "show table T": ip fails on a table that does not exist yet)
+        for r in ip_json(ns, f"{fam} route show table all"):
+            t = _TABLES.get(r.get("table", "main")) or int(r["table"])
+            if str(t) not in routes or r.get("type", "unicast") != "unicast":
+                continue
+            dst = ipaddress.ip_network(zero if r["dst"] == "default" else r["dst"])
+            via = ipaddress.ip_address(r["gateway"]) if "gateway" in r else None
+            proto = _PROTOS.get(r["protocol"]) or int(r["protocol"])
+            routes[str(t)].append(f"{Route(dst, r.get('dev', ''), t, via)} proto {proto}")
+    routes = {t: sorted(found) for t, found in routes.items()}
+    rules = []
+    for fam, version in (("-4", 4), ("-6", 6)):
+        for r in ip_json(ns, f"{fam} rule show"):
+            assert r["src"] == "all" and set(r) <= _RULE_KEYS, r
+            rule = Rule(
+                version,
+                r["priority"],
+                _TABLES.get(r["table"]) or int(r["table"]),
+                fwmark=int(r["fwmark"], 16) if "fwmark" in r else None,
+                invert="not" in r,
+                suppress_prefixlength=r.get("suppress_prefixlen"),
+            )
+            rules.append(f"{version} {rule.priority}: {rule}")
+    return {"addresses": addrs, "routes": routes, "rules": sorted(rules)}
+
+
+def test_rtnetlink_matches_ip(netns: Callable[[str], str], agents: Callable[[str], Agent]) -> None:
+    ns = netns("nl")
+    ids = InstanceIds("tr")
+    t, mark = ids.table, ids.fwmark
+    sh(f"ip -n {ns} link add mq-n0 type veth peer name mq-n1")
+    sh(f"ip -n {ns} link add mq-n2 type veth peer name mq-n3")  # no dummy module here
+    for dev in ("mq-n0", "mq-n1"):
+        sh(f"ip -n {ns} link set {dev} addrgenmode none && ip -n {ns} link set {dev} up")
+    agent = agents(ns)
+    before = agent(RTNL_SETUP.format(table=t, mark=mark) + "result = report()")
+    assert before == ip_view(ns, t, "mq-n0")
+    assert before["addresses"] == [] and before["routes"] == {str(t): [], "254": []}
+
+    got = agent(RTNL_ADD)
+    assert got.pop("again") == ["EEXIST", "EEXIST", "EEXIST", "ENODEV"]
+    assert got.pop("egress") == [
+        None,  # the default routes are in our table, not in main
+        None,
+        ["mq-n0", None],
+        ["mq-n0", None],
+        ["mq-n0", "198.18.7.2"],  # via `not fwmark M lookup T`
+    ]
+    assert got == ip_view(ns, t, "mq-n0")
+    assert got["addresses"] == sorted(
+        ["198.18.7.1/24", "198.18.7.9/32", "2001:db8:7::1/64", "2001:db8:7:1::5/128"]
+    )
+    assert f"0.0.0.0/0 dev mq-n0 table {t} proto 109" in got["routes"][str(t)]
+    assert f"::/0 via 2001:db8:7::2 dev mq-n0 table {t} proto 109" in got["routes"][str(t)]
+    assert "198.19.9.0/24 dev mq-n0 table main proto 109" in got["routes"]["254"]
+    assert "198.18.7.0/24 dev mq-n0 table main proto 2" in got["routes"]["254"]
+    # and in ip's own words
+    addrs = sh(f"ip -n {ns} addr show dev mq-n0")
+    assert "inet 198.18.7.1/24 scope global mq-n0" in addrs
+    assert "inet6 2001:db8:7::1/64 scope global nodad" in addrs and "tentative" not in addrs
+    routes = sh(f"ip -n {ns} route show table {t}")
+    assert "198.19.8.8 via 198.18.7.2 dev mq-n0 proto 109" in routes
+    assert "default dev mq-n0 proto 109" in routes
+    for fam in ("-4", "-6"):
+        rules = sh(f"ip -n {ns} {fam} rule")
+        assert f"5209:\tnot from all fwmark {mark:#x} lookup main suppress_prefixlength 0" in rules
+        assert f"5210:\tnot from all fwmark {mark:#x} lookup {t}" in rules
+    assert "5300:\tfrom all fwmark 0x7 lookup 100" in sh(f"ip -n {ns} -4 rule")
+
+    gone = agent(RTNL_REMOVE)
+    assert gone.pop("again") == ["EADDRNOTAVAIL", "ESRCH", "ENOENT"]
+    assert gone.pop("links") == [False, "ENODEV", True]
+    assert gone == before
+    assert ip_view(ns, t, "mq-n0") == before
+    assert "mq-n2" not in sh(f"ip -n {ns} link") and "mq-n3" not in sh(f"ip -n {ns} link")
+    assert "fwmark" not in sh(f"ip -n {ns} rule") + sh(f"ip -n {ns} -6 rule")
 
 
 # ------------------------------------------------------------------ NAT
@@ -513,9 +685,7 @@ def test_coalesced_tun_writes_reach_a_checksum_verifying_receiver(
     sh(f"ip netns exec {r} ethtool -K mq-g-r tx off tso off gso off")
     sh(f"ip netns exec {t} ethtool -K mq-g-t rx off gro off")
     receiver = agents(t)
-    receiver(
-        "import socket; srv = socket.create_server(('198.19.0.2', 5001)); srv.settimeout(10)"
-    )
+    receiver("import socket; srv = socket.create_server(('198.19.0.2', 5001)); srv.settimeout(10)")
     sender = agents(r)
     sender(GRO_AGENT)
     receiver("conn, _ = srv.accept(); conn.settimeout(10)")
