@@ -300,6 +300,9 @@ def _run(
             if r["status"] != "ok":
                 keep_workdir = True
                 log(f"   {name} FAILED: {r['errors'][-1][:300] if r['errors'] else ''}")
+        # Peers before scale: the ratios to them are the headline figures.
+        if "peers" in sections:
+            _run_peers(result, settings, wanted, workdir, time_left, notes)
         if "scale" in sections:
             if time_left() < 20:
                 notes.append("scale skipped: time budget")
@@ -310,8 +313,6 @@ def _run(
                     keep_workdir = True
                     notes.extend(f"scale: {e.splitlines()[0]}" for e in result["scale"]["errors"])
                 notes.extend(f"scale skipped {x}" for x in result["scale"]["skipped"])
-        if "peers" in sections:
-            _run_peers(result, settings, wanted, workdir, time_left, notes)
     except KeyboardInterrupt:
         interrupted = True
         notes.append("interrupted")
