@@ -9,6 +9,7 @@ connections, and only then asks each touched connection for its datagrams, once.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import logging
@@ -351,12 +352,14 @@ class BacklogBound:
     FLOOR = 64 * 1024
     CEILING = 4 * 1024 * 1024
     WINDOW = 0.025  # rate samples span at least this long
+    RATE_HORIZON = 1.0  # the rate is the best sample of this long
 
     def __init__(self) -> None:
         self.limit = self.FLOOR
-        self.rate = 0.0  # acknowledged bytes per second (moving average)
+        self.rate = 0.0  # acknowledged bytes per second (best recent window)
         self._at: float | None = None
         self._acked = 0
+        self._samples: collections.deque[tuple[float, float]] = collections.deque()
 
     def update(self, quic: QuicConnection, stream_id: int, now: float) -> int:
         """The bound for the stream now; call before queuing on it."""
@@ -372,8 +375,14 @@ class BacklogBound:
             return self.limit
         sample = (acked - self._acked) / elapsed
         self._at, self._acked = now, acked
-        # Rise at once (a transfer starting), fall gently (one quiet window).
-        self.rate = sample if sample > self.rate else 0.75 * self.rate + 0.25 * sample
+        # The best rate of the last RATE_HORIZON (a max filter, as BBR keeps its
+        # bandwidth estimate): rises at once when a transfer starts, and a dip does
+        # not shrink the bound, which would drop more and deepen the dip.
+        samples = self._samples
+        samples.append((now, sample))
+        while samples[0][0] < now - self.RATE_HORIZON:
+            samples.popleft()
+        self.rate = max(r for _, r in samples)
         loss = getattr(quic, "_loss", None)
         min_rtt = getattr(loss, "_rtt_min", 0.0)
         if not 0.0 < min_rtt < 1.0:
