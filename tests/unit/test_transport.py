@@ -410,3 +410,22 @@ def test_backlog_bound_follows_the_acknowledged_rate_in_time() -> None:
         t += 0.05
         bound.update(quic, 0, t)  # type: ignore[arg-type]
     assert bound.limit == BacklogBound.FLOOR
+
+
+def test_burst_pacer_keeps_its_burst_when_the_window_is_huge() -> None:
+    """aioquic floors packet_time at 1 us but sizes its bucket from the raw rate: with
+    a 60 MB window (CUBIC without loss) its bucket holds under two packets."""
+    from aioquic.quic.recovery import QuicPacketPacer
+
+    from masqued.transport.quic import MAX_DATAGRAM_SIZE, PACER_BURST, BurstPacer
+
+    def burst(pacer: QuicPacketPacer) -> int:
+        pacer.update_rate(congestion_window=60_000_000, smoothed_rtt=0.001)
+        now, sent = 10.0, 0
+        while pacer.next_send_time(now) is None and sent < 1000:
+            pacer.update_after_send(now)
+            sent += 1
+        return sent
+
+    assert burst(QuicPacketPacer(max_datagram_size=MAX_DATAGRAM_SIZE)) <= 3
+    assert burst(BurstPacer(max_datagram_size=MAX_DATAGRAM_SIZE)) >= PACER_BURST - 1
