@@ -400,7 +400,7 @@ def test_backlog_bound_follows_the_acknowledged_rate_in_time() -> None:
     # and deepen itself), then follows the rate down.
     for _ in range(4):
         t += 0.05
-        quic.ack(int(400e6 * 0.05))
+        quic.ack(int(800e6 * 0.05))
         bound.update(quic, 0, t)  # type: ignore[arg-type]
     assert bound.limit == BacklogBound.CEILING
     t += 0.05
