@@ -169,7 +169,27 @@ class Lab(Protocol):
 
 
 class LabTraffic:
-    """Ping and the traffic client, for any lab: only its ``run`` and ``helper_cmd``."""
+    """Ping, the traffic client and the host-state check, for any lab: only its
+    ``run``, ``ip`` and ``helper_cmd``."""
+
+    def routing_leftovers(self: Lab, ns: str, legacy: bool = True) -> list[str]:
+        """masqued's policy rules, routes (proto 109), nft tables and (``legacy``)
+        iptables-legacy NAT chains still on ``ns``; links are each lab's own affair."""
+        found: list[str] = []
+        for fam in ("-4", "-6"):
+            for line in self.ip(ns, fam, "rule", "show").splitlines():
+                if line.startswith(("5209:", "5210:")):
+                    found.append(f"rule {line.strip()}")
+            for line in self.ip(ns, fam, "route", "show", "table", "all").splitlines():
+                if "proto 109" in line:
+                    found.append(f"route {line.strip()}")
+        nft = self.run(ns, "nft", "list", "tables", check=False).stdout
+        found += [f"nft {line}" for line in nft.splitlines() if "masqued" in line]
+        if legacy:
+            for tool in ("iptables-legacy", "ip6tables-legacy"):
+                out = self.run(ns, tool, "-t", "nat", "-S", check=False).stdout
+                found += [f"{tool} {line}" for line in out.splitlines() if "MASQUED" in line]
+        return found
 
     def ping(
         self: Lab, ns: str, addr: str, count: int = 3, timeout: float = 30
@@ -583,20 +603,7 @@ class NamespaceLab(LabTraffic):
                 and not name.startswith("mq-r-c")
             ):
                 found.append(f"link {name}")
-        for fam in ("-4", "-6"):
-            for line in self.ip(ns, fam, "rule", "show").splitlines():
-                if line.startswith(("5209:", "5210:")):
-                    found.append(f"rule {line.strip()}")
-            for line in self.ip(ns, fam, "route", "show", "table", "all").splitlines():
-                if "proto 109" in line:
-                    found.append(f"route {line.strip()}")
-        nft = self.run(ns, "nft", "list", "tables", check=False).stdout
-        found += [f"nft {line}" for line in nft.splitlines() if "masqued" in line]
-        if shutil.which("iptables-legacy"):
-            for tool in ("iptables-legacy", "ip6tables-legacy"):
-                out = self.run(ns, tool, "-t", "nat", "-S", check=False).stdout
-                found += [f"{tool} {line}" for line in out.splitlines() if "MASQUED" in line]
-        return found
+        return found + self.routing_leftovers(ns, legacy=bool(shutil.which("iptables-legacy")))
 
 
 @contextlib.contextmanager

@@ -711,16 +711,4 @@ class VagrantLab(LabTraffic):
         for link in json.loads(self.ip(ns, "-j", "link", "show") or "[]"):
             if str(link.get("ifname", "")).startswith("mq-"):
                 found.append(f"link {link['ifname']}")
-        for fam in ("-4", "-6"):
-            for line in self.ip(ns, fam, "rule", "show").splitlines():
-                if line.startswith(("5209:", "5210:")):
-                    found.append(f"rule {line.strip()}")
-            for line in self.ip(ns, fam, "route", "show", "table", "all").splitlines():
-                if "proto 109" in line:
-                    found.append(f"route {line.strip()}")
-        nft = self.run(ns, "nft", "list", "tables", check=False).stdout
-        found += [f"nft {line}" for line in nft.splitlines() if "masqued" in line]
-        for tool in ("iptables-legacy", "ip6tables-legacy"):
-            out = self.run(ns, tool, "-t", "nat", "-S", check=False).stdout
-            found += [f"{tool} {line}" for line in out.splitlines() if "MASQUED" in line]
-        return found
+        return found + self.routing_leftovers(ns)
