@@ -73,6 +73,7 @@ from masqued.proto.request import (
 )
 from masqued.transport.datagrams import (
     MAX_DATAGRAM_FRAME_SIZE,
+    DatagramBound,
     DatagramH3Connection,
     datagram_room,
     queue_datagram,
@@ -205,6 +206,7 @@ class ClientConnection(QuicPeer):
         self.routes: tuple[IPNetwork, ...] | None = None
         self.rx_packets: list[bytes] = []
         self.bound = BacklogBound()  # the tunnel stream's queue (stream mode)
+        self.datagram_bound = DatagramBound()  # the connection's queue (datagram mode)
         self._request_ids: dict[int, int] = {}  # request ID -> IP version
         self.ready: asyncio.Future[TunnelParams] = tunnel.loop.create_future()
         self.done: asyncio.Future[str] = tunnel.loop.create_future()
@@ -769,6 +771,8 @@ class ClientTunnel:
             return False
         sent = 0
         nbytes = 0
+        bound = conn.datagram_bound
+        bound.refresh(conn.quic, monotonic())
         for pkt in packets:
             if len(pkt) > room:
                 counters.drops[DROP_OVERSIZED] += 1
@@ -779,7 +783,8 @@ class ClientTunnel:
                     room,
                 )
                 continue
-            reason = queue_datagram(conn.h3, conn.quic, conn.stream_id, encode_ip_datagram(pkt))
+            payload = encode_ip_datagram(pkt)
+            reason = queue_datagram(conn.h3, conn.quic, conn.stream_id, payload, bound)
             if reason:
                 counters.drops[reason] += 1
                 continue

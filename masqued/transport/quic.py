@@ -21,8 +21,11 @@ from typing import Any
 
 from aioquic.h3.connection import H3_ALPN, H3Connection
 from aioquic.quic.configuration import QuicConfiguration
+from aioquic.quic.congestion.base import register_congestion_control
+from aioquic.quic.congestion.cubic import CubicCongestionControl
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import QuicEvent, StreamDataReceived
+from aioquic.quic.packet_builder import QuicSentPacket
 from aioquic.quic.recovery import QuicPacketPacer
 
 from masqued.metrics import DROP_OVERSIZED, DROP_QUEUE_FULL, TrafficCounters
@@ -52,6 +55,27 @@ def monotonic() -> float:
     return time.monotonic()
 
 
+class DeliveryCountingCubic(CubicCongestionControl):
+    """aioquic's CUBIC, also counting the bytes the peer has acknowledged.
+
+    ``delivered`` grows by each in-flight packet's size as it is acknowledged: the
+    delivery rate the datagram queue is bounded by (DatagramBound), which aioquic
+    does not track.
+    """
+
+    def __init__(self, *, max_datagram_size: int) -> None:
+        super().__init__(max_datagram_size=max_datagram_size)
+        self.delivered = 0
+
+    def on_packet_acked(self, *, now: float, packet: QuicSentPacket) -> None:
+        self.delivered += packet.sent_bytes
+        super().on_packet_acked(now=now, packet=packet)
+
+
+CONGESTION_CONTROL = "masqued-cubic"
+register_congestion_control(CONGESTION_CONTROL, DeliveryCountingCubic)
+
+
 def quic_configuration(*, is_client: bool, server_name: str | None = None) -> QuicConfiguration:
     """A QuicConfiguration with the settings both roles share."""
     return QuicConfiguration(
@@ -62,7 +86,7 @@ def quic_configuration(*, is_client: bool, server_name: str | None = None) -> Qu
         max_data=MAX_DATA,
         max_stream_data=MAX_STREAM_DATA,
         server_name=server_name,
-        congestion_control_algorithm="cubic",
+        congestion_control_algorithm=CONGESTION_CONTROL,
     )
 
 
@@ -343,16 +367,18 @@ class QuicPeer:
 
 
 class BacklogBound:
-    """How many unacknowledged bytes a tunnel stream may hold before packets are
-    dropped (tail drop, like a router queue): a bound in time, not in bytes.
+    """How many unacknowledged bytes a tunnel may hold before packets are dropped
+    (tail drop, like a router queue): a bound in time, not in bytes.
 
-    aioquic's stream send buffer is unbounded. The bound is what the peer has been
-    acknowledging per second times (minimum RTT + QUEUE_TARGET): the data in flight
-    plus at most ~QUEUE_TARGET of queue, whatever the link's speed, kept between
-    FLOOR and CEILING. A fixed 128 KiB was 5 ms of queue at 200 Mbit/s but 100 ms on
-    a 10 Mbit/s uplink. 6 ms: at ~240 Mbit/s, 10 ms gave the same throughput with
-    ping p99 under load 12-22 ms instead of ~10 ms, though with fewer inner-TCP
-    retransmissions (~1k instead of ~11k per 6 s).
+    aioquic's stream send buffer and its datagram queue are both unbounded. The bound
+    is what the peer has been acknowledging per second times (minimum RTT +
+    QUEUE_TARGET): the data in flight plus at most ~QUEUE_TARGET of queue, whatever
+    the link's speed, kept between FLOOR and CEILING. A fixed 128 KiB was 5 ms of
+    queue at 200 Mbit/s but 100 ms on a 10 Mbit/s uplink. 6 ms: at ~240 Mbit/s, 10 ms
+    gave the same throughput with ping p99 under load 12-22 ms instead of ~10 ms,
+    though with fewer inner-TCP retransmissions (~1k instead of ~11k per 6 s).
+    Stream mode bounds the stream's unacknowledged bytes (``update``), datagram mode
+    the connection's bytes in flight plus its queued datagrams (DatagramBound).
     """
 
     QUEUE_TARGET = 0.006
@@ -373,7 +399,11 @@ class BacklogBound:
         stream = quic._streams.get(stream_id)  # aioquic exposes no public accessor
         if stream is None:
             return self.limit
-        acked = stream.sender._buffer_start  # every byte below it is acknowledged
+        # Every byte below _buffer_start is acknowledged.
+        return self.follow(quic, stream.sender._buffer_start, now)
+
+    def follow(self, quic: QuicConnection, acked: int, now: float) -> int:
+        """The bound now, from ``acked``: a count of acknowledged bytes that only grows."""
         if self._at is None:
             self._at, self._acked = now, acked
             return self.limit
@@ -398,6 +428,13 @@ class BacklogBound:
             min(self.CEILING, max(self.FLOOR, self.rate * (min_rtt + self.QUEUE_TARGET)))
         )
         return self.limit
+
+
+def delivered_bytes(quic: QuicConnection) -> int | None:
+    """Bytes the peer has acknowledged on the connection (DeliveryCountingCubic);
+    None with another congestion controller."""
+    delivered = getattr(getattr(getattr(quic, "_loss", None), "_cc", None), "delivered", None)
+    return delivered if isinstance(delivered, int) else None
 
 
 def send_packets_on_stream(

@@ -100,6 +100,7 @@ from masqued.proto.request import (
 from masqued.service import client_fields
 from masqued.transport.datagrams import (
     MAX_DATAGRAM_FRAME_SIZE,
+    DatagramBound,
     DatagramH3Connection,
     datagram_room,
     peer_accepts_datagrams,
@@ -242,6 +243,7 @@ class RelayConnection(QuicPeer):
         self.h3: H3Connection = DatagramH3Connection(quic)
         self.sessions: dict[int, RelaySession] = {}
         self.cids: set[bytes] = set()
+        self.datagram_bound = DatagramBound()  # its datagram queue (datagram mode)
 
     def process_events(self) -> None:
         quic = self.quic
@@ -996,7 +998,9 @@ class RelayServer:
             return ""
         payload = encode_ip_datagram(pkt)
         if peer_accepts_datagrams(conn.h3, conn.quic):
-            reason = queue_datagram(conn.h3, conn.quic, session.stream_id, payload)
+            reason = queue_datagram(
+                conn.h3, conn.quic, session.stream_id, payload, conn.datagram_bound
+            )
         elif stream_send_backlog(conn.quic, session.stream_id) > session.bound.limit:
             reason = DROP_QUEUE_FULL
         else:
@@ -1017,6 +1021,7 @@ class RelayServer:
         if peer_accepts_datagrams(conn.h3, conn.quic):
             # Largest IP packet one HTTP Datagram can carry (Context ID 0 takes a byte).
             room = datagram_room(conn.quic, session.stream_id) - 1
+            conn.datagram_bound.refresh(conn.quic, monotonic())
         else:
             room = self.settings.mtu
         sent = 0

@@ -4,6 +4,7 @@ with in-memory TUN devices that keep what was written to them."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import ipaddress
 import socket
 from collections.abc import AsyncIterator, Callable
@@ -53,7 +54,7 @@ class Relay:
 
 
 class Client:
-    def __init__(self, certs: Path, port: int) -> None:
+    def __init__(self, certs: Path, port: int, transport: str = "stream") -> None:
         self.tun = FakeTun("mq-client", 1300)
         self.params: list[TunnelParams] = []
         settings = ClientSettings(
@@ -65,6 +66,7 @@ class Client:
             fwmark=0,
             keepalive=0.5,
             reconnect_max=0.5,
+            transport=transport,
         )
         loop = asyncio.get_running_loop()
         self.tunnel = ClientTunnel(loop, settings, self.tun, self.params.append)
@@ -246,6 +248,82 @@ async def test_burst_beyond_the_stream_bound_is_tail_dropped_and_counted(
     await until(lambda: len(relay.tun.written) + drops["queue_full"] == burst, timeout=10)
     assert len(relay.tun.written) <= BacklogBound.FLOOR // len(packet) + 256
     await client.close()
+
+
+async def test_datagram_burst_beyond_the_bound_is_tail_dropped_and_counted(
+    relay: Relay, certs: Path
+) -> None:
+    """Datagram mode: what does not fit the connection's bound is dropped at once and
+    counted; aioquic's own queue never holds more than the bound."""
+    from masqued.transport.datagrams import DATAGRAM_COST, DatagramBound
+
+    client = Client(certs, relay.port, transport="datagram")
+    await asyncio.wait_for(client.up, 5)
+    conn = client.tunnel.conn
+    assert conn is not None and conn.transport == "datagram"
+    packet = build_udp(client.address, "198.19.0.2", 1000, 9, b"x" * 1200)
+    burst = 4 * DatagramBound.FLOOR // len(packet)
+    client.tun.inject(*[packet] * burst)
+    drops = client.tunnel.status.counters.drops
+    await until(lambda: drops["queue_full"] > 0)
+    queued = sum(map(len, conn.quic._datagrams_pending))
+    assert queued <= DatagramBound.FLOOR
+    await until(lambda: len(relay.tun.written) + drops["queue_full"] == burst, timeout=10)
+    admitted = DatagramBound.FLOOR // (len(packet) + 1 + DATAGRAM_COST)
+    assert len(relay.tun.written) <= admitted + 256  # later TUN reads find room again
+    assert drops["queue_full"] >= burst - admitted - 256
+    await client.close()
+
+
+class _FakeCc:
+    def __init__(self) -> None:
+        self.delivered = 0
+        self.bytes_in_flight = 0
+
+
+class _FakeRecovery:
+    _rtt_min = 0.002
+
+    def __init__(self) -> None:
+        self._cc = _FakeCc()
+
+    @property
+    def bytes_in_flight(self) -> int:
+        return self._cc.bytes_in_flight
+
+
+class _FakeDatagramQuic:
+    """Just what DatagramBound reads: delivered and in-flight bytes, the min RTT and
+    aioquic's datagram queue."""
+
+    def __init__(self) -> None:
+        self._loss = _FakeRecovery()
+        self._datagrams_pending: collections.deque[bytes] = collections.deque()
+
+
+def test_datagram_bound_counts_flight_and_queue_against_the_rate() -> None:
+    from masqued.transport.datagrams import DATAGRAM_COST, DatagramBound
+
+    quic = _FakeDatagramQuic()
+    bound = DatagramBound()
+    t = 50.0
+    assert bound.refresh(quic, t) == DatagramBound.FLOOR  # type: ignore[arg-type]
+    # 25 MB/s delivered: limit = rate x (2 ms + QUEUE_TARGET).
+    for _ in range(10):
+        t += 0.05
+        quic._loss._cc.delivered += int(25e6 * 0.05)
+        bound.refresh(quic, t)  # type: ignore[arg-type]
+    limit = 25e6 * (0.002 + DatagramBound.QUEUE_TARGET)
+    assert bound.limit == pytest.approx(limit, rel=0.01)
+    # Bytes in flight and queued datagrams (with their overhead) both use it up.
+    quic._loss._cc.bytes_in_flight = 100_000
+    quic._datagrams_pending.extend([b"x" * 1000] * 10)
+    budget = bound.refresh(quic, t + 0.001)  # type: ignore[arg-type]
+    assert budget == bound.limit - 100_000 - 10 * (1000 + DATAGRAM_COST)
+    # The old delivered count, a new in-flight figure: nothing new was acknowledged
+    # but the window is not over yet, so the limit holds.
+    quic._loss._cc.bytes_in_flight = 10**7
+    assert bound.refresh(quic, t + 0.002) < 0  # type: ignore[arg-type]
 
 
 class _EventQueue:
