@@ -278,6 +278,7 @@ def scale_table(scale: dict[str, Any]) -> str:
             ),
             f(row.get("relay_cpu_pct_idle"), 1),
             f(row.get("relay_cpu_pct_load"), 0),
+            f"{f(row.get('clients_cpu_pct_load'), 0)} / {f(row.get('machine_cpu_pct_load'), 0)}",
             f"{f(row.get('load_loss_pct_median'), 2)} / {f(row.get('load_loss_pct_max'), 2)}",
             f(row.get("relay_peak_rss_mb")),
         ]
@@ -293,6 +294,7 @@ def scale_table(scale: dict[str, Any]) -> str:
         "relay RSS KB per client (per extra client)",
         "relay CPU % idle",
         "relay CPU % under load",
+        "client daemons / machine CPU % under load",
         "load loss % median / max",
         "relay peak RSS, MB",
     ]

@@ -1,6 +1,11 @@
 """Relay cost with many clients: N client namespaces connect at once (readiness via
 NOTIFY_SOCKET), then each pushes a modest fixed UDP load to its own iperf3 server.
 
+The clients run on the same cores as the relay, so the load per client must leave
+them room: at 1 Mbit/s each, 50 client daemons took ~127% of the 2 cores, the
+machine was saturated, and the clients' own queues dropped ~70% of the load while
+the relay used 18%.
+
 For every N a fresh relay is started, so its idle RSS before the clients is the base of
 the per-client figure. Clients use stream mode (the default transport).
 """
@@ -54,6 +59,13 @@ def _start_servers(lab: Lab, count: int) -> None:
             return
         time.sleep(0.1)
     raise PathFailed(f"{count} iperf3 servers did not start")
+
+
+def load_window(seconds: float) -> tuple[float, float]:
+    """(wait, measure) in seconds: when to start measuring CPU during a load of
+    ``seconds``, and for how long."""
+    ramp = min(1.0, seconds / 4)
+    return ramp, max(0.3, seconds - 2 * ramp)
 
 
 def estimate_seconds(settings: Settings) -> float:
@@ -157,19 +169,23 @@ def _one_count(lab: Lab, n: int, settings: Settings, log: Callable[[str], None])
             )
             for i in live
         ]
+        # CPU over the steady middle of the load: not the iperf3 control connections
+        # at its start, nor the wait for every iperf3 to report at its end.
+        ramp, window = load_window(settings.scale_seconds)
+        time.sleep(ramp)
+        with CpuMeter([relay.pid, *(c.pid for c in clients)]) as load_cpu:
+            time.sleep(window)
         losses: list[float] = []
         failures = 0
-        with CpuMeter([relay.pid]) as load_cpu:
-            for p in procs:
-                try:
-                    losses.append(
-                        measure.udp_finish(p, settings.scale_seconds + measure.IPERF_SLACK)[
-                            "loss_pct"
-                        ]
-                    )
-                except MeasureError:
-                    failures += 1
+        for p in procs:
+            try:
+                losses.append(
+                    measure.udp_finish(p, settings.scale_seconds + measure.IPERF_SLACK)["loss_pct"]
+                )
+            except MeasureError:
+                failures += 1
         row["relay_cpu_pct_load"] = load_cpu.proc_pct.get(relay.pid, 0.0)
+        row["clients_cpu_pct_load"] = sum(load_cpu.proc_pct.get(c.pid, 0.0) for c in clients)
         row["machine_cpu_pct_load"] = load_cpu.machine_pct
         row["load_loss_pct_median"] = statistics.median(losses) if losses else None
         row["load_loss_pct_max"] = max(losses) if losses else None
