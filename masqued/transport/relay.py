@@ -983,9 +983,11 @@ class RelayServer:
         if icmp is not None:
             self._send_to_client(session, icmp)
 
-    def _send_to_client(self, session: RelaySession, pkt: bytes) -> str:
+    def _send_to_client(self, session: RelaySession, pkt: bytes, batch: bool = False) -> str:
         """Queue one IP packet for the client: a QUIC DATAGRAM when the client accepts
-        them, else a DATAGRAM capsule on the stream. Returns "" or a drop reason."""
+        them, else a DATAGRAM capsule on the stream. Returns "" or a drop reason.
+        ``batch``: the caller refreshed the datagram bound for a batch; a lone packet
+        (an ICMP error) refreshes it here, so a budget spent long ago does not stick."""
         conn = session.conn
         if conn.closed or session.stream_id not in conn.sessions:
             return DROP_NO_SESSION
@@ -998,6 +1000,8 @@ class RelayServer:
             return ""
         payload = encode_ip_datagram(pkt)
         if peer_accepts_datagrams(conn.h3, conn.quic):
+            if not batch:
+                conn.datagram_bound.refresh(conn.quic, monotonic())
             reason = queue_datagram(
                 conn.h3, conn.quic, session.stream_id, payload, conn.datagram_bound
             )
@@ -1051,7 +1055,7 @@ class RelayServer:
                     if icmp is not None:
                         self.tun.write(icmp)
                 continue
-            reason = self._send_to_client(session, fwd)
+            reason = self._send_to_client(session, fwd, batch=True)
             if reason:
                 counters.drops[reason] += 1
                 continue

@@ -275,6 +275,28 @@ async def test_datagram_burst_beyond_the_bound_is_tail_dropped_and_counted(
     await client.close()
 
 
+async def test_lone_icmp_error_in_datagram_mode_is_not_dropped_by_a_stale_budget(
+    relay: Relay, certs: Path
+) -> None:
+    """A Packet Too Big the relay answers outside a TUN batch refreshes the datagram
+    bound itself: a budget spent in some earlier burst must not drop it."""
+    client = Client(certs, relay.port, transport="datagram")
+    await asyncio.wait_for(client.up, 5)
+    conn = next(iter(relay.server.sessions)).conn
+    conn.datagram_bound.budget = -1  # as left by a burst long ago
+    # Over the relay's MTU (1300) but within what one HTTP Datagram carries.
+    big = build_udp(client.address, "198.19.0.2", 1000, 9, b"x" * 1320)
+    client.tun.inject(big)
+    await until(lambda: len(client.tun.written) == 1)
+    answer = parse_packet(client.tun.written[0])
+    assert answer.proto == 1 and str(answer.dst) == str(client.address)
+    assert not relay.tun.written
+    session = next(iter(relay.server.sessions))
+    assert session.counters.drops["oversized"] == 1
+    assert session.counters.drops["queue_full"] == 0
+    await client.close()
+
+
 class _FakeCc:
     def __init__(self) -> None:
         self.delivered = 0
