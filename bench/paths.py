@@ -139,7 +139,8 @@ def _run_repeats(
     machine1: list[float] = []
     role1: dict[str, list[float]] = {d.name: [] for d in daemons}
     udp: dict[float, dict[str, list[float]]] = {
-        load: {"recv_mbps": [], "loss_pct": [], "cpu_pct": []} for load in settings.udp_loads_mbps
+        load: {"recv_mbps": [], "loss_pct": [], "receiver_drops": [], "cpu_pct": []}
+        for load in settings.udp_loads_mbps
     }
     ping: dict[str, list[float]] = {"min_ms": [], "avg_ms": [], "p99_ms": [], "loss_pct": []}
     loaded: dict[str, list[float]] = {"avg_ms": [], "p99_ms": [], "max_ms": [], "load_mbps": []}
@@ -181,10 +182,17 @@ def _run_repeats(
             def u(load: float = load) -> None:
                 with CpuMeter(pids) as m:
                     r = measure.udp(
-                        c, TARGET_V4, settings.udp_seconds, load, settings.udp_payload, IPERF_PORT
+                        c,
+                        TARGET_V4,
+                        settings.udp_seconds,
+                        load,
+                        settings.udp_payload,
+                        IPERF_PORT,
+                        receiver_ns=lab.target_ns,
                     )
                 udp[load]["recv_mbps"].append(r["recv_mbps"])
                 udp[load]["loss_pct"].append(r["loss_pct"])
+                udp[load]["receiver_drops"].append(r["receiver_drops"])
                 udp[load]["cpu_pct"].append(m.total_pct)
 
             attempt(f"udp {load:g}M", u)
@@ -248,10 +256,16 @@ def _below_capacity(
     recv: list[float] = []
     lost = 0.0
     sent = 0.0
+    at_receiver = 0.0
     for _ in range(settings.repeats):
         try:
             r = measure.udp(
-                lab.client_ns(1), TARGET_V4, settings.udp_seconds, load, settings.udp_payload
+                lab.client_ns(1),
+                TARGET_V4,
+                settings.udp_seconds,
+                load,
+                settings.udp_payload,
+                receiver_ns=lab.target_ns,
             )
         except MeasureError as exc:
             result["errors"].append(f"below-capacity udp: {exc}")
@@ -260,6 +274,7 @@ def _below_capacity(
         recv.append(r["recv_mbps"])
         lost += r["lost"]
         sent += r["packets"]
+        at_receiver += r["receiver_drops"]
         _check_alive(daemons)
     result["below_capacity"] = {
         "offered_mbps": load,
@@ -267,8 +282,12 @@ def _below_capacity(
         "loss_pct": summary(losses),
         "packets_sent": sent,
         "packets_lost": lost,
+        "packets_dropped_by_receiver": at_receiver,
     }
-    log(f"    datagram below capacity ({load:g} Mbit/s): loss {lost:.0f}/{sent:.0f} packets")
+    log(
+        f"    datagram below capacity ({load:g} Mbit/s): loss {lost:.0f}/{sent:.0f} packets"
+        f" ({at_receiver:.0f} in the receiver's socket)"
+    )
 
 
 def datagram_supported(pki: Path, workdir: Path, mtu: int) -> tuple[bool, str]:

@@ -192,6 +192,10 @@ def paths_table(paths: dict[str, Any]) -> str:
     return _table(header, rows)
 
 
+def _count(v: Any) -> str:
+    return "—" if v is None else f"{v:.0f}"
+
+
 def udp_table(paths: dict[str, Any]) -> str:
     rows: list[list[str]] = []
     for name in PATH_ORDER:
@@ -205,6 +209,7 @@ def udp_table(paths: dict[str, Any]) -> str:
                     f"{u['offered_mbps']:g}",
                     fmt(u.get("recv_mbps"), 1),
                     fmt(u.get("loss_pct"), 2),
+                    fmt(u.get("receiver_drops"), 0),
                     fmt(u.get("cpu_pct"), 0),
                 ]
             )
@@ -217,6 +222,7 @@ def udp_table(paths: dict[str, Any]) -> str:
                     fmt(bc.get("recv_mbps"), 1),
                     f"{fmt(bc.get('loss_pct'), 3)} "
                     f"({bc['packets_lost']:.0f}/{bc['packets_sent']:.0f} pkts)",
+                    _count(bc.get("packets_dropped_by_receiver")),
                     "—",
                 ]
             )
@@ -225,6 +231,7 @@ def udp_table(paths: dict[str, Any]) -> str:
         "offered, Mbit/s",
         "received, Mbit/s",
         "loss (sent vs received), %",
+        "of it dropped in the receiver's socket, pkts",
         "VPN CPU %",
     ]
     return _table(header, rows) if rows else "(no UDP figures)"

@@ -47,6 +47,7 @@ from masqued.service import (
     StatusReporter,
     Watchdog,
     format_uptime,
+    freeze_startup_objects,
     runtime_dir,
     set_level,
     watchdog_interval,
@@ -267,6 +268,7 @@ async def run_relay(config: RelayConfig, notifier: Notifier) -> int:
             tun.name,
             ", ".join(map(str, config.pool)),
         )
+        freeze_startup_objects()
         reporter.ready()
         await inst.stop_event.wait()
         log.info("stopping")
@@ -495,6 +497,7 @@ async def run_client(config: ClientConfig, notifier: Notifier) -> int:
             inst.reload_done(True, f"reloaded {new.path}{note}")
 
         inst.install_signals(reload)
+        freeze_startup_objects()
         first_up: asyncio.Future[None] = inst.loop.create_future()
         runner = inst.loop.create_task(tunnel.run(first_up))
         stopper = inst.loop.create_task(inst.stop_event.wait())

@@ -57,7 +57,7 @@ class DatagramBound(BacklogBound):
         limit = self.limit if delivered is None else self.follow(quic, delivered, now)
         pending = quic._datagrams_pending  # aioquic exposes no public accessor
         queued = sum(map(len, pending)) + DATAGRAM_COST * len(pending)
-        self.budget = limit - (bytes_in_flight(quic) or 0) - queued
+        self.budget = self.room(limit, (bytes_in_flight(quic) or 0) + queued, now)
         return self.budget
 
 
@@ -111,6 +111,7 @@ def queue_datagram(
         return DROP_OVERSIZED
     cost = len(payload) + DATAGRAM_COST
     if cost > bound.budget or len(quic._datagrams_pending) >= DATAGRAM_QUEUE_LIMIT:
+        bound.limited = True
         return DROP_QUEUE_FULL
     bound.budget -= cost
     h3.send_datagram(stream_id, payload)

@@ -240,13 +240,14 @@ async def test_burst_beyond_the_stream_bound_is_tail_dropped_and_counted(
     client = Client(certs, relay.port)
     await asyncio.wait_for(client.up, 5)
     packet = build_udp(client.address, "198.19.0.2", 1000, 9, b"x" * 1200)
-    # A burst at once, from an idle tunnel: the bound is still its floor.
-    burst = 4 * BacklogBound.FLOOR // len(packet)
+    # A burst at once, from an idle tunnel: the floor, with its grace for bursts.
+    room = BacklogBound.GRACE_FACTOR * BacklogBound.FLOOR
+    burst = 4 * room // len(packet)
     client.tun.inject(*[packet] * burst)
     drops = client.tunnel.status.counters.drops
     await until(lambda: drops["queue_full"] > 0)
     await until(lambda: len(relay.tun.written) + drops["queue_full"] == burst, timeout=10)
-    assert len(relay.tun.written) <= BacklogBound.FLOOR // len(packet) + 256
+    assert len(relay.tun.written) <= room // len(packet) + 256
     await client.close()
 
 
@@ -262,14 +263,15 @@ async def test_datagram_burst_beyond_the_bound_is_tail_dropped_and_counted(
     conn = client.tunnel.conn
     assert conn is not None and conn.transport == "datagram"
     packet = build_udp(client.address, "198.19.0.2", 1000, 9, b"x" * 1200)
-    burst = 4 * DatagramBound.FLOOR // len(packet)
+    room = DatagramBound.GRACE_FACTOR * DatagramBound.FLOOR
+    burst = 4 * room // len(packet)
     client.tun.inject(*[packet] * burst)
     drops = client.tunnel.status.counters.drops
     await until(lambda: drops["queue_full"] > 0)
     queued = sum(map(len, conn.quic._datagrams_pending))
-    assert queued <= DatagramBound.FLOOR
+    assert queued <= room
     await until(lambda: len(relay.tun.written) + drops["queue_full"] == burst, timeout=10)
-    admitted = DatagramBound.FLOOR // (len(packet) + 1 + DATAGRAM_COST)
+    admitted = room // (len(packet) + 1 + DATAGRAM_COST)
     assert len(relay.tun.written) <= admitted + 256  # later TUN reads find room again
     assert drops["queue_full"] >= burst - admitted - 256
     await client.close()
@@ -329,7 +331,8 @@ def test_datagram_bound_counts_flight_and_queue_against_the_rate() -> None:
     quic = _FakeDatagramQuic()
     bound = DatagramBound()
     t = 50.0
-    assert bound.refresh(quic, t) == DatagramBound.FLOOR  # type: ignore[arg-type]
+    room = DatagramBound.GRACE_FACTOR * DatagramBound.FLOOR
+    assert bound.refresh(quic, t) == room  # type: ignore[arg-type]
     # 25 MB/s delivered: limit = rate x (2 ms + QUEUE_TARGET).
     for _ in range(10):
         t += 0.05
@@ -340,8 +343,14 @@ def test_datagram_bound_counts_flight_and_queue_against_the_rate() -> None:
     # Bytes in flight and queued datagrams (with their overhead) both use it up.
     quic._loss._cc.bytes_in_flight = 100_000
     quic._datagrams_pending.extend([b"x" * 1000] * 10)
+    used = 100_000 + 10 * (1000 + DATAGRAM_COST)
     budget = bound.refresh(quic, t + 0.001)  # type: ignore[arg-type]
-    assert budget == bound.limit - 100_000 - 10 * (1000 + DATAGRAM_COST)
+    assert budget == DatagramBound.GRACE_FACTOR * bound.limit - used  # under the limit
+    # Held above the limit for GRACE: only the limit.
+    quic._loss._cc.bytes_in_flight = bound.limit
+    bound.refresh(quic, t + 0.002)  # type: ignore[arg-type]
+    budget = bound.refresh(quic, t + 0.003 + DatagramBound.GRACE)  # type: ignore[arg-type]
+    assert budget == -10 * (1000 + DATAGRAM_COST)
     # The old delivered count, a new in-flight figure: nothing new was acknowledged
     # but the window is not over yet, so the limit holds.
     quic._loss._cc.bytes_in_flight = 10**7
@@ -477,7 +486,7 @@ def test_backlog_bound_follows_the_acknowledged_rate_in_time() -> None:
     bound = BacklogBound()
     t = 100.0
     assert bound.update(quic, 0, t) == BacklogBound.FLOOR  # type: ignore[arg-type]
-    # 25 MB/s acknowledged (200 Mbit/s): rate x (2 ms + 10 ms) = 300 kB.
+    # 25 MB/s acknowledged (200 Mbit/s): rate x (2 ms + QUEUE_TARGET).
     for _ in range(10):
         t += 0.05
         quic.ack(int(25e6 * 0.05))
@@ -510,6 +519,61 @@ def test_backlog_bound_follows_the_acknowledged_rate_in_time() -> None:
         t += 0.05
         bound.update(quic, 0, t)  # type: ignore[arg-type]
     assert bound.limit == BacklogBound.FLOOR
+
+
+def test_backlog_bound_samples_a_new_flow_alone_and_sooner_when_dropping() -> None:
+    """After a rest the first sample covers only the new flow; while the bound is
+    dropping, samples come every SHORT_WINDOW instead of every WINDOW."""
+    from masqued.transport.quic import BacklogBound
+
+    quic = _FakeQuic()
+    bound = BacklogBound()
+    t = 100.0
+    bound.update(quic, 0, t)  # type: ignore[arg-type]
+    t += 0.05
+    quic.ack(int(1e6 * 0.05))
+    bound.update(quic, 0, t)  # type: ignore[arg-type]
+    assert bound.rate == pytest.approx(1e6, rel=0.01)
+    # Idle past REST, with much acknowledged meanwhile: not part of any sample.
+    quic.ack(10**8)
+    t += 2 * BacklogBound.REST
+    assert bound.update(quic, 0, t) == BacklogBound.FLOOR  # type: ignore[arg-type]
+    # Not dropping: a short interval is no sample.
+    t += BacklogBound.SHORT_WINDOW
+    quic.ack(int(40e6 * BacklogBound.SHORT_WINDOW))
+    assert bound.update(quic, 0, t) == BacklogBound.FLOOR  # type: ignore[arg-type]
+    assert bound.rate == pytest.approx(1e6, rel=0.01)
+    # Dropping at the floor while 40 MB/s get through: a sample after SHORT_WINDOW
+    # (the two short intervals of the new flow only) raises the bound.
+    bound.limited = True
+    t += BacklogBound.SHORT_WINDOW
+    quic.ack(int(40e6 * BacklogBound.SHORT_WINDOW))
+    limit = bound.update(quic, 0, t)  # type: ignore[arg-type]
+    assert bound.rate == pytest.approx(40e6, rel=0.01)
+    assert limit == pytest.approx(40e6 * (0.002 + BacklogBound.QUEUE_TARGET), rel=0.01)
+    assert not bound.limited
+    t += BacklogBound.SHORT_WINDOW
+    quic.ack(int(400e6 * BacklogBound.SHORT_WINDOW))
+    assert bound.update(quic, 0, t) == limit  # type: ignore[arg-type]
+
+
+def test_backlog_bound_room_lets_a_short_excursion_pass_but_not_a_standing_queue() -> None:
+    from masqued.transport.quic import BacklogBound
+
+    bound = BacklogBound()
+    b = 100_000
+    t = 10.0
+    # Below the bound: room up to GRACE_FACTOR times it (a burst may pass).
+    assert bound.room(b, 40_000, t) == BacklogBound.GRACE_FACTOR * b - 40_000
+    # Above it, briefly (a stall of the peer, a burst): still the grace room.
+    assert bound.room(b, 150_000, t + 0.001) == BacklogBound.GRACE_FACTOR * b - 150_000
+    assert bound.room(b, 180_000, t + 0.001 + BacklogBound.GRACE / 2) > 0
+    # Above it for GRACE: only the bound, so nothing more is admitted.
+    assert bound.room(b, 150_000, t + 0.002 + BacklogBound.GRACE) == b - 150_000
+    assert bound.room(b, 120_000, t + 0.1) == b - 120_000
+    # Back under the bound: the excursion is over, the grace room is back.
+    assert bound.room(b, 90_000, t + 0.2) == BacklogBound.GRACE_FACTOR * b - 90_000
+    assert bound.room(b, 150_000, t + 0.201) == BacklogBound.GRACE_FACTOR * b - 150_000
 
 
 def test_burst_pacer_keeps_its_burst_when_the_window_is_huge() -> None:
