@@ -297,20 +297,20 @@ class Lab:
         self.daemons.append(daemon)
         return daemon
 
-    def relay_config(self, mtu: int) -> str:
+    def relay_config(self, mtu: int, port: int = RELAY_PORT, pool: str = POOL_V4) -> str:
         return (
             'mode = "relay"\n'
-            f'listen = "0.0.0.0:{RELAY_PORT}"\n'
+            f'listen = "0.0.0.0:{port}"\n'
             f'certificate = "{self.pki / "relay.example.pem"}"\n'
             f'private_key = "{self.pki / "relay.example.key"}"\n'
-            f'pool = ["{POOL_V4}"]\n'
+            f'pool = ["{pool}"]\n'
             'egress = "auto"\n'
             'nat = "auto"\n'
             f"mtu = {mtu}\n"
         )
 
-    def client_config(self, mtu: int, transport: str = "stream") -> str:
-        return client_config(self.pki, mtu, transport)
+    def client_config(self, mtu: int, transport: str = "stream", port: int = RELAY_PORT) -> str:
+        return client_config(self.pki, mtu, transport, port)
 
     def wait_ping(self, ns: str, addr: str, timeout: float = 15) -> None:
         """Ping until one reply arrives (the path works end to end)."""
@@ -322,11 +322,11 @@ class Lab:
         raise NotReady(f"no ping reply from {addr} in {ns} within {timeout:.0f}s")
 
 
-def client_config(pki: Path, mtu: int, transport: str = "stream") -> str:
+def client_config(pki: Path, mtu: int, transport: str = "stream", port: int = RELAY_PORT) -> str:
     """A client config for the lab (only the target network goes through the tunnel)."""
     return (
         'mode = "client"\n'
-        f'relay = "{RELAY_V4}:{RELAY_PORT}"\n'
+        f'relay = "{RELAY_V4}:{port}"\n'
         'server_name = "relay.example"\n'
         f'ca = "{pki / "ca.pem"}"\n'
         f'routes = ["{TARGET_NET_V4}"]\n'

@@ -30,6 +30,7 @@ class Settings:
     scale_clients: tuple[int, ...]
     scale_load_mbps: float
     scale_seconds: float
+    cores_clients: int
     peer_seconds: float
     budget_s: float
 

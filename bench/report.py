@@ -308,6 +308,31 @@ def scale_table(scale: dict[str, Any]) -> str:
     return _table(header, rows) if rows else "(scale not measured)"
 
 
+def cores_table(cores: dict[str, Any]) -> str:
+    rows = [
+        [
+            str(row["relays"]),
+            fmt(row.get("total_mbps"), 0),
+            fmt(row.get("relay_cpu_pct"), 0),
+            fmt(row.get("clients_cpu_pct"), 0),
+            fmt(row.get("machine_cpu_pct"), 0),
+        ]
+        for row in cores.get("rows", [])
+    ]
+    if not rows:
+        return "(cores not measured)"
+    header = [
+        "relay processes",
+        "TCP in all, Mbit/s",
+        "relay CPU %",
+        "client daemons CPU %",
+        "machine CPU %",
+    ]
+    ratio = cores.get("two_over_one")
+    tail = f"\n\ntwo relay processes / one: {ratio:.2f}x" if ratio is not None else ""
+    return _table(header, rows) + tail
+
+
 def targets_table(targets: list[dict[str, Any]]) -> str:
     def v(x: Any) -> str:
         return "—" if x is None else f"{x:.3g}"
@@ -359,6 +384,16 @@ def render(result: dict[str, Any]) -> str:
         ),
         "",
         scale_table(result.get("scale") or {}),
+        "",
+        "**Cores** ("
+        + (
+            f"{result['cores']['clients']} clients, one TCP stream each at once, through one "
+            "relay process, then split over two: the most SO_REUSEPORT workers could give)"
+            if result.get("cores")
+            else "one relay process vs two)"
+        ),
+        "",
+        cores_table(result.get("cores") or {}),
         "",
         "**Targets**",
         "",

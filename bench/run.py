@@ -32,7 +32,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench import peers, report, scale
+from bench import cores, peers, report, scale
 from bench.lab import REPO, sh, sweep_stale
 from bench.measure import NCPU, wait_quiet
 from bench.paths import Settings, datagram_supported, measure_path
@@ -53,6 +53,7 @@ FULL = Settings(
     scale_clients=(1, 10, 50),
     scale_load_mbps=0.1,  # x 50 clients: 5 Mbit/s (see bench/scale.py)
     scale_seconds=5,
+    cores_clients=4,
     peer_seconds=5,
     budget_s=570,  # + make's own checks and the 60 s quiet wait stay inside 10 minutes
 )
@@ -67,6 +68,7 @@ SMOKE = Settings(
     scale_clients=(1, 3),
     scale_load_mbps=1,
     scale_seconds=1,
+    cores_clients=2,
     peer_seconds=1,
     budget_s=170,
 )
@@ -168,7 +170,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--mtu", type=int, help="masqued tunnel MTU (default 1300)")
     p.add_argument(
         "--only",
-        help="comma list of sections: direct,stream,datagram,peers,scale (default all)",
+        help="comma list of sections: direct,stream,datagram,peers,scale,cores (default all)",
     )
     p.add_argument(
         "--peers",
@@ -217,7 +219,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log(f"bench: {tool} not found; run `make bench-deps`")
             return 2
     settings = settings_from(args)
-    sections = set((args.only or "direct,stream,datagram,peers,scale").split(","))
+    sections = set((args.only or "direct,stream,datagram,peers,scale,cores").split(","))
     if args.peers:
         wanted = [] if args.peers == "none" else args.peers.split(",")
     else:
@@ -313,6 +315,15 @@ def _run(
                     keep_workdir = True
                     notes.extend(f"scale: {e.splitlines()[0]}" for e in result["scale"]["errors"])
                 notes.extend(f"scale skipped {x}" for x in result["scale"]["skipped"])
+        if "cores" in sections:
+            if time_left() < cores.estimate_seconds(settings):
+                notes.append("cores skipped: time budget")
+            else:
+                log(f"== cores: {settings.cores_clients} clients through 1 and 2 relay processes")
+                result["cores"] = cores.measure_cores(settings, pki, workdir, time_left, log)
+                if result["cores"]["errors"]:
+                    keep_workdir = True
+                    notes.extend(f"cores: {e.splitlines()[0]}" for e in result["cores"]["errors"])
     except KeyboardInterrupt:
         interrupted = True
         notes.append("interrupted")
@@ -350,8 +361,9 @@ def _run(
         for name, p in result["paths"].items()
         if p.get("status") == "failed" and p.get("source") != "bench-peers"
     ]
-    if "scale" in result and (result["scale"]["errors"] or not result["scale"]["rows"]):
-        broken.append("scale")
+    for section in ("scale", "cores"):
+        if section in result and (result[section]["errors"] or not result[section]["rows"]):
+            broken.append(section)
     if broken:
         log(f"bench: failed: {', '.join(broken)}")
         return 1

@@ -304,3 +304,28 @@ def _host_interface(network: IPNetwork, value: int) -> IPInterface:
     if isinstance(network, IPv4Network):
         return IPv4Interface((value, 32))
     return IPv6Interface((value, 128))
+
+
+def pool_slice(networks: Sequence[IPNetwork], index: int, count: int) -> tuple[IPNetwork, ...]:
+    """Worker ``index``'s share of the pool when ``count`` relay workers split it.
+
+    Every network is cut into the smallest power of two of equal subnets that is at
+    least ``count``; worker k gets subnets k, k + count, ... of each, so the shares
+    are disjoint, cover the pool, and each network gives every worker at least one
+    subnet (its own gateway on the worker's TUN). Raises ValueError when a subnet
+    would have no client address.
+    """
+    if not 0 <= index < count:
+        raise ValueError(f"worker {index} of {count}")
+    if count == 1:
+        return tuple(networks)
+    bits = (count - 1).bit_length()
+    out: list[IPNetwork] = []
+    for net in networks:
+        if net.prefixlen + bits > net.max_prefixlen:
+            raise ValueError(f"pool network {net} cannot be split among {count} workers")
+        subnets = list(net.subnets(prefixlen_diff=bits))
+        for sub in subnets[index::count]:
+            _Range(sub)  # raises ValueError("pool too small ...") if it is
+            out.append(sub)
+    return tuple(out)

@@ -251,3 +251,37 @@ def test_ipv6_interface_typing() -> None:
     assert isinstance(lease.addresses[0], IPv6Interface)
     assert lease.addresses[0].network.prefixlen == 128
     assert isinstance(lease.addresses[0].ip, IPv6Address)
+
+
+@pytest.mark.parametrize("count", [1, 2, 3, 4, 6, 8])
+def test_pool_slices_are_disjoint_cover_the_pool_and_serve_every_family(count: int) -> None:
+    from masqued.ipam import pool_slice
+
+    pool = [V4, V6, IPv4Network("198.19.128.0/22")]
+    slices = [pool_slice(pool, k, count) for k in range(count)]
+    every = [n for s in slices for n in s]
+    for i, a in enumerate(every):
+        for b in every[i + 1 :]:
+            assert a.version != b.version or not a.overlaps(b)
+    for net in pool:
+        covered = sum(
+            n.num_addresses for n in every if n.version == net.version and n.subnet_of(net)
+        )  # type: ignore[arg-type]
+        assert covered == net.num_addresses
+    for k, share in enumerate(slices):
+        # Each worker has a share of each pool network, so every family it serves.
+        for net in pool:
+            assert any(n.version == net.version and n.subnet_of(net) for n in share)  # type: ignore[arg-type]
+        # ... and addresses to give out of each.
+        allocated = AddressPool(share).allocate(f"c{k}")
+        assert {a.version for a in allocated.addresses} == {4, 6}
+
+
+def test_pool_slices_refuse_what_cannot_be_split() -> None:
+    from masqued.ipam import pool_slice
+
+    with pytest.raises(ValueError, match=r"no client addresses|cannot be split"):
+        pool_slice([IPv4Network("198.18.200.0/29")], 0, 4)  # /31 shares
+    with pytest.raises(ValueError):
+        pool_slice([V4], 2, 2)
+    assert pool_slice([V4], 1, 2) == (IPv4Network("198.18.200.128/25"),)

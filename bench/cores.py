@@ -1,0 +1,169 @@
+"""Would a second relay process help? The same clients, each pushing one TCP stream at
+once, through one relay process and then split over two relay processes.
+
+Issue 8 asks for a relay that uses both cores when clients are many (SO_REUSEPORT
+workers, each owning a slice of the pool with its own TUN) and to keep it only if the
+benchmark shows it helps. Two independent relay instances in one namespace (own port,
+pool, TUN and NAT table each; half the clients on each) are the most such workers
+could give: no steering, no shared state, nothing crossing processes. If they do not
+move more than one relay on this machine, workers cannot either.
+
+On a 2-core machine the clients, iperf3 and the kernel's forwarding run on the same
+cores as the relay, so the figures say whether the relay is the bottleneck here, not
+what a dedicated many-core relay would do.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench import measure
+from bench.lab import POOL_V4, RELAY_PORT, TARGET_V4, Daemon, Lab, NotReady, wait_ready
+from bench.measure import CpuMeter, MeasureError, summary
+from bench.paths import PathFailed, Settings
+from bench.scale import stop_all
+
+BASE_PORT = 5400
+SECOND_POOL_V4 = "198.18.201.0/24"
+
+
+def estimate_seconds(settings: Settings) -> float:
+    """Rough wall time of the section: two layouts, each up, its repeats, down."""
+    return 2 * (12 + settings.repeats * (settings.tcp_seconds + 2))
+
+
+def measure_cores(
+    settings: Settings,
+    pki: Path,
+    workdir: Path,
+    time_left: Callable[[], float],
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    """Aggregate TCP throughput and CPU of ``settings.cores_clients`` clients through
+    1 and through 2 relay processes."""
+    n = settings.cores_clients
+    out: dict[str, Any] = {"clients": n, "transport": "stream", "rows": [], "errors": []}
+    for relays in (1, 2):
+        if time_left() < estimate_seconds(settings) / 2:
+            out["errors"].append(f"{relays} relay(s): skipped, time budget")
+            continue
+        try:
+            row = _one_layout(relays, n, settings, pki, workdir, log)
+        except (PathFailed, NotReady, MeasureError, OSError, subprocess.SubprocessError) as exc:
+            out["errors"].append(f"{relays} relay(s): {str(exc)[-500:]}")
+            continue
+        out["rows"].append(row)
+    one = next((r for r in out["rows"] if r["relays"] == 1), None)
+    two = next((r for r in out["rows"] if r["relays"] == 2), None)
+    if one and two and one["total_mbps"].get("n") and two["total_mbps"].get("n"):
+        out["two_over_one"] = two["total_mbps"]["median"] / one["total_mbps"]["median"]
+    return out
+
+
+def _one_layout(
+    relays: int,
+    n: int,
+    settings: Settings,
+    pki: Path,
+    workdir: Path,
+    log: Callable[[str], None],
+) -> dict[str, Any]:
+    lab = Lab(workdir / f"cores{relays}", pki, clients=n)
+    try:
+        lab.up()
+        for i in range(1, n + 1):
+            lab.spawn(lab.target_ns, "iperf3", "-s", "-p", str(BASE_PORT + i))
+        ports = [RELAY_PORT, RELAY_PORT + 1][:relays]
+        pools = [POOL_V4, SECOND_POOL_V4]
+        daemons: list[Daemon] = [
+            lab.start_daemon(
+                f"relay{k + 1}", lab.relay_ns, lab.relay_config(settings.mtu, port, pools[k])
+            )
+            for k, port in enumerate(ports)
+        ]
+        wait_ready(daemons, 20)
+        clients = [
+            lab.start_daemon(
+                f"c{i}",
+                lab.client_ns(i),
+                lab.client_config(settings.mtu, "stream", ports[(i - 1) % relays]),
+            )
+            for i in range(1, n + 1)
+        ]
+        wait_ready(clients, 30)
+        for i in range(1, n + 1):
+            lab.wait_ping(lab.client_ns(i), TARGET_V4)
+        time.sleep(0.3)
+        totals: list[float] = []
+        relay_cpu: list[float] = []
+        client_cpu: list[float] = []
+        machine: list[float] = []
+        for _ in range(settings.repeats):
+            with CpuMeter([d.pid for d in daemons + clients]) as m:
+                mbps = _tcp_all(lab, n, settings.tcp_seconds)
+            totals.append(sum(mbps))
+            relay_cpu.append(sum(m.proc_pct.get(d.pid, 0.0) for d in daemons))
+            client_cpu.append(sum(m.proc_pct.get(c.pid, 0.0) for c in clients))
+            machine.append(m.machine_pct)
+        for d in daemons + clients:
+            if not d.alive():
+                raise PathFailed(f"{d.name} exited {d.proc.returncode}: {d.log_tail(500)}")
+        row = {
+            "relays": relays,
+            "total_mbps": summary(totals),
+            "relay_cpu_pct": summary(relay_cpu),
+            "clients_cpu_pct": summary(client_cpu),
+            "machine_cpu_pct": summary(machine),
+        }
+        log(
+            f"    {n} clients through {relays} relay process(es): "
+            f"{statistics.median(totals):.0f} Mbit/s in all, relay CPU "
+            f"{statistics.median(relay_cpu):.0f}%, machine {statistics.median(machine):.0f}%"
+        )
+        stop_all(clients)
+        stop_all(daemons)
+        lab.daemons.clear()
+        return row
+    finally:
+        lab.down()
+
+
+def _tcp_all(lab: Lab, n: int, seconds: float) -> list[float]:
+    """One iperf3 TCP stream from every client at once: each receiver's Mbit/s."""
+    procs = [
+        subprocess.Popen(
+            measure._netns(
+                lab.client_ns(i),
+                *("iperf3", "-J", "--connect-timeout", "3000", "-c", TARGET_V4),
+                *("-p", str(BASE_PORT + i), "-t", f"{seconds:g}"),
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        for i in range(1, n + 1)
+    ]
+    results: list[float] = []
+    try:
+        for p in procs:
+            out, err = p.communicate(timeout=seconds + measure.IPERF_SLACK)
+            try:
+                data = json.loads(out)
+            except json.JSONDecodeError as exc:
+                raise MeasureError(f"iperf3: {err.strip()[:200]}") from exc
+            if "error" in data:
+                raise MeasureError(f"iperf3: {data['error']}")
+            results.append(measure.parse_tcp(data)["mbps"])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    return results
