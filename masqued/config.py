@@ -60,6 +60,7 @@ RELAY_KEYS = (
     "mtu",
     "log_level",
     "max_clients",
+    "workers",
     "metrics",
     "metrics_per_client",
     "auth",
@@ -159,6 +160,8 @@ class RelayConfig:
     mtu: int = DEFAULT_MTU
     log_level: str = "info"
     max_clients: int | None = None
+    # relay processes sharing the UDP port, each with its share of the pool and TUN
+    workers: int = 1
     metrics: MetricsEndpoint | None = None
     metrics_per_client: bool = False
     # authentication: methods accepted ("mtls", "token"); empty = open relay
@@ -583,6 +586,7 @@ def _load_relay(r: _Reader, name: str) -> RelayConfig:
     max_clients: int | None = None
     if r.has("max_clients"):
         max_clients = r.integer("max_clients", 1, 1, 1 << 24)
+    workers = _load_workers(r, pool)
     metrics = r.parsed("metrics", parse_metrics) if r.has("metrics") else None
     metrics_per_client = r.boolean("metrics_per_client", False)
     auth = _load_auth(r)
@@ -590,6 +594,15 @@ def _load_relay(r: _Reader, name: str) -> RelayConfig:
         r.choice("acl_default", ("allow", "deny"), "deny") if r.has("acl_default") else None
     )
     clients, clients_dir = _load_clients(r, acl_default, pool)
+    if workers > 1:
+        fixed = sorted(name for name, policy in clients.items() if policy.addresses)
+        if fixed:
+            r.error(
+                "workers",
+                f"{workers} workers but {', '.join(fixed)} ha{'s' if len(fixed) == 1 else 've'} "
+                "a fixed address: each worker hands out addresses from its own share of "
+                "the pool, so fixed addresses need workers = 1",
+            )
     state_dir = None
     if r.has("state_dir"):
         text = r.string("state_dir")
@@ -613,6 +626,7 @@ def _load_relay(r: _Reader, name: str) -> RelayConfig:
         mtu=mtu,
         log_level=log_level,
         max_clients=max_clients,
+        workers=workers,
         metrics=metrics,
         metrics_per_client=metrics_per_client,
         auth=auth["methods"],
@@ -625,6 +639,29 @@ def _load_relay(r: _Reader, name: str) -> RelayConfig:
         clients_dir=clients_dir,
         state_dir=state_dir,
     )
+
+
+def _load_workers(r: _Reader, pool: tuple[Network, ...] | None) -> int:
+    """``workers``: an integer 1..MAX_WORKERS, or "auto" (one per CPU the process may
+    use). Every worker needs its own share of each pool network."""
+    from masqued.ipam import MAX_WORKERS, pool_slice
+
+    value = r.data.get("workers", 1)
+    if value == "auto":
+        workers = max(1, min(MAX_WORKERS, len(os.sched_getaffinity(0))))
+    elif isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= MAX_WORKERS:
+        workers = value
+    else:
+        r.error("workers", f'expected an integer 1..{MAX_WORKERS} or "auto", got {_show(value)}')
+        return 1
+    if pool is not None and workers > 1:
+        try:
+            for k in range(workers):
+                pool_slice(pool, k, workers)
+        except ValueError as exc:
+            r.error("workers", f"{workers} workers: {exc}")
+            return 1
+    return workers
 
 
 def _check_relay_host(host: str) -> str:

@@ -306,6 +306,11 @@ def _host_interface(network: IPNetwork, value: int) -> IPInterface:
     return IPv6Interface((value, 128))
 
 
+# Relay worker processes one instance may run (the steering program's modulus is a
+# byte of the connection ID).
+MAX_WORKERS = 64
+
+
 def pool_slice(networks: Sequence[IPNetwork], index: int, count: int) -> tuple[IPNetwork, ...]:
     """Worker ``index``'s share of the pool when ``count`` relay workers split it.
 

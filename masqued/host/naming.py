@@ -40,17 +40,43 @@ class InstanceIds:
     """Identifiers derived from an instance name (pure function of the name)."""
 
     name: str
+    # Relay worker whose TUN ``tun`` names (0: the instance's own, as with one worker).
+    worker: int = 0
 
     @property
     def _hash(self) -> int:
         return zlib.crc32(self.name.encode())
 
     @property
-    def tun(self) -> str:
-        """TUN device name, at most 15 characters (IFNAMSIZ - 1)."""
+    def _base_tun(self) -> str:
         if len(self.name) <= 12:
             return f"mq-{self.name}"
         return f"mq-{self.name[:7]}-{self._hash & 0xFFFF:04x}"
+
+    @property
+    def tun(self) -> str:
+        """TUN device name, at most 15 characters (IFNAMSIZ - 1)."""
+        return self.worker_tun(self.worker)
+
+    def worker_tun(self, worker: int) -> str:
+        """TUN of relay worker ``worker`` (0 has the instance's own): that + "+k", or
+        a short hash form where that would pass 15 characters. "+" is not allowed in
+        instance names, so these never clash with another instance's TUN."""
+        base = self._base_tun
+        if worker == 0:
+            return base
+        suffix = f"+{worker}"
+        if len(base) + len(suffix) <= 15:
+            return base + suffix
+        return f"mq-{self._hash & 0xFFFF:04x}{suffix}"
+
+    def is_worker_tun(self, ifname: str) -> bool:
+        """True for the TUN of one of this instance's relay workers (k >= 1)."""
+        for base in (self._base_tun, f"mq-{self._hash & 0xFFFF:04x}"):
+            head, plus, k = ifname.rpartition("+")
+            if plus and head == base and k.isdigit() and self.worker_tun(int(k)) == ifname:
+                return True
+        return False
 
     @property
     def table(self) -> int:

@@ -172,6 +172,10 @@ class Netlink(Protocol):
 
     def link_exists(self, ifname: str) -> bool: ...
 
+    def link_names(self) -> set[str]:
+        """Names of every link."""
+        ...
+
     def link_delete(self, ifname: str) -> None: ...
 
     def addresses(self, ifname: str) -> set[IPInterface]:
@@ -252,6 +256,9 @@ class FakeNetlink:
     # Netlink
     def link_exists(self, ifname: str) -> bool:
         return ifname in self.links
+
+    def link_names(self) -> set[str]:
+        return set(self.links)
 
     def link_delete(self, ifname: str) -> None:
         if ifname not in self.links:
@@ -428,7 +435,8 @@ class Router:
 
 
 def cleanup(nl: Netlink, ids: InstanceIds) -> list[str]:
-    """Remove every address, route, rule and the TUN of ``ids``; no saved state needed."""
+    """Remove every address, route, rule and the TUNs (relay workers' included) of
+    ``ids``; no saved state needed."""
     done: list[str] = []
 
     def attempt(cmd: str, fn: Callable[[], None]) -> None:
@@ -443,11 +451,13 @@ def cleanup(nl: Netlink, ids: InstanceIds) -> list[str]:
     for rule in sorted(nl.rules(), key=_rule_key):
         if rule.table == ids.table or rule.fwmark == ids.fwmark:
             attempt(rule_cmd("del", rule), partial(nl.rule_del, rule))
+    tuns = {ids.tun} | {name for name in nl.link_names() if ids.is_worker_tun(name)}
     for r, proto in sorted(nl.routes(), key=lambda e: (_route_key(e[0]), e[1])):
-        if r.table == ids.table or (r.dev == ids.tun and proto == ROUTE_PROTO):
+        if r.table == ids.table or (r.dev in tuns and proto == ROUTE_PROTO):
             attempt(route_cmd("del", r, proto), partial(nl.route_del, r, proto))
-    if nl.link_exists(ids.tun):
-        attempt(f"ip link delete dev {ids.tun}", partial(nl.link_delete, ids.tun))
+    for tun in sorted(tuns):
+        if nl.link_exists(tun):
+            attempt(f"ip link delete dev {tun}", partial(nl.link_delete, tun))
     return done
 
 

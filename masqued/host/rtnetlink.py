@@ -644,6 +644,9 @@ class RtNetlink:
     def link_exists(self, ifname: str) -> bool:
         return self._index(ifname) is not None
 
+    def link_names(self) -> set[str]:
+        return set(self._names().values())
+
     def link_delete(self, ifname: str) -> None:
         self._do(RTM_DELLINK, link_request(self._need_index(ifname)))
 

@@ -23,8 +23,9 @@ from typing import Any
 
 from aioquic.quic.connection import QuicConnection
 
+from masqued.ipam import MAX_WORKERS
+
 SO_ATTACH_REUSEPORT_CBPF = 51  # asm-generic/socket.h
-MAX_WORKERS = 64
 
 # Classic BPF (linux/filter.h).
 _BPF_LD_B_ABS = 0x30  # A = packet[k]

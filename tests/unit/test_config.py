@@ -852,6 +852,32 @@ def test_max_clients(relay: Callable[..., RelayConfig]) -> None:
     assert one_problem(relay, max_clients="0") == "max_clients: 0 is out of range 1..16777216"
 
 
+def test_workers(relay: Callable[..., RelayConfig]) -> None:
+    import os
+
+    assert relay().workers == 1
+    assert relay(workers="4").workers == 4
+    assert relay(workers='"auto"').workers == min(64, len(os.sched_getaffinity(0)))
+    assert one_problem(relay, workers="0") == 'workers: expected an integer 1..64 or "auto", got integer 0'
+    assert one_problem(relay, workers='"many"').startswith("workers: expected an integer 1..64")
+    # Every worker needs a share of each pool network with client addresses in it.
+    assert one_problem(relay, workers="32", pool='["198.18.200.0/26"]') == (
+        "workers: 32 workers: pool too small: 198.18.200.0/31 has no client addresses"
+    )
+
+
+def test_workers_refuse_fixed_client_addresses(pkidir: Path, write: Callable[..., Path]) -> None:
+    text = relay_text(pkidir, workers="2") + (
+        '[clients.alice]\naddress = "198.18.200.50"\n[clients.bob]\nacl_default = "allow"\n'
+    )
+    with pytest.raises(ConfigError) as exc:
+        load_config(write(text, "relay.conf"))
+    assert list(exc.value.problems) == [
+        "workers: 2 workers but alice has a fixed address: each worker hands out "
+        "addresses from its own share of the pool, so fixed addresses need workers = 1"
+    ]
+
+
 # --- client keys ---
 
 

@@ -354,3 +354,27 @@ def test_random_walk(walk: list[NetState]) -> None:
     cleanup(nl, IDS)
     expected = "\n".join(line for line in foreign.splitlines() if TUN not in line)
     assert nl.dump() == expected
+
+
+@pytest.mark.parametrize("name", ["relay", "relay-east1", "a-rather-long-instance-name"])
+def test_worker_tuns_are_short_distinct_and_found_again_by_cleanup(name: str) -> None:
+    ids = InstanceIds(name)
+    tuns = [ids.worker_tun(k) for k in range(64)]
+    assert tuns[0] == ids.tun and len(set(tuns)) == 64
+    assert all(len(t) <= 15 for t in tuns)
+    assert all(ids.is_worker_tun(t) for t in tuns[1:]) and not ids.is_worker_tun(ids.tun)
+    assert InstanceIds(name, worker=3).tun == tuns[3]
+    # Another instance's TUNs are not ours, however alike the names.
+    other = InstanceIds(name[:-1] + "2")
+    assert not any(ids.is_worker_tun(other.worker_tun(k)) for k in range(64))
+    nl = FakeNetlink()
+    nl.add_link("eth0")
+    for k in (0, 1, 2):
+        nl.add_link(tuns[k])
+        Router(nl, InstanceIds(name, worker=k)).set(
+            NetState(addresses=frozenset({ifc(f"198.18.200.{1 + 64 * k}/26")}))
+        )
+    nl.add_link(other.worker_tun(1))
+    done = cleanup(nl, ids)
+    assert {f"ip link delete dev {t}" for t in tuns[:3]} <= set(done)
+    assert nl.link_names() == {"eth0", other.worker_tun(1)}
