@@ -311,7 +311,8 @@ def scale_table(scale: dict[str, Any]) -> str:
 def cores_table(cores: dict[str, Any]) -> str:
     rows = [
         [
-            str(row["relays"]),
+            str(row["workers"]),
+            " + ".join(map(str, row.get("sessions_per_worker") or [])) or "—",
             fmt(row.get("total_mbps"), 0),
             fmt(row.get("relay_cpu_pct"), 0),
             fmt(row.get("clients_cpu_pct"), 0),
@@ -322,14 +323,15 @@ def cores_table(cores: dict[str, Any]) -> str:
     if not rows:
         return "(cores not measured)"
     header = [
-        "relay processes",
+        "relay workers",
+        "clients per worker",
         "TCP in all, Mbit/s",
         "relay CPU %",
         "client daemons CPU %",
         "machine CPU %",
     ]
     ratio = cores.get("two_over_one")
-    tail = f"\n\ntwo relay processes / one: {ratio:.2f}x" if ratio is not None else ""
+    tail = f"\n\n2 workers / 1 worker: {ratio:.2f}x" if ratio is not None else ""
     return _table(header, rows) + tail
 
 
@@ -387,10 +389,10 @@ def render(result: dict[str, Any]) -> str:
         "",
         "**Cores** ("
         + (
-            f"{result['cores']['clients']} clients, one TCP stream each at once, through one "
-            "relay process, then split over two: the most SO_REUSEPORT workers could give)"
+            f"{result['cores']['clients']} clients, one TCP stream each at once, through a "
+            "relay with workers = 1, then workers = 2)"
             if result.get("cores")
-            else "one relay process vs two)"
+            else "relay workers = 1 vs 2)"
         ),
         "",
         cores_table(result.get("cores") or {}),

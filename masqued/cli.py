@@ -78,6 +78,36 @@ def cmd_run(args: argparse.Namespace) -> int:
     return daemon.run(config)
 
 
+def cmd_worker(args: argparse.Namespace) -> int:
+    """A relay worker process, started by ``masqued run`` with ``workers`` > 1
+    (masqued.workers); not for direct use."""
+    import asyncio
+
+    from masqued import daemon
+    from masqued.service import setup_logging
+    from masqued.workers import worker_env_fds
+
+    try:
+        config = load_config(args.config, args.name)
+    except ConfigError as exc:
+        print(f"masqued worker: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    if not isinstance(config, RelayConfig) or not 0 < args.index < config.workers:
+        print("masqued worker: only relay instances with workers > 1 have workers", file=sys.stderr)
+        return EXIT_USAGE
+    setup_logging(args.log_level, config.name, config.mode, worker=args.index)
+    try:
+        fds = worker_env_fds(args)
+    except OSError as exc:
+        log.error("relay worker %d: %s (start it through masqued run)", args.index, exc)
+        return EXIT_USAGE
+    try:
+        return asyncio.run(daemon.run_worker(config, args.index, fds, args.vnet == 1))
+    except daemon.StartupError as exc:
+        log.error("%s", exc)
+        return EXIT_FAILURE
+
+
 def _has_net_admin() -> bool:
     try:
         with open("/proc/self/status") as f:
@@ -280,6 +310,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_target(p)
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_run)
+
+    # Started by `masqued run` for relays with workers > 1 (masqued.workers).
+    p = sub.add_parser("worker")
+    p.add_argument("--config", type=Path, required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--index", type=int, required=True)
+    p.add_argument("--workers", type=int, required=True)
+    p.add_argument("--tun-fd", type=int, required=True)
+    p.add_argument("--udp-fd", type=int, required=True)
+    p.add_argument("--ipc-fd", type=int, required=True)
+    p.add_argument("--vnet", type=int, choices=(0, 1), default=1)
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("check", help="validate a config file")
     _add_target(p)

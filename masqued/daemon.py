@@ -12,11 +12,13 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
+import os
 import signal
 import socket
 import time
 from collections.abc import Callable
 from dataclasses import replace
+from pathlib import Path
 from typing import Any
 
 from masqued.access import AccessControl, LeaseStore, state_dir_for
@@ -38,8 +40,8 @@ from masqued.host.routes import (
     enable_forwarding,
 )
 from masqued.host.rtnetlink import RtNetlink
-from masqued.host.tun import open_tun
-from masqued.ipam import AddressPool
+from masqued.host.tun import TunDevice, inherited_tun, open_tun
+from masqued.ipam import AddressPool, pool_slice
 from masqued.metrics import TrafficCounters
 from masqued.proto.request import TunnelParams
 from masqued.service import (
@@ -56,6 +58,8 @@ from masqued.service import (
 from masqued.status import StatusService
 from masqued.transport.client import ClientSettings, ClientStatus, ClientTunnel
 from masqued.transport.relay import RelayServer, RelaySettings
+from masqued.transport.steering import reuseport_group
+from masqued.workers import Uplink, WorkerProcess, mark_worker, merge_snapshots
 
 log = logging.getLogger("masqued")
 
@@ -156,6 +160,11 @@ def _changed_keys(old: Any, new: Any, keys: tuple[str, ...]) -> list[str]:
 # -- relay ---------------------------------------------------------------------------
 
 
+# What a running relay cannot change on reload (pool growth is the exception, with one
+# worker); the running values stay in force until a restart.
+RELAY_RESTART_KEYS = ("listen_host", "listen_port", "pool", "egress", "nat", "mtu", "workers")
+
+
 async def run_relay(config: RelayConfig, notifier: Notifier) -> int:
     inst = Instance(config, notifier)
     ids = inst.ids
@@ -164,18 +173,48 @@ async def run_relay(config: RelayConfig, notifier: Notifier) -> int:
     server: RelayServer | None = None
     tun = None
     extra: dict[str, Any] = {}
+    workers: list[WorkerProcess] = []
+    tuns: list[TunDevice] = []
+    socks: list[socket.socket] = []
+    shares: list[tuple[IPNetwork, ...]] = []
+
+    def snapshot() -> dict[str, Any]:
+        if server is None or not workers:
+            return _not_yet(inst, server)
+        own = mark_worker(server.snapshot(), 0)
+        return merge_snapshots([own, *(w.snapshot for w in workers if w.snapshot is not None)])
+
+    def extras() -> dict[str, Any]:
+        if not workers:
+            return extra
+        main = {"index": 0, "pid": os.getpid(), "state": "running", "restarts": 0}
+        return extra | {
+            "workers": [
+                {
+                    **(main if w is None else w.describe()),
+                    "tun": tuns[k].name,
+                    "pool": [str(n) for n in shares[k]],
+                }
+                for k, w in enumerate([None, *workers])
+            ]
+        }
+
     # Before cleanup: a second copy of a running instance would tear down its TUN.
-    service = await start_status(
-        StatusService(lambda: inst.config, lambda: _not_yet(inst, server), extra=lambda: extra)
-    )
+    service = await start_status(StatusService(lambda: inst.config, snapshot, extra=extras))
     inst.cleanup()  # leftovers of a crashed earlier run
     try:
-        pool = AddressPool(config.pool)
-        tun = open_tun(ids.tun, config.mtu)
+        count = config.workers
+        # Worker k serves its share of the pool on its own TUN (masqued.workers).
+        shares.extend(pool_slice(config.pool, k, count) for k in range(count))
+        pool = AddressPool(shares[0])
+        for k in range(count):
+            tuns.append(open_tun(ids.worker_tun(k), config.mtu))
+            gateways = pool.gateways() if k == 0 else AddressPool(shares[k]).gateways()
+            Router(nl, replace(ids, worker=k)).set(
+                NetState(addresses=frozenset(gateways), routes=frozenset(), rules=frozenset())
+            )
+        tun = tuns[0]
         router = Router(nl, ids)
-        router.set(
-            NetState(addresses=frozenset(pool.gateways()), routes=frozenset(), rules=frozenset())
-        )
         v4 = any(n.version == 4 for n in config.pool)
         v6 = any(n.version == 6 for n in config.pool)
         egress = config.egress
@@ -187,7 +226,7 @@ async def run_relay(config: RelayConfig, notifier: Notifier) -> int:
                     'set egress = "IFNAME" in the config'
                 )
             egress = found
-        enable_forwarding([tun.name, egress], v4=v4, v6=v6)
+        enable_forwarding([t.name for t in tuns] + [egress], v4=v4, v6=v6)
         nat = make_nat(config.nat, ids)
         if nat is not None:
             nat.apply(list(config.pool), egress)
@@ -198,18 +237,28 @@ async def run_relay(config: RelayConfig, notifier: Notifier) -> int:
                 egress,
             )
         access = _access_control(config)
-        leases = LeaseStore(state_dir_for(config) / "leases.json" if config.auth else None)
-        sock = _bind_udp(config.listen_host, config.listen_port)
+        leases = LeaseStore(_lease_file(config, 0))
+        if count == 1:
+            socks.append(_bind_udp(config.listen_host, config.listen_port))
+        else:
+            try:
+                socks.extend(reuseport_group(config.listen_host, config.listen_port, count))
+            except OSError as exc:
+                raise StartupError(
+                    f"cannot listen on {config.listen_host}:{config.listen_port}/udp with "
+                    f"{count} workers: {exc.strerror or exc}"
+                ) from exc
         server = RelayServer(
-            inst.loop, sock, tun, pool, _relay_settings(config), access=access, leases=leases
+            inst.loop, socks[0], tun, pool, _relay_settings(config, 0), access=access, leases=leases
         )
 
         def status() -> str:
-            assert server is not None
+            snap = snapshot()
+            pool_use = snap.get("pool") or {}
             return (
-                f"relay: {len(server.sessions)} clients, pool {pool.used()}/"
-                f"{pool.capacity()} used, listening on {config.listen_host}:"
-                f"{config.listen_port}"
+                f"relay: {len(snap['sessions'])} clients, pool {pool_use.get('used')}/"
+                f"{pool_use.get('capacity')} used, listening on {config.listen_host}:"
+                f"{config.listen_port}" + (f", {count} workers" if count > 1 else "")
             )
 
         reporter = inst.report_status(status)
@@ -220,9 +269,7 @@ async def run_relay(config: RelayConfig, notifier: Notifier) -> int:
             new = inst.reread()
             if not isinstance(new, RelayConfig):
                 return
-            restart = _changed_keys(
-                config, new, ("listen_host", "listen_port", "pool", "egress", "nat", "mtu")
-            )
+            restart = _changed_keys(config, new, RELAY_RESTART_KEYS)
             assert server is not None and tun is not None
             try:
                 new_access = _access_control(new)
@@ -231,7 +278,7 @@ async def run_relay(config: RelayConfig, notifier: Notifier) -> int:
                 inst.reload_done(False, str(exc))
                 return
             added = _pool_growth(config.pool, new.pool)
-            if "pool" in restart and added:
+            if "pool" in restart and added and count == 1:
                 try:
                     _grow_pool(pool, added, new.pool, router, tun.name, egress, nat)
                 except (OSError, ValueError) as exc:
@@ -247,11 +294,13 @@ async def run_relay(config: RelayConfig, notifier: Notifier) -> int:
                 )
                 # Keep describing what really runs until the restart.
                 new = replace(new, **{key: getattr(config, key) for key in restart})
-            server.update_settings(_relay_settings(new))
+            server.update_settings(_relay_settings(new, 0))
             server.update_access(new_access)
             set_level(new.log_level)
             config = new
             inst.config = new
+            for w in workers:  # each re-reads the file this process just accepted
+                w.signal(signal.SIGHUP)
             log.info("reloaded %s", new.path)
             note = f"; needs a restart: {', '.join(restart)}" if restart else ""
             inst.reload_done(True, f"reloaded {new.path}{note}")
@@ -260,13 +309,33 @@ async def run_relay(config: RelayConfig, notifier: Notifier) -> int:
         server.start()
         service.nat = nat
         extra["egress"] = egress
+        if count > 1:
+            workers.extend(
+                WorkerProcess(
+                    index=k,
+                    count=count,
+                    config_path=str(config.path),
+                    name=config.name,
+                    tun_fd=tuns[k].fileno(),
+                    udp_fd=socks[k].fileno(),
+                    vnet=tuns[k].vnet,
+                    log_level=config.log_level,
+                    on_change=reporter.update,
+                )
+                for k in range(1, count)
+            )
+            try:
+                await asyncio.gather(*(w.start() for w in workers))
+            except RuntimeError as exc:
+                raise StartupError(f"relay workers: {exc}") from exc
         log.info(
-            "relay %s listening on %s:%d (udp), tun %s, pool %s",
+            "relay %s listening on %s:%d (udp), tun %s, pool %s%s",
             ids.name,
             config.listen_host,
             config.listen_port,
-            tun.name,
+            ", ".join(t.name for t in tuns),
             ", ".join(map(str, config.pool)),
+            f", {count} workers" if count > 1 else "",
         )
         freeze_startup_objects()
         reporter.ready()
@@ -278,12 +347,16 @@ async def run_relay(config: RelayConfig, notifier: Notifier) -> int:
         with contextlib.suppress(Exception):
             inst.remove_signals()
         await service.close()
+        if workers:
+            await asyncio.gather(*(w.stop() for w in workers), return_exceptions=True)
         if server is not None:
             server.close()
             # Give the CONNECTION_CLOSE frames a moment to leave.
             await asyncio.sleep(0.05)
-        if tun is not None:
-            tun.close()
+        for sock in socks:
+            sock.close()
+        for t in tuns:
+            t.close()
         inst.cleanup()
         nl.close()
 
@@ -334,14 +407,91 @@ def _access_control(config: RelayConfig) -> AccessControl:
     return access
 
 
-def _relay_settings(config: RelayConfig) -> RelaySettings:
+def _relay_settings(config: RelayConfig, worker: int) -> RelaySettings:
+    count = config.workers
     return RelaySettings(
         mtu=config.mtu,
         routes=tuple(config.routes),
         certificate=str(config.certificate),
         private_key=str(config.private_key),
-        max_clients=config.max_clients,
+        # Each worker admits its part of the limit (it cannot see the others').
+        max_clients=None if config.max_clients is None else -(-config.max_clients // count),
+        worker=worker,
+        workers=count,
     )
+
+
+def _lease_file(config: RelayConfig, worker: int) -> Path | None:
+    """Where worker ``worker`` keeps its identities' last addresses (with auth only)."""
+    if not config.auth:
+        return None
+    return state_dir_for(config) / ("leases.json" if worker == 0 else f"leases-w{worker}.json")
+
+
+async def run_worker(config: RelayConfig, index: int, fds: tuple[int, int, int], vnet: bool) -> int:
+    """``masqued worker``: relay worker ``index`` of ``config.workers`` on the TUN and
+    UDP socket its parent made (masqued.workers); reports over the ``ipc`` fd."""
+    loop = asyncio.get_running_loop()
+    tun_fd, udp_fd, ipc_fd = fds
+    count = config.workers
+    ids = InstanceIds(config.name, worker=index)
+    tun = inherited_tun(tun_fd, ids.tun, config.mtu, vnet)
+    sock = socket.socket(fileno=udp_fd)
+    pool = AddressPool(pool_slice(config.pool, index, count))
+    access = _access_control(config)
+    leases = LeaseStore(_lease_file(config, index))
+    server = RelayServer(
+        loop, sock, tun, pool, _relay_settings(config, index), access=access, leases=leases
+    )
+    reader, writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=ipc_fd))
+    uplink = Uplink(writer, server.snapshot)
+    server.on_change = uplink.changed
+    stop = asyncio.Event()
+
+    def reload() -> None:
+        nonlocal config
+        try:
+            new = load_config(config.path, config.name)
+        except ConfigError as exc:
+            log.error("reload: %s (keeping the running configuration)", exc)
+            return
+        if not isinstance(new, RelayConfig):
+            return
+        try:
+            new_access = _access_control(new)
+        except StartupError as exc:
+            log.error("reload: %s (keeping the running configuration)", exc)
+            return
+        # As the main process does: what needs a restart keeps its running value.
+        new = replace(new, **{k: getattr(config, k) for k in RELAY_RESTART_KEYS})
+        server.update_settings(_relay_settings(new, index))
+        server.update_access(new_access)
+        set_level(new.log_level)
+        config = new
+
+    # The main process stops the workers; Ctrl-C in a terminal reaches every process
+    # of the group, so this one leaves SIGINT to it.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    loop.add_signal_handler(signal.SIGTERM, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload)
+    server.start()
+    freeze_startup_objects()
+    uplink.send({"ready": True, "pid": os.getpid()})
+    uplink.changed()
+    ticker = loop.create_task(uplink.tick())
+    stopped = loop.create_task(stop.wait())
+    orphaned = loop.create_task(reader.read())  # b"" once the main process is gone
+    try:
+        await asyncio.wait({stopped, orphaned}, return_when=asyncio.FIRST_COMPLETED)
+        if orphaned.done():
+            log.warning("relay worker %d: the main process is gone; stopping", index)
+    finally:
+        for task in (ticker, stopped, orphaned):
+            task.cancel()
+        server.close()
+        await asyncio.sleep(0.05)  # CONNECTION_CLOSE frames
+        uplink.close()
+    return 0
 
 
 def _bind_udp(host: str, port: int) -> socket.socket:

@@ -329,7 +329,7 @@ def pool_slice(networks: Sequence[IPNetwork], index: int, count: int) -> tuple[I
     for net in networks:
         if net.prefixlen + bits > net.max_prefixlen:
             raise ValueError(f"pool network {net} cannot be split among {count} workers")
-        subnets = list(net.subnets(prefixlen_diff=bits))
+        subnets: list[IPNetwork] = list(net.subnets(prefixlen_diff=bits))  # type: ignore[arg-type]
         for sub in subnets[index::count]:
             _Range(sub)  # raises ValueError("pool too small ...") if it is
             out.append(sub)

@@ -273,8 +273,14 @@ class _InstanceFilter(logging.Filter):
         return True
 
 
+FIELD_WORKER = "MASQUED_WORKER"
+
+
 def journal_handler(
-    instance: str, role: str, sender: Callable[..., Any] | None = None
+    instance: str,
+    role: str,
+    sender: Callable[..., Any] | None = None,
+    worker: int | None = None,
 ) -> logging.Handler | None:
     """systemd-python's JournalHandler carrying our instance fields, or None if the
     module is not installed. ``sender`` replaces ``systemd.journal.send`` (tests)."""
@@ -287,6 +293,8 @@ def journal_handler(
         FIELD_INSTANCE: instance,
         FIELD_ROLE: role,
     }
+    if worker is not None:
+        fields[FIELD_WORKER] = str(worker)
     if sender is not None:
         handler: logging.Handler = JournalHandler(sender_function=sender, **fields)
     else:
@@ -309,19 +317,24 @@ def stderr_is_journal(env: Mapping[str, str] | None = None) -> bool:
 
 
 def setup_logging(
-    level: str, instance: str, role: str, journal: bool | None = None
+    level: str,
+    instance: str,
+    role: str,
+    journal: bool | None = None,
+    worker: int | None = None,
 ) -> logging.Handler:
     """Log to journald with our fields when stderr goes there, else readable stderr.
 
     ``journal=None`` decides by ``$JOURNAL_STREAM``; without systemd-python the
-    journal still gets stderr lines (without the structured fields).
+    journal still gets stderr lines (without the structured fields). A relay
+    worker's lines carry MASQUED_WORKER (and "NAME/k" on stderr).
     Returns the handler installed on the root logger.
     """
     root = logging.getLogger()
     for old in list(root.handlers):
         root.removeHandler(old)
     use_journal = stderr_is_journal() if journal is None else journal
-    handler = journal_handler(instance, role) if use_journal else None
+    handler = journal_handler(instance, role, worker=worker) if use_journal else None
     if handler is None:
         handler = logging.StreamHandler(sys.stderr)
         if use_journal or os.environ.get("INVOCATION_ID"):
@@ -330,7 +343,8 @@ def setup_logging(
         else:
             fmt = "%(asctime)s %(levelname)s masqued[%(instance)s] %(name)s: %(message)s"
         handler.setFormatter(logging.Formatter(fmt))
-    handler.addFilter(_InstanceFilter(instance, role))
+    label = instance if worker is None else f"{instance}/{worker}"
+    handler.addFilter(_InstanceFilter(label, role))
     handler.addFilter(_QuietLibraries())
     root.addHandler(handler)
     set_level(level)

@@ -284,6 +284,13 @@ def render_text(doc: dict[str, Any], rates: Rates | None = None) -> str:
             f"{', '.join(doc.get('pool_networks', []))} "
             f"({pool.get('used', 0)}/{pool.get('capacity', 0)} in use)",
         )
+        for w in doc.get("workers") or []:
+            restarts = f", restarted {w['restarts']}x" if w.get("restarts") else ""
+            kv(
+                f"worker {w['index']}",
+                f"pid {w.get('pid')}, {w.get('state')}{restarts}, tun {w.get('tun')}, "
+                f"pool {', '.join(w.get('pool', []))}",
+            )
         kv("routes", ", ".join(doc.get("routes", [])) or "none")
         kv("egress", doc.get("egress"))
         nat = doc.get("nat")
@@ -320,6 +327,8 @@ def render_text(doc: dict[str, Any], rates: Rates | None = None) -> str:
         out.append("")
         if role == "relay":
             out.append(f"session: {s.get('id')}")
+            if "worker" in s:
+                kv("worker", s["worker"])
             if s.get("identity"):
                 kv("identity", s["identity"])
             kv("remote", s.get("peer"))

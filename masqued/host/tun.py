@@ -137,6 +137,26 @@ class TunDevice:
         self.close()
 
 
+class _InheritedFd:
+    """The TUN fd a relay worker got from its parent (which created the device and
+    keeps it open, so the device outlives a worker that is restarted)."""
+
+    def __init__(self, fd: int) -> None:
+        self._fd = fd
+
+    def fileno(self) -> int:
+        return self._fd
+
+    def close(self) -> None:
+        os.close(self._fd)
+
+
+def inherited_tun(fd: int, name: str, mtu: int, vnet: bool) -> TunDevice:
+    """A TunDevice over an fd opened by another process (``open_tun`` there)."""
+    os.set_blocking(fd, False)
+    return TunDevice(_InheritedFd(fd), name, mtu, vnet=vnet)
+
+
 def tun_offload_wanted() -> bool:
     """Coalesced TUN writes unless MASQUED_TUN_OFFLOAD=0 (for comparisons, or a
     kernel that mishandles them)."""

@@ -124,6 +124,7 @@ from masqued.transport.quic import (
     tune_socket,
     use_burst_pacer,
 )
+from masqued.transport.steering import steered
 
 log = logging.getLogger("masqued.relay")
 
@@ -170,6 +171,10 @@ class RelaySettings:
     certificate: str
     private_key: str
     max_clients: int | None = None
+    # Relay workers (masqued.workers): this one's index and how many share the port;
+    # with more than one, every connection ID this worker issues starts with its index.
+    worker: int = 0
+    workers: int = 1
 
 
 @dataclass(eq=False)
@@ -443,11 +448,13 @@ class RelayServer:
             return conn
         if header.packet_type != QuicPacketType.INITIAL or len(data) < MIN_INITIAL_SIZE:
             return None
-        connection_class = (
+        connection_class: type[QuicConnection] = (
             ClientCertRequestingConnection
             if self.access is not None and self.access.requests_client_certificate
             else QuicConnection
         )
+        if self.settings.workers > 1:
+            connection_class = steered(connection_class, self.settings.worker)
         quic = connection_class(
             configuration=config,
             original_destination_connection_id=header.destination_cid,

@@ -123,6 +123,13 @@ class SteeredCids(QuicConnection):
                 entry.cid = self._mark(entry.cid)
 
 
+_steered: dict[tuple[type[QuicConnection], int], type[QuicConnection]] = {}
+
+
 def steered(base: type[QuicConnection], worker: int) -> type[QuicConnection]:
-    """``base`` with its connection IDs marked for ``worker``."""
-    return type(f"Steered{base.__name__}", (SteeredCids, base), {"worker": worker})
+    """``base`` with its connection IDs marked for ``worker`` (one class per pair)."""
+    cls = _steered.get((base, worker))
+    if cls is None:
+        cls = type(f"Steered{base.__name__}", (SteeredCids, base), {"worker": worker})
+        _steered[(base, worker)] = cls
+    return cls

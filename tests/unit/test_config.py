@@ -858,7 +858,10 @@ def test_workers(relay: Callable[..., RelayConfig]) -> None:
     assert relay().workers == 1
     assert relay(workers="4").workers == 4
     assert relay(workers='"auto"').workers == min(64, len(os.sched_getaffinity(0)))
-    assert one_problem(relay, workers="0") == 'workers: expected an integer 1..64 or "auto", got integer 0'
+    assert (
+        one_problem(relay, workers="0")
+        == 'workers: expected an integer 1..64 or "auto", got integer 0'
+    )
     assert one_problem(relay, workers='"many"').startswith("workers: expected an integer 1..64")
     # Every worker needs a share of each pool network with client addresses in it.
     assert one_problem(relay, workers="32", pool='["198.18.200.0/26"]') == (
