@@ -53,7 +53,7 @@ FULL = Settings(
     scale_clients=(1, 10, 50),
     scale_load_mbps=0.1,  # x 50 clients: 5 Mbit/s (see bench/scale.py)
     scale_seconds=5,
-    cores_clients=4,
+    cores_clients=8,
     peer_seconds=5,
     budget_s=570,  # + make's own checks and the 60 s quiet wait stay inside 10 minutes
 )

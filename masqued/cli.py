@@ -82,16 +82,29 @@ def cmd_worker(args: argparse.Namespace) -> int:
     """A relay worker process, started by ``masqued run`` with ``workers`` > 1
     (masqued.workers); not for direct use."""
     import asyncio
+    import dataclasses
+    import ipaddress
+    import signal
 
     from masqued import daemon
     from masqued.service import setup_logging
     from masqued.workers import worker_env_fds
 
+    # A reload may come before the event loop handles SIGHUP: not fatal meanwhile.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
         config = load_config(args.config, args.name)
     except ConfigError as exc:
         print(f"masqued worker: {exc}", file=sys.stderr)
         return EXIT_USAGE
+    if isinstance(config, RelayConfig):
+        # What the main process runs with (the file may have changed since it started).
+        running: dict[str, object] = {"workers": args.workers}
+        if args.pool:
+            running["pool"] = tuple(ipaddress.ip_network(n) for n in args.pool.split(","))
+        if args.mtu:
+            running["mtu"] = args.mtu
+        config = dataclasses.replace(config, **running)  # type: ignore[arg-type]
     if not isinstance(config, RelayConfig) or not 0 < args.index < config.workers:
         print("masqued worker: only relay instances with workers > 1 have workers", file=sys.stderr)
         return EXIT_USAGE
@@ -322,6 +335,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ipc-fd", type=int, required=True)
     p.add_argument("--vnet", type=int, choices=(0, 1), default=1)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--pool", default="")
+    p.add_argument("--mtu", type=int, default=0)
     p.set_defaults(func=cmd_worker)
 
     p = sub.add_parser("check", help="validate a config file")

@@ -594,15 +594,16 @@ def _load_relay(r: _Reader, name: str) -> RelayConfig:
         r.choice("acl_default", ("allow", "deny"), "deny") if r.has("acl_default") else None
     )
     clients, clients_dir = _load_clients(r, acl_default, pool)
-    if workers > 1:
-        fixed = sorted(name for name, policy in clients.items() if policy.addresses)
-        if fixed:
-            r.error(
-                "workers",
-                f"{workers} workers but {', '.join(fixed)} ha{'s' if len(fixed) == 1 else 've'} "
-                "a fixed address: each worker hands out addresses from its own share of "
-                "the pool, so fixed addresses need workers = 1",
-            )
+    fixed = sorted(name for name, policy in clients.items() if policy.addresses)
+    if fixed and r.data.get("workers") == "auto":
+        workers = 1  # "auto" never makes a config invalid: fixed addresses need one
+    if workers > 1 and fixed:
+        r.error(
+            "workers",
+            f"{workers} workers but {', '.join(fixed)} ha{'s' if len(fixed) == 1 else 've'} "
+            "a fixed address: each worker hands out addresses from its own share of "
+            "the pool, so fixed addresses need workers = 1",
+        )
     state_dir = None
     if r.has("state_dir"):
         text = r.string("state_dir")

@@ -320,7 +320,10 @@ async def run_relay(config: RelayConfig, notifier: Notifier) -> int:
                     udp_fd=socks[k].fileno(),
                     vnet=tuns[k].vnet,
                     log_level=config.log_level,
+                    pool=config.pool,
+                    mtu=config.mtu,
                     on_change=reporter.update,
+                    shutting_down=inst.stop_event.is_set,
                 )
                 for k in range(1, count)
             )

@@ -135,7 +135,10 @@ class WorkerProcess:
         udp_fd: int,
         vnet: bool,
         log_level: str,
+        pool: Iterable[object] = (),
+        mtu: int = 0,
         on_change: Callable[[], None] | None = None,
+        shutting_down: Callable[[], bool] = lambda: False,
     ) -> None:
         self.index = index
         self.count = count
@@ -145,7 +148,14 @@ class WorkerProcess:
         self.udp_fd = udp_fd
         self.vnet = vnet
         self.log_level = log_level
+        # What the instance runs with, whatever the config file says by now (a worker
+        # started again later must match its TUN and its share of the pool).
+        self.pool = ",".join(map(str, pool))
+        self.mtu = mtu
         self.on_change = on_change
+        # True once the whole instance stops: a worker that exits then (systemd may
+        # signal every process of the unit) is not started again.
+        self.shutting_down = shutting_down
         self.proc: asyncio.subprocess.Process | None = None
         self.snapshot: dict[str, Any] | None = None
         self.state = "starting"
@@ -164,6 +174,8 @@ class WorkerProcess:
             *("--tun-fd", str(self.tun_fd), "--udp-fd", str(self.udp_fd)),
             *("--ipc-fd", str(ipc_fd), "--vnet", "1" if self.vnet else "0"),
             *("--log-level", self.log_level),
+            *(("--pool", self.pool) if self.pool else ()),
+            *(("--mtu", str(self.mtu)) if self.mtu else ()),
         ]
 
     async def start(self) -> None:
@@ -183,7 +195,8 @@ class WorkerProcess:
         while not self._stopping:
             began = time.monotonic()
             code = await self._run_once()
-            if self._stopping:
+            if self._stopping or self.shutting_down():
+                self.state = "stopped"
                 return
             self.state = "restarting"
             self.snapshot = None

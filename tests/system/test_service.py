@@ -222,6 +222,19 @@ def test_start_and_traffic(env: Env) -> None:
         "relay STATUS with 1 client",
         lambda: relay.prop("masqued@relay", "StatusText").startswith("relay: 1 clients"),
     )
+    # The shipped example says workers = "auto": one relay process per CPU, all in the
+    # unit's cgroup, each with its own TUN.
+    cpus = int(relay.run("nproc").stdout)
+    doc = json.loads(relay.run("masqued", "status", "relay", "--json").stdout)
+    if cpus > 1:
+        assert [w["state"] for w in doc["workers"]] == ["running"] * min(cpus, 64)
+        for w in doc["workers"]:
+            cgroup = relay.read(f"/proc/{w['pid']}/cgroup")
+            assert cgroup.strip().endswith("/masqued@relay.service"), cgroup
+        links = relay.run("ip", "-o", "link", "show").stdout
+        assert all(f" {w['tun']}:" in links for w in doc["workers"])
+    else:
+        assert "workers" not in doc
 
 
 def test_journal_fields(env: Env) -> None:
@@ -235,8 +248,11 @@ def test_journal_fields(env: Env) -> None:
     assert e["MASQUED_ROLE"] == "relay"
     assert e["MASQUED_ADDRESS"].startswith("198.18.200.")
     assert e["MASQUED_PEER"] == peer
-    # the lease of the identity is kept in the unit's StateDirectory (sticky addresses)
-    leases = env.relay.read("/var/lib/masqued/relay/leases.json")
+    # the lease of the identity is kept in the unit's StateDirectory (sticky addresses),
+    # by the relay worker that served it (MASQUED_WORKER, none for the main process)
+    worker = int(e.get("MASQUED_WORKER", "0"))
+    name = "leases.json" if worker == 0 else f"leases-w{worker}.json"
+    leases = env.relay.read(f"/var/lib/masqued/relay/{name}")
     assert '"alice"' in leases and e["MASQUED_ADDRESS"].split(",")[0] in leases
     assert e["SYSLOG_IDENTIFIER"] == "masqued"
     client_entries = _journal(env.client, "-u", "masqued@client", "MASQUED_ROLE=client")

@@ -873,6 +873,9 @@ def test_workers_refuse_fixed_client_addresses(pkidir: Path, write: Callable[...
     text = relay_text(pkidir, workers="2") + (
         '[clients.alice]\naddress = "198.18.200.50"\n[clients.bob]\nacl_default = "allow"\n'
     )
+    auto = relay_text(pkidir, workers='"auto"') + '[clients.alice]\naddress = "198.18.200.50"\n'
+    cfg = load_config(write(auto, "auto.conf"))
+    assert isinstance(cfg, RelayConfig) and cfg.workers == 1  # "auto" settles for one
     with pytest.raises(ConfigError) as exc:
         load_config(write(text, "relay.conf"))
     assert list(exc.value.problems) == [
