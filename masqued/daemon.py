@@ -471,6 +471,7 @@ async def run_worker(config: RelayConfig, index: int, fds: tuple[int, int, int],
         server.update_access(new_access)
         set_level(new.log_level)
         config = new
+        log.info("relay worker %d: reloaded %s", index, new.path)
 
     # The main process stops the workers; Ctrl-C in a terminal reaches every process
     # of the group, so this one leaves SIGINT to it.

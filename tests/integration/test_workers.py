@@ -13,6 +13,7 @@ from typing import Any
 
 import jsonschema
 
+from masqued.auth import new_token
 from tests.integration.lab import (
     EGRESS_V4,
     EGRESS_V6,
@@ -21,6 +22,7 @@ from tests.integration.lab import (
     TARGET_V6,
     NamespaceLab,
 )
+from tests.integration.test_auth import refused
 
 SCHEMA = json.loads((REPO / "docs" / "status.schema.json").read_text())
 MB = 1024 * 1024
@@ -163,3 +165,62 @@ def test_killing_the_main_process_takes_the_workers_and_a_restart_cleans_up(
     assert lab.ping(lab.client_ns(1), TARGET_V4, count=3).returncode == 0
     assert [d.stop() for d in (client, again)] == [0, 0]
     assert lab.leftovers(lab.relay_ns) == []
+
+
+def test_reload_reaches_every_worker(lab3: NamespaceLab) -> None:
+    """Revoking a token and changing the ACLs on SIGHUP applies in every worker: the
+    revoked client is refused whichever worker served it, the others keep their
+    sessions and get the new ACL, wherever they are."""
+    lab = lab3
+    w = lab.workdir
+    names = ("alice", "bob", "carol")
+    tokens = {n: new_token(n) for n in names}
+    (w / "tokens").write_text("".join(line + "\n" for _, line in tokens.values()))
+    for n, (token, _) in tokens.items():
+        (w / f"{n}.token").write_text(token + "\n")
+        (w / f"{n}.token").chmod(0o600)
+    (w / "tokens").chmod(0o600)
+
+    def relay_conf(icmp: str) -> str:
+        return lab.relay_config(
+            extra=(
+                f'workers = 2\nauth = "token"\ntokens_file = "{w / "tokens"}"\n'
+                f'state_dir = "{w / "state"}"\nacl_default = "allow"\n'
+                + "".join(f'[clients.{n}]\nacl = ["{icmp} 198.19.0.2/32 icmp"]\n' for n in names)
+            )
+        )
+
+    lab.start_servers()
+    relay = lab.start_daemon("relay", lab.relay_ns, relay_conf("allow"))
+    relay.wait_ready(30)
+    clients = {
+        n: lab.start_daemon(
+            f"c{i}", lab.client_ns(i), lab.client_config(extra=f'token_file = "{w / n}.token"\n')
+        )
+        for i, n in enumerate(names, 1)
+    }
+    for c in clients.values():
+        c.wait_ready(30)
+    doc = until(lambda: len((d := status(lab))["sessions"]) == 3 and d, what="3 sessions")
+    before = {s["identity"]: (s["worker"], s["connected_since"]) for s in doc["sessions"]}
+    for i in (1, 3):
+        assert lab.ping(lab.client_ns(i), TARGET_V4, count=2).returncode == 0  # ICMP allowed
+    # Revoke bob, forbid ICMP, reload: same main process, same workers.
+    (w / "tokens").write_text(tokens["alice"][1] + "\n" + tokens["carol"][1] + "\n")
+    config = w / "conf" / "relay.conf"
+    config.write_text(relay_conf("deny"))
+    pids = [relay.proc.pid, *worker_pids(relay.proc.pid)]
+    relay.proc.send_signal(signal.SIGHUP)
+    until(lambda: "no longer authorized" in relay.log_text(), what="bob's session closed")
+    refused(clients["bob"], 403, timeout=20, never_up=False)
+    assert "relay worker 1: reloaded" in relay.log_text()
+    for i in (1, 3):
+        res = lab.run(lab.client_ns(i), "ping", "-c", "1", "-W", "2", TARGET_V4, check=False)
+        assert res.returncode != 0, res.stdout
+        assert "Packet filtered" in res.stdout or "Prohibited" in res.stdout, res.stdout
+    assert lab.traffic(lab.client_ns(1), "tcp", TARGET_V4, str(MB)).startswith("ok")
+    doc = status(lab)
+    after = {s["identity"]: (s["worker"], s["connected_since"]) for s in doc["sessions"]}
+    assert set(after) == {"alice", "carol"}
+    assert after["alice"] == before["alice"] and after["carol"] == before["carol"]
+    assert [relay.proc.pid, *worker_pids(relay.proc.pid)] == pids
