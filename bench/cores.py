@@ -43,10 +43,16 @@ def measure_cores(
     """Aggregate TCP throughput and CPU of ``settings.cores_clients`` clients through
     a relay with 1 and with 2 workers."""
     n = settings.cores_clients
-    out: dict[str, Any] = {"clients": n, "transport": "stream", "rows": [], "errors": []}
+    out: dict[str, Any] = {
+        "clients": n,
+        "transport": "stream",
+        "rows": [],
+        "errors": [],
+        "skipped": [],
+    }
     for workers in (1, 2):
         if time_left() < estimate_seconds(settings) / 2:
-            out["errors"].append(f"{workers} worker(s): skipped, time budget")
+            out["skipped"].append(f"{workers} worker(s): time budget")
             continue
         try:
             row = _one_layout(workers, n, settings, pki, workdir, log)
@@ -158,33 +164,18 @@ def _sessions_per_worker(lab: Lab, relay: Daemon) -> list[int]:
 def _tcp_all(lab: Lab, n: int, seconds: float) -> list[float]:
     """One iperf3 TCP stream from every client at once: each receiver's Mbit/s."""
     procs = [
-        subprocess.Popen(
-            measure._netns(
-                lab.client_ns(i),
-                *("iperf3", "-J", "--connect-timeout", "3000", "-c", TARGET_V4),
-                *("-p", str(BASE_PORT + i), "-t", f"{seconds:g}"),
-            ),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-            start_new_session=True,
+        measure.iperf_start(
+            lab.client_ns(i), ["-c", TARGET_V4, "-p", str(BASE_PORT + i), "-t", f"{seconds:g}"]
         )
         for i in range(1, n + 1)
     ]
-    results: list[float] = []
     try:
-        for p in procs:
-            out, err = p.communicate(timeout=seconds + measure.IPERF_SLACK)
-            try:
-                data = json.loads(out)
-            except json.JSONDecodeError as exc:
-                raise MeasureError(f"iperf3: {err.strip()[:200]}") from exc
-            if "error" in data:
-                raise MeasureError(f"iperf3: {data['error']}")
-            results.append(measure.parse_tcp(data)["mbps"])
+        return [
+            measure.parse_tcp(measure.iperf_result(p, seconds + measure.IPERF_SLACK))["mbps"]
+            for p in procs
+        ]
     finally:
         for p in procs:
             if p.poll() is None:
                 p.kill()
                 p.communicate()
-    return results

@@ -235,32 +235,41 @@ def udp(
     return result
 
 
-def udp_start(
-    ns: str, server: str, seconds: float, mbps: float, length: int, port: int
-) -> subprocess.Popen[str]:
-    """Start an iperf3 UDP client in the background (``udp_finish`` collects it)."""
-    args = ["-c", server, "-p", str(port), "-u", "-b", f"{mbps:g}M", "-l", str(length)]
-    args += ["-w", UDP_SOCKET_BUFFER]
-    cmd = _netns(ns, "iperf3", "-J", "--connect-timeout", "5000", *args, "-t", f"{seconds:g}")
+def iperf_start(ns: str, args: Sequence[str]) -> subprocess.Popen[str]:
+    """Start an iperf3 client in ``ns`` in the background (``iperf_result`` collects it)."""
+    cmd = _netns(ns, "iperf3", "-J", "--connect-timeout", "5000", *args)
     return subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
     )
 
 
-def udp_finish(proc: subprocess.Popen[str], timeout: float) -> dict[str, float]:
+def iperf_result(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
+    """The JSON report of an ``iperf_start``-ed client (killed if it overruns)."""
     try:
         out, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired as exc:
         proc.kill()
         proc.communicate()
-        raise MeasureError("iperf3 udp: no result in time") from exc
+        raise MeasureError("iperf3: no result in time") from exc
     try:
-        data = json.loads(out)
+        data: dict[str, Any] = json.loads(out)
     except json.JSONDecodeError as exc:
-        raise MeasureError(f"iperf3 udp: {err.strip()[:200]}") from exc
+        raise MeasureError(f"iperf3: {err.strip()[:200]}") from exc
     if "error" in data:
-        raise MeasureError(f"iperf3 udp: {data['error']}")
-    return parse_udp(data)
+        raise MeasureError(f"iperf3: {data['error']}")
+    return data
+
+
+def udp_start(
+    ns: str, server: str, seconds: float, mbps: float, length: int, port: int
+) -> subprocess.Popen[str]:
+    """Start an iperf3 UDP client in the background (``udp_finish`` collects it)."""
+    args = ["-c", server, "-p", str(port), "-u", "-b", f"{mbps:g}M", "-l", str(length)]
+    return iperf_start(ns, [*args, "-w", UDP_SOCKET_BUFFER, "-t", f"{seconds:g}"])
+
+
+def udp_finish(proc: subprocess.Popen[str], timeout: float) -> dict[str, float]:
+    return parse_udp(iperf_result(proc, timeout))
 
 
 def parse_ping(output: str, count: int) -> dict[str, float]:

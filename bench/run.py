@@ -305,25 +305,32 @@ def _run(
         # Peers before scale: the ratios to them are the headline figures.
         if "peers" in sections:
             _run_peers(result, settings, wanted, workdir, time_left, notes)
-        if "scale" in sections:
-            if time_left() < 20:
-                notes.append("scale skipped: time budget")
-            else:
-                log(f"== scale: {', '.join(map(str, settings.scale_clients))} clients")
-                result["scale"] = scale.measure_scale(settings, pki, workdir, time_left, log)
-                if result["scale"]["errors"]:
-                    keep_workdir = True
-                    notes.extend(f"scale: {e.splitlines()[0]}" for e in result["scale"]["errors"])
-                notes.extend(f"scale skipped {x}" for x in result["scale"]["skipped"])
-        if "cores" in sections:
-            if time_left() < cores.estimate_seconds(settings):
-                notes.append("cores skipped: time budget")
-            else:
-                log(f"== cores: {settings.cores_clients} clients through 1 and 2 relay processes")
-                result["cores"] = cores.measure_cores(settings, pki, workdir, time_left, log)
-                if result["cores"]["errors"]:
-                    keep_workdir = True
-                    notes.extend(f"cores: {e.splitlines()[0]}" for e in result["cores"]["errors"])
+        sections_after = (
+            (
+                "scale",
+                20.0,
+                f"{', '.join(map(str, settings.scale_clients))} clients",
+                scale.measure_scale,
+            ),
+            (
+                "cores",
+                cores.estimate_seconds(settings),
+                f"{settings.cores_clients} clients through workers = 1 and 2",
+                cores.measure_cores,
+            ),
+        )
+        for name, need, what, measure_section in sections_after:
+            if name not in sections:
+                continue
+            if time_left() < need:
+                notes.append(f"{name} skipped: time budget")
+                continue
+            log(f"== {name}: {what}")
+            out = result[name] = measure_section(settings, pki, workdir, time_left, log)
+            if out["errors"]:
+                keep_workdir = True
+                notes.extend(f"{name}: {e.splitlines()[0]}" for e in out["errors"])
+            notes.extend(f"{name} skipped {x}" for x in out.get("skipped", []))
     except KeyboardInterrupt:
         interrupted = True
         notes.append("interrupted")

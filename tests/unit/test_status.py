@@ -14,7 +14,7 @@ import jsonschema
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from masqued import pki, status
+from masqued import status
 from masqued.config import ClientConfig, MetricsEndpoint, RelayConfig
 from masqued.control import socket_path
 from masqued.exposition import scrape
@@ -27,14 +27,6 @@ from tests.unit.test_transport import Client, Relay, until
 REPO = Path(__file__).resolve().parents[2]
 SCHEMA = json.loads((REPO / "docs" / "status.schema.json").read_text())
 net = ipaddress.ip_network
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("pki")
-    pki.init_ca(d)
-    pki.issue(d, "relay.example", "relay")
-    return d
 
 
 @pytest.fixture

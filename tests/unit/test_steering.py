@@ -11,7 +11,6 @@ from pathlib import Path
 import pytest
 from aioquic.quic.connection import QuicConnection
 
-from masqued import pki
 from masqued.transport.quic import quic_configuration
 from masqued.transport.steering import (
     LONG_HEADER_DCID,
@@ -68,14 +67,6 @@ def test_the_program_rejects_impossible_worker_counts() -> None:
         steering_program(0)
     with pytest.raises(ValueError):
         steering_program(65)
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("pki")
-    pki.init_ca(d)
-    pki.issue(d, "relay.example", "relay")
-    return d
 
 
 CLIENT = ("198.18.1.2", 50000)

@@ -12,7 +12,6 @@ from pathlib import Path
 
 import pytest
 
-from masqued import pki
 from masqued.host.tun import FakeTun
 from masqued.ipam import AddressPool
 from masqued.proto.packet import build_udp, parse_packet
@@ -21,14 +20,6 @@ from masqued.transport.client import ClientSettings, ClientTunnel
 from masqued.transport.relay import RelayServer, RelaySettings
 
 ROUTES = (ipaddress.ip_network("198.19.0.0/24"), ipaddress.ip_network("2001:db8:19::/64"))
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("pki")
-    pki.init_ca(d)
-    pki.issue(d, "relay.example", "relay")
-    return d
 
 
 class Relay:
