@@ -35,6 +35,11 @@ from typing import Any
 log = logging.getLogger("masqued.workers")
 
 SNAPSHOT_INTERVAL = 0.5  # seconds between a worker's status pushes, at most
+# A worker says something at least every HEARTBEAT seconds (a snapshot or "alive"),
+# from its event loop; one silent for WATCHDOG is stuck and is killed (and started
+# again), as systemd's watchdog does with the main process.
+HEARTBEAT = 2.0
+WATCHDOG = 10.0
 READY_TIMEOUT = 30.0  # a worker starts a Python interpreter: ~0.3 s of CPU
 STOP_TIMEOUT = 5.0
 RESTART_INITIAL = 1.0
@@ -235,7 +240,15 @@ class WorkerProcess:
         try:
             while True:
                 try:
-                    line = await reader.readline()
+                    line = await asyncio.wait_for(reader.readline(), WATCHDOG)
+                except TimeoutError:
+                    log.error(
+                        "relay worker %d (pid %d) silent for %.0fs: stuck, killing it",
+                        self.index,
+                        self.proc.pid,
+                        WATCHDOG,
+                    )
+                    break
                 except (ValueError, asyncio.LimitOverrunError):
                     log.error("relay worker %d sent an oversized message", self.index)
                     break
@@ -310,11 +323,13 @@ class Uplink:
         self._writer = writer
         self._snapshot = snapshot
         self._last: str | None = None
+        self._sent_at = 0.0
 
     def send(self, msg: dict[str, Any]) -> None:
         # default=str as the control socket has it (identities are objects there).
         text = json.dumps(msg, separators=(",", ":"), default=str)
         self._writer.write(text.encode() + b"\n")
+        self._sent_at = time.monotonic()
 
     def changed(self) -> None:
         """Sessions opened or closed: push now (``masqued status`` shows them)."""
@@ -328,10 +343,13 @@ class Uplink:
             self.send({"snapshot": snap})
 
     async def tick(self) -> None:
-        """Counters change with every packet: look every SNAPSHOT_INTERVAL."""
+        """Counters change with every packet: look every SNAPSHOT_INTERVAL; and say
+        "alive" when nothing else went out for HEARTBEAT (the main process's watchdog)."""
         while True:
             await asyncio.sleep(SNAPSHOT_INTERVAL)
             self.changed()
+            if time.monotonic() - self._sent_at >= HEARTBEAT:
+                self.send({"alive": True})
 
     def close(self) -> None:
         self._writer.close()

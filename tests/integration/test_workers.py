@@ -4,6 +4,7 @@ dies is started again; nothing is left behind, also when the main process is kil
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import os
@@ -224,3 +225,36 @@ def test_reload_reaches_every_worker(lab3: NamespaceLab) -> None:
     assert set(after) == {"alice", "carol"}
     assert after["alice"] == before["alice"] and after["carol"] == before["carol"]
     assert [relay.proc.pid, *worker_pids(relay.proc.pid)] == pids
+
+
+def test_a_stuck_worker_is_killed_and_started_again(lab1: NamespaceLab) -> None:
+    """A worker whose event loop stops (SIGSTOP here) falls silent on its socket pair;
+    after WATCHDOG seconds the main process kills it and starts it again."""
+    from masqued.workers import WATCHDOG
+
+    lab = lab1
+    lab.start_servers()
+    relay = lab.start_daemon("relay", lab.relay_ns, lab.relay_config(extra="workers = 2\n"))
+    relay.wait_ready(30)
+    (child,) = worker_pids(relay.proc.pid)
+    os.kill(child, signal.SIGSTOP)
+    try:
+        doc = until(
+            lambda: (
+                (d := status(lab))["workers"][1]["restarts"] == 1
+                and d["workers"][1]["state"] == "running"
+                and d
+            ),
+            timeout=WATCHDOG + 20,
+            what="the stuck worker replaced",
+        )
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(child, signal.SIGKILL)
+    assert doc["workers"][1]["pid"] != child
+    assert "silent for" in relay.log_text() and "stuck, killing it" in relay.log_text()
+    client = lab.start_daemon("c1", lab.client_ns(1), lab.client_config())
+    client.wait_ready(30)
+    assert lab.ping(lab.client_ns(1), TARGET_V4, count=3).returncode == 0
+    assert [d.stop() for d in (client, relay)] == [0, 0]
+    assert lab.leftovers(lab.relay_ns) == []

@@ -144,3 +144,29 @@ async def test_worker_process_supervises_and_restarts_a_child(tmp_path: Any) -> 
         tun_r.close()
         tun_w.close()
     assert proc.proc is not None and proc.proc.returncode is not None
+
+
+async def test_uplink_says_alive_when_there_is_nothing_else_to_say(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import masqued.workers as w
+
+    monkeypatch.setattr(w, "SNAPSHOT_INTERVAL", 0.01)
+    monkeypatch.setattr(w, "HEARTBEAT", 0.05)
+    ours, theirs = socket.socketpair()
+    reader, our_writer = await asyncio.open_unix_connection(sock=ours)
+    _, writer = await asyncio.open_unix_connection(sock=theirs)
+    uplink = Uplink(writer, lambda: {"sessions": []})
+    task = asyncio.get_running_loop().create_task(uplink.tick())
+    try:
+        first = json.loads(await asyncio.wait_for(reader.readline(), 1))
+        assert first == {"snapshot": {"sessions": []}}  # the first look sends it
+        # Then nothing changes: heartbeats only, about every HEARTBEAT.
+        t0 = asyncio.get_running_loop().time()
+        lines = [json.loads(await asyncio.wait_for(reader.readline(), 1)) for _ in range(3)]
+        assert lines == [{"alive": True}] * 3
+        assert asyncio.get_running_loop().time() - t0 >= 2 * 0.05
+    finally:
+        task.cancel()
+        uplink.close()
+        our_writer.close()
