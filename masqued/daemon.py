@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
 import logging
 import os
 import signal
@@ -56,10 +57,11 @@ from masqued.service import (
     write_reload_result,
 )
 from masqued.status import StatusService
+from masqued.transport.balance import Balancer, RetryTokens
 from masqued.transport.client import ClientSettings, ClientStatus, ClientTunnel
 from masqued.transport.relay import RelayServer, RelaySettings
 from masqued.transport.steering import reuseport_group
-from masqued.workers import Uplink, WorkerProcess, mark_worker, merge_snapshots
+from masqued.workers import READY_TIMEOUT, Uplink, WorkerProcess, mark_worker, merge_snapshots
 
 log = logging.getLogger("masqued")
 
@@ -248,8 +250,18 @@ async def run_relay(config: RelayConfig, notifier: Notifier) -> int:
                     f"cannot listen on {config.listen_host}:{config.listen_port}/udp with "
                     f"{count} workers: {exc.strerror or exc}"
                 ) from exc
+        # Workers share a Retry token key, to send new clients to the least busy one.
+        retry_key = os.urandom(32)
+        balancer = Balancer(0, count, RetryTokens(retry_key)) if count > 1 else None
         server = RelayServer(
-            inst.loop, socks[0], tun, pool, _relay_settings(config, 0), access=access, leases=leases
+            inst.loop,
+            socks[0],
+            tun,
+            pool,
+            _relay_settings(config, 0),
+            access=access,
+            leases=leases,
+            balancer=balancer,
         )
 
         def status() -> str:
@@ -262,7 +274,23 @@ async def run_relay(config: RelayConfig, notifier: Notifier) -> int:
             )
 
         reporter = inst.report_status(status)
-        server.on_change = reporter.update
+        reported: list[int] = []
+
+        def changed() -> None:
+            """Sessions came or went somewhere: STATUS=, and every worker's loads."""
+            reporter.update()
+            if balancer is None or server is None:
+                return
+            loads = [len(server.sessions)] + [
+                len(w.snapshot["sessions"]) if w.snapshot is not None else 0 for w in workers
+            ]
+            if loads != reported:
+                reported[:] = loads
+                balancer.report(loads)
+                for w in workers:
+                    w.send({"loads": loads})
+
+        server.on_change = changed
 
         def reload() -> None:
             nonlocal config
@@ -322,8 +350,9 @@ async def run_relay(config: RelayConfig, notifier: Notifier) -> int:
                     log_level=config.log_level,
                     pool=config.pool,
                     mtu=config.mtu,
-                    on_change=reporter.update,
+                    on_change=changed,
                     shutting_down=inst.stop_event.is_set,
+                    retry_key=retry_key,
                 )
                 for k in range(1, count)
             )
@@ -443,12 +472,36 @@ async def run_worker(config: RelayConfig, index: int, fds: tuple[int, int, int],
     pool = AddressPool(pool_slice(config.pool, index, count))
     access = _access_control(config)
     leases = LeaseStore(_lease_file(config, index))
-    server = RelayServer(
-        loop, sock, tun, pool, _relay_settings(config, index), access=access, leases=leases
-    )
     reader, writer = await asyncio.open_unix_connection(sock=socket.socket(fileno=ipc_fd))
+    # The first message: the Retry token key the workers share (masqued.transport.balance).
+    try:
+        first = json.loads(await asyncio.wait_for(reader.readline(), READY_TIMEOUT))
+        retry_key = bytes.fromhex(first["retry_key"])
+    except (TimeoutError, ValueError, KeyError, TypeError) as exc:
+        raise StartupError(f"relay worker {index}: no key from the main process ({exc})") from None
+    balancer = Balancer(index, count, RetryTokens(retry_key))
+    server = RelayServer(
+        loop,
+        sock,
+        tun,
+        pool,
+        _relay_settings(config, index),
+        access=access,
+        leases=leases,
+        balancer=balancer,
+    )
     uplink = Uplink(writer, server.snapshot)
     server.on_change = uplink.changed
+
+    async def downlink() -> None:
+        """The main process's messages (every worker's loads) until it goes away."""
+        with contextlib.suppress(OSError):  # ECONNRESET: gone with our messages unread
+            while line := await reader.readline():
+                with contextlib.suppress(ValueError, TypeError, KeyError):
+                    msg = json.loads(line)
+                    if isinstance(msg, dict) and isinstance(msg.get("loads"), list):
+                        balancer.report(msg["loads"])
+
     stop = asyncio.Event()
 
     def reload() -> None:
@@ -484,7 +537,7 @@ async def run_worker(config: RelayConfig, index: int, fds: tuple[int, int, int],
     uplink.changed()
     ticker = loop.create_task(uplink.tick())
     stopped = loop.create_task(stop.wait())
-    orphaned = loop.create_task(reader.read())  # b"" once the main process is gone
+    orphaned = loop.create_task(downlink())  # ends once the main process is gone
     try:
         await asyncio.wait({stopped, orphaned}, return_when=asyncio.FIRST_COMPLETED)
         if orphaned.done():

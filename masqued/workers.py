@@ -144,6 +144,7 @@ class WorkerProcess:
         mtu: int = 0,
         on_change: Callable[[], None] | None = None,
         shutting_down: Callable[[], bool] = lambda: False,
+        retry_key: bytes = b"",
     ) -> None:
         self.index = index
         self.count = count
@@ -161,6 +162,7 @@ class WorkerProcess:
         # True once the whole instance stops: a worker that exits then (systemd may
         # signal every process of the unit) is not started again.
         self.shutting_down = shutting_down
+        self.retry_key = retry_key
         self.proc: asyncio.subprocess.Process | None = None
         self.snapshot: dict[str, Any] | None = None
         self.state = "starting"
@@ -237,6 +239,7 @@ class WorkerProcess:
             child.close()
         self.started_at = time.time()
         reader, self._writer = await asyncio.open_unix_connection(sock=parent, limit=MAX_LINE)
+        self.send({"retry_key": self.retry_key.hex()})
         try:
             while True:
                 try:
@@ -252,6 +255,8 @@ class WorkerProcess:
                 except (ValueError, asyncio.LimitOverrunError):
                     log.error("relay worker %d sent an oversized message", self.index)
                     break
+                except OSError:
+                    break  # ECONNRESET: it died with our messages unread
                 if not line:
                     break
                 self._message(line)
@@ -280,6 +285,11 @@ class WorkerProcess:
                 self._ready.set_result(None)
             pid = self.proc.pid if self.proc else 0
             log.info("relay worker %d serving (pid %d)", self.index, pid)
+
+    def send(self, msg: dict[str, Any]) -> None:
+        """A message to the worker (if it is running); never blocks."""
+        if self._writer is not None and not self._writer.is_closing():
+            self._writer.write(json.dumps(msg, separators=(",", ":")).encode() + b"\n")
 
     def signal(self, sig: int) -> None:
         if self.proc is not None and self.proc.returncode is None:

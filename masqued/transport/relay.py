@@ -32,6 +32,7 @@ from aioquic.quic.events import (
 )
 from aioquic.quic.packet import (
     QuicPacketType,
+    encode_quic_retry,
     encode_quic_version_negotiation,
     pull_quic_header,
 )
@@ -98,6 +99,7 @@ from masqued.proto.request import (
     parse_connect_request,
 )
 from masqued.service import client_fields
+from masqued.transport.balance import Balancer, InvalidToken
 from masqued.transport.datagrams import (
     MAX_DATAGRAM_FRAME_SIZE,
     DatagramBound,
@@ -313,8 +315,11 @@ class RelayServer:
         settings: RelaySettings,
         access: AccessControl | None = None,
         leases: LeaseStore | None = None,
+        balancer: Balancer | None = None,
     ) -> None:
         self.loop = loop
+        # With workers: sends new clients to the least busy worker (Retry).
+        self.balancer = balancer
         self.tun = tun
         self.pool = pool
         self.settings = settings
@@ -448,6 +453,29 @@ class RelayServer:
             return conn
         if header.packet_type != QuicPacketType.INITIAL or len(data) < MIN_INITIAL_SIZE:
             return None
+        odcid, retry_scid = header.destination_cid, None
+        balancer = self.balancer
+        if balancer is not None:
+            if header.token:
+                # The second Initial of a client this or another worker redirected.
+                try:
+                    odcid, retry_scid = balancer.tokens.open(
+                        _format_addr(addr), header.token, header.destination_cid
+                    )
+                except InvalidToken as exc:
+                    self._count("retry_invalid")
+                    self._ratelog.info(
+                        f"token:{_peer_ip(addr)}",
+                        "%s: Initial with an unusable Retry token (%s): dropped",
+                        _format_addr(addr),
+                        exc,
+                    )
+                    return None
+            else:
+                target = balancer.target(self._load())
+                if target is not None:
+                    self._send_retry(header, addr, target)
+                    return None
         connection_class: type[QuicConnection] = (
             ClientCertRequestingConnection
             if self.access is not None and self.access.requests_client_certificate
@@ -457,13 +485,34 @@ class RelayServer:
             connection_class = steered(connection_class, self.settings.worker)
         quic = connection_class(
             configuration=config,
-            original_destination_connection_id=header.destination_cid,
+            original_destination_connection_id=odcid,
+            retry_source_connection_id=retry_scid,
         )
         use_burst_pacer(quic)
         conn = RelayConnection(self, quic, addr, self.udp.send)
         self._register_cid(header.destination_cid, conn)
         self._register_cid(quic.host_cid, conn)
         return conn
+
+    def _load(self) -> int:
+        """This worker's clients, those still in their handshake included."""
+        return len({id(conn) for conn in self.connections.values()})
+
+    def _send_retry(self, header: Any, addr: Address, target: int) -> None:
+        """Send the client to worker ``target``: a Retry with a connection ID that
+        the steering program maps there, and a token that worker accepts."""
+        assert self.balancer is not None
+        scid = self.balancer.retry_cid(target)
+        token = self.balancer.tokens.seal(_format_addr(addr), header.destination_cid, scid)
+        retry = encode_quic_retry(
+            version=header.version,
+            source_cid=scid,
+            destination_cid=header.source_cid,
+            original_destination_cid=header.destination_cid,
+            retry_token=token,
+        )
+        self._count("redirected")
+        self.udp.send([(retry, addr)])
 
     def _register_cid(self, cid: bytes, conn: RelayConnection) -> None:
         self.connections[cid] = conn

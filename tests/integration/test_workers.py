@@ -90,6 +90,9 @@ def test_two_workers_share_the_pool_and_carry_every_client(lab3: NamespaceLab) -
         what="status showing the transfers",
     )
     assert len(doc["sessions"]) == 3 and doc["pool"]["used"] == 3
+    # New clients go to the least busy worker (a Retry moves them): 2 + 1 or 1 + 2.
+    spread = [sum(s["worker"] == k for s in doc["sessions"]) for k in (0, 1)]
+    assert sorted(spread) == [1, 2], spread
     workers = {w["index"]: w for w in doc["workers"]}
     assert sorted(workers) == [0, 1]
     assert workers[0]["pid"] == relay.proc.pid and workers[1]["state"] == "running"
