@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from pathlib import Path
 from typing import Any
@@ -405,6 +406,90 @@ def render(result: dict[str, Any]) -> str:
     if notes:
         parts += ["", "**Notes**", ""] + [f"- {n}" for n in notes]
     return "\n".join(parts) + "\n"
+
+
+TREND_BEGIN = "<!-- bench:trend:begin -->"
+TREND_END = "<!-- bench:trend:end -->"
+
+
+def trend_table(results: list[tuple[str, dict[str, Any]]]) -> str:
+    """One line per stored run (oldest first): the headline medians and ratios, so the
+    trend is visible without opening every JSON. ``results``: (file name, result)."""
+
+    def med(*keys: str, data: dict[str, Any]) -> float | None:
+        value = _med(_get(data, *keys))
+        return None if value is None else float(value)
+
+    def num(v: float | None, digits: int = 0) -> str:
+        return "—" if v is None else f"{v:.{digits}f}"
+
+    rows: list[list[str]] = []
+    for name, r in results:
+        if r.get("smoke"):
+            continue
+        paths = r.get("paths", {})
+        ratios = r.get("ratios", {})
+        targets = r.get("targets", [])
+        met = sum(1 for t in targets if t.get("met"))
+        judged = sum(1 for t in targets if t.get("met") is not None)
+        kernel = str(r.get("machine", {}).get("kernel", ""))
+        rows.append(
+            [
+                f"[{str(r.get('date', ''))[:16]}](results/{name})",
+                str(r.get("commit_short", "")),
+                kernel.rsplit("-", 1)[-1] if kernel else "—",
+                num(med("direct", "tcp1_mbps", data=paths)),
+                num(med("masqued-stream", "tcp1_mbps", data=paths)),
+                num(med("masqued-datagram", "tcp1_mbps", data=paths)),
+                num(med("wireguard-go", "tcp1_mbps", data=paths)),
+                num(med("openvpn-udp", "tcp1_mbps", data=paths)),
+                num(_get(ratios, "masqued-stream vs openvpn-udp", "tcp1"), 2),
+                num(_get(ratios, "masqued-stream vs direct", "added_rtt_ms"), 2),
+                num(_get(ratios, "masqued-datagram vs direct", "added_rtt_ms"), 2),
+                num(med("masqued-stream", "ping_loaded", "p99_ms", data=paths), 1),
+                num(med("masqued-datagram", "below_capacity", "loss_pct", data=paths), 3),
+                f"{met}/{judged}" if judged else "—",
+            ]
+        )
+    header = [
+        "run",
+        "commit",
+        "host kernel",
+        "direct",
+        "stream",
+        "datagram",
+        "wireguard-go",
+        "OpenVPN-UDP",
+        "stream / OpenVPN-UDP",
+        "added RTT stream, ms",
+        "added RTT datagram, ms",
+        "stream p99 under load, ms",
+        "datagram loss below capacity, %",
+        "targets met",
+    ]
+    return _table(header, rows) if rows else "(no runs stored)"
+
+
+def update_trend(readme: Path, results_dir: Path) -> None:
+    """Re-render the table of every run stored in ``results_dir`` into ``readme``."""
+    runs = []
+    for f in sorted(results_dir.glob("*.json")):
+        try:
+            runs.append((f.name, json.loads(f.read_text())))
+        except (OSError, ValueError):
+            continue
+    block = (
+        f"{TREND_BEGIN}\nTCP single stream medians in Mbit/s; every run stored in `results/`"
+        " (`python -m bench --render` re-renders this table).\n\n"
+        f"{trend_table(runs)}\n{TREND_END}"
+    )
+    text = readme.read_text()
+    pattern = re.compile(re.escape(TREND_BEGIN) + ".*?" + re.escape(TREND_END), re.S)
+    if pattern.search(text):
+        text = pattern.sub(lambda _: block, text)
+    else:
+        text = text.rstrip("\n") + "\n\n## All runs\n\n" + block + "\n"
+    readme.write_text(text)
 
 
 def update_readme(readme: Path, result: dict[str, Any], json_name: str) -> None:

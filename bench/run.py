@@ -209,6 +209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.render:
         result = json.loads(args.render.read_text())
         report.update_readme(README, result, args.render.name)
+        report.update_trend(README, RESULTS)
         print(report.render(result))
         return 0
     if os.geteuid() != 0:
@@ -436,4 +437,5 @@ def _write(args: argparse.Namespace, result: dict[str, Any], text: str) -> None:
     log(f"bench: wrote {path}")
     if not args.smoke and not args.no_readme and args.out is None and README.exists():
         report.update_readme(README, result, name)
+        report.update_trend(README, RESULTS)
         log(f"bench: updated {README}")
