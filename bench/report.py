@@ -483,22 +483,22 @@ def update_trend(readme: Path, results_dir: Path) -> None:
         " (`python -m bench --render` re-renders this table).\n\n"
         f"{trend_table(runs)}\n{TREND_END}"
     )
-    text = readme.read_text()
-    pattern = re.compile(re.escape(TREND_BEGIN) + ".*?" + re.escape(TREND_END), re.S)
-    if pattern.search(text):
-        text = pattern.sub(lambda _: block, text)
-    else:
-        text = text.rstrip("\n") + "\n\n## All runs\n\n" + block + "\n"
-    readme.write_text(text)
+    _replace_block(readme, TREND_BEGIN, TREND_END, block, "All runs")
 
 
 def update_readme(readme: Path, result: dict[str, Any], json_name: str) -> None:
     """Replace the block between the markers in ``readme`` with this run's report."""
-    text = readme.read_text()
     block = f"{README_BEGIN}\nFrom `results/{json_name}`.\n\n{render(result)}{README_END}"
-    pattern = re.compile(re.escape(README_BEGIN) + ".*?" + re.escape(README_END), re.S)
+    _replace_block(readme, README_BEGIN, README_END, block, "Latest run")
+
+
+def _replace_block(readme: Path, begin: str, end: str, block: str, heading: str) -> None:
+    """``block`` (markers included) in place of the one in ``readme``, or at its end
+    under ``heading`` the first time."""
+    text = readme.read_text()
+    pattern = re.compile(re.escape(begin) + ".*?" + re.escape(end), re.S)
     if pattern.search(text):
         text = pattern.sub(lambda _: block, text)
     else:
-        text = text.rstrip("\n") + "\n\n## Latest run\n\n" + block + "\n"
+        text = text.rstrip("\n") + f"\n\n## {heading}\n\n" + block + "\n"
     readme.write_text(text)
