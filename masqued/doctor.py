@@ -144,8 +144,13 @@ def _nat_priority(value: Any) -> int | None:
     return names.get(str(value))
 
 
-def check_nft_ruleset(ruleset: dict[str, Any], ids: InstanceIds, tun: str) -> list[Finding]:
-    """Other tables that shadow our NAT or drop forwarded packets (``nft -j list ruleset``)."""
+def check_nft_ruleset(
+    ruleset: dict[str, Any], ids: InstanceIds, tun: str | Sequence[str]
+) -> list[Finding]:
+    """Other tables that shadow our NAT or drop forwarded packets (``nft -j list ruleset``).
+
+    ``tun``: the instance's TUN, or all of them (a relay with workers)."""
+    tuns = [tun] if isinstance(tun, str) else list(tun)
     findings: list[Finding] = []
     chains: dict[tuple[str, str, str], dict[str, Any]] = {}
     rules: dict[tuple[str, str, str], list[Any]] = {}
@@ -176,14 +181,18 @@ def check_nft_ruleset(ruleset: dict[str, Any], ids: InstanceIds, tun: str) -> li
                 )
         if c.get("type") == "filter" and hook == "forward" and c.get("policy") == "drop":
             text = json.dumps(rules.get(key, []))
-            if tun not in text:
+            missing = [t for t in tuns if f'"{t}"' not in text]
+            if missing:
                 findings.append(
                     warn(
                         "firewall",
                         f"{family} {table} chain {name} drops forwarded packets by default and "
-                        f"has no rule for {tun}",
-                        f'nft insert rule {family} {table} {name} iifname "{tun}" accept '
-                        "(plus ct state established,related accept)",
+                        f"has no rule for {', '.join(missing)}",
+                        "; ".join(
+                            f'nft insert rule {family} {table} {name} iifname "{t}" accept'
+                            for t in missing
+                        )
+                        + " (plus ct state established,related accept)",
                     )
                 )
     return findings
@@ -473,8 +482,10 @@ def _relay_checks(
     running = doc is not None
     v4 = any(n.version == 4 for n in config.pool)
     v6 = any(n.version == 6 for n in config.pool)
+    # A relay with workers has a TUN per worker (the status lists them).
+    tuns = [str(w["tun"]) for w in (doc or {}).get("workers") or [] if w.get("tun")] or [ids.tun]
     if running and egress:
-        findings += check_forwarding(forwarding_status([ids.tun, egress], v4=v4, v6=v6))
+        findings += check_forwarding(forwarding_status([*tuns, egress], v4=v4, v6=v6))
     if config.nat == "off":
         findings.append(ok("nat", 'nat = "off": route the pool back to this relay yourself'))
     elif running and egress:
@@ -485,7 +496,7 @@ def _relay_checks(
         res = _run("nft", "-j", "list", "ruleset")
         if res is not None and res.returncode == 0:
             with contextlib.suppress(ValueError):
-                findings += check_nft_ruleset(json.loads(res.stdout), ids, ids.tun)
+                findings += check_nft_ruleset(json.loads(res.stdout), ids, tuns)
     cert = x509.load_pem_x509_certificates(config.certificate.read_bytes())[0]
     findings.append(
         check_certificate_dates(cert, dt.datetime.now(dt.UTC), f"certificate {config.certificate}")

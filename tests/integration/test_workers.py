@@ -110,6 +110,10 @@ def test_two_workers_share_the_pool_and_carry_every_client(lab3: NamespaceLab) -
     }
     text = lab.masqued(lab.relay_ns, "status", "relay").stdout
     assert "worker 0: pid" in text and "tun mq-relay+1, pool 198.18.200.128/25" in text
+    # The doctor checks every worker's TUN (forwarding on each).
+    res = lab.masqued(lab.relay_ns, "doctor", "relay", "--config", str(relay.config))
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "mq-relay+1" in res.stdout, res.stdout
     assert text.count("\n  worker: ") == 3
     codes = [d.stop() for d in reversed(lab.daemons)]
     assert codes == [0, 0, 0, 0], [d.log_text()[-2000:] for d in lab.daemons]

@@ -185,6 +185,11 @@ def test_nft_ruleset_shadowing_and_forward_drop() -> None:
     )
     assert [f.check for f in check_nft_ruleset(ruleset, IDS, IDS.tun)] == ["nat"]
     assert check_nft_ruleset({"nftables": []}, IDS, IDS.tun) == []
+    # With workers: every worker's TUN needs its rule; the one without is named.
+    found = check_nft_ruleset(ruleset, IDS, [IDS.tun, IDS.worker_tun(1)])
+    assert [f.check for f in found] == ["firewall", "nat"]
+    assert found[0].message.endswith(f"has no rule for {IDS.worker_tun(1)}")
+    assert found[0].fix is not None and f'iifname "{IDS.worker_tun(1)}" accept' in found[0].fix
 
 
 def test_certificate_dates(certs: Path) -> None:
