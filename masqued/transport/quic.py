@@ -428,14 +428,13 @@ class BacklogBound:
             self._at, self._acked = now, acked
             return self.limit
         elapsed = now - self._at
-        loss = getattr(quic, "_loss", None)
-        min_rtt = getattr(loss, "_rtt_min", 0.0)
-        if not 0.0 < min_rtt < 1.0:
-            min_rtt = 0.0
         if elapsed < self.WINDOW and not (
-            self.limited and elapsed >= max(self.SHORT_WINDOW, min_rtt)
+            self.limited
+            and elapsed >= self.SHORT_WINDOW
+            and elapsed >= _min_rtt(quic)
         ):
             return self.limit
+        min_rtt = _min_rtt(quic)
         sample = (acked - self._acked) / elapsed
         self._at, self._acked = now, acked
         self.limited = False
@@ -463,6 +462,12 @@ class BacklogBound:
         elif now - self._over_since >= self.GRACE:
             return bound - used
         return bound * self.GRACE_FACTOR - used
+
+
+def _min_rtt(quic: QuicConnection) -> float:
+    """aioquic's minimum RTT in seconds, 0 before it has one (or if implausible)."""
+    min_rtt = getattr(getattr(quic, "_loss", None), "_rtt_min", 0.0)
+    return min_rtt if 0.0 < min_rtt < 1.0 else 0.0
 
 
 def delivered_bytes(quic: QuicConnection) -> int | None:
