@@ -216,7 +216,7 @@ async def run_relay(config: RelayConfig, notifier: Notifier) -> int:
                 NetState(addresses=frozenset(gateways), routes=frozenset(), rules=frozenset())
             )
         tun = tuns[0]
-        router = Router(nl, ids)
+        router = Router(nl, ids)  # worker 0's TUN: the one pool growth extends
         v4 = any(n.version == 4 for n in config.pool)
         v6 = any(n.version == 6 for n in config.pool)
         egress = config.egress
@@ -264,13 +264,23 @@ async def run_relay(config: RelayConfig, notifier: Notifier) -> int:
             balancer=balancer,
         )
 
+        def loads() -> list[int]:
+            """Sessions per worker: this process's own, the others' last reported."""
+            assert server is not None
+            return [len(server.sessions)] + [
+                len(w.snapshot["sessions"]) if w.snapshot is not None else 0 for w in workers
+            ]
+
         def status() -> str:
-            snap = snapshot()
-            pool_use = snap.get("pool") or {}
+            # Counts only: STATUS= follows every session change, a full snapshot
+            # (a dict per session) is for `masqued status`.
+            reports = [w.snapshot["pool"] for w in workers if w.snapshot is not None]
+            used = pool.used() + sum(r["used"] for r in reports)
+            capacity = pool.capacity() + sum(r["capacity"] for r in reports)
             return (
-                f"relay: {len(snap['sessions'])} clients, pool {pool_use.get('used')}/"
-                f"{pool_use.get('capacity')} used, listening on {config.listen_host}:"
-                f"{config.listen_port}" + (f", {count} workers" if count > 1 else "")
+                f"relay: {sum(loads())} clients, pool {used}/{capacity} used, listening on "
+                f"{config.listen_host}:{config.listen_port}"
+                + (f", {count} workers" if count > 1 else "")
             )
 
         reporter = inst.report_status(status)
@@ -279,16 +289,14 @@ async def run_relay(config: RelayConfig, notifier: Notifier) -> int:
         def changed() -> None:
             """Sessions came or went somewhere: STATUS=, and every worker's loads."""
             reporter.update()
-            if balancer is None or server is None:
+            if balancer is None:
                 return
-            loads = [len(server.sessions)] + [
-                len(w.snapshot["sessions"]) if w.snapshot is not None else 0 for w in workers
-            ]
-            if loads != reported:
-                reported[:] = loads
-                balancer.report(loads)
+            now = loads()
+            if now != reported:
+                reported[:] = now
+                balancer.report(now)
                 for w in workers:
-                    w.send({"loads": loads})
+                    w.send({"loads": now})
 
         server.on_change = changed
 
@@ -322,9 +330,7 @@ async def run_relay(config: RelayConfig, notifier: Notifier) -> int:
                 )
                 # Keep describing what really runs until the restart.
                 new = replace(new, **{key: getattr(config, key) for key in restart})
-            server.update_settings(_relay_settings(new, 0))
-            server.update_access(new_access)
-            set_level(new.log_level)
+            _apply_reload(server, new, 0, new_access)
             config = new
             inst.config = new
             for w in workers:  # each re-reads the file this process just accepted
@@ -453,6 +459,15 @@ def _relay_settings(config: RelayConfig, worker: int) -> RelaySettings:
     )
 
 
+def _apply_reload(
+    server: RelayServer, config: RelayConfig, worker: int, access: AccessControl
+) -> None:
+    """What a reload changes in a running relay worker (the main process's included)."""
+    server.update_settings(_relay_settings(config, worker))
+    server.update_access(access)
+    set_level(config.log_level)
+
+
 def _lease_file(config: RelayConfig, worker: int) -> Path | None:
     """Where worker ``worker`` keeps its identities' last addresses (with auth only)."""
     if not config.auth:
@@ -520,9 +535,7 @@ async def run_worker(config: RelayConfig, index: int, fds: tuple[int, int, int],
             return
         # As the main process does: what needs a restart keeps its running value.
         new = replace(new, **{k: getattr(config, k) for k in RELAY_RESTART_KEYS})
-        server.update_settings(_relay_settings(new, index))
-        server.update_access(new_access)
-        set_level(new.log_level)
+        _apply_reload(server, new, index, new_access)
         config = new
         log.info("relay worker %d: reloaded %s", index, new.path)
 

@@ -429,9 +429,7 @@ class BacklogBound:
             return self.limit
         elapsed = now - self._at
         if elapsed < self.WINDOW and not (
-            self.limited
-            and elapsed >= self.SHORT_WINDOW
-            and elapsed >= _min_rtt(quic)
+            self.limited and elapsed >= self.SHORT_WINDOW and elapsed >= _min_rtt(quic)
         ):
             return self.limit
         min_rtt = _min_rtt(quic)

@@ -10,21 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from masqued import pki
 from masqued.host.tun import FakeTun
 from masqued.ipam import AddressPool
 from masqued.transport.relay import RelayServer, RelaySettings
 
 ROUTES = (ipaddress.ip_network("198.19.0.0/24"), ipaddress.ip_network("2001:db8:19::/64"))
 RELAY_MTU = 1300
-
-
-@pytest.fixture(scope="module")
-def certs(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    d = tmp_path_factory.mktemp("pki")
-    pki.init_ca(d)
-    pki.issue(d, "relay.example", "relay")
-    return d
 
 
 class OurRelay:
