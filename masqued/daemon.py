@@ -240,16 +240,14 @@ async def run_relay(config: RelayConfig, notifier: Notifier) -> int:
             )
         access = _access_control(config)
         leases = LeaseStore(_lease_file(config, 0))
-        if count == 1:
-            socks.append(_bind_udp(config.listen_host, config.listen_port))
-        else:
-            try:
-                socks.extend(reuseport_group(config.listen_host, config.listen_port, count))
-            except OSError as exc:
-                raise StartupError(
-                    f"cannot listen on {config.listen_host}:{config.listen_port}/udp with "
-                    f"{count} workers: {exc.strerror or exc}"
-                ) from exc
+        try:
+            socks.extend(reuseport_group(config.listen_host, config.listen_port, count))
+        except OSError as exc:
+            workers_note = f" with {count} workers" if count > 1 else ""
+            raise StartupError(
+                f"cannot listen on {config.listen_host}:{config.listen_port}/udp"
+                f"{workers_note}: {exc.strerror or exc}"
+            ) from exc
         # Workers share a Retry token key, to send new clients to the least busy one.
         retry_key = os.urandom(32)
         balancer = Balancer(0, count, RetryTokens(retry_key)) if count > 1 else None
@@ -562,20 +560,6 @@ async def run_worker(config: RelayConfig, index: int, fds: tuple[int, int, int],
         await asyncio.sleep(0.05)  # CONNECTION_CLOSE frames
         uplink.close()
     return 0
-
-
-def _bind_udp(host: str, port: int) -> socket.socket:
-    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE)
-    family, _, _, _, addr = infos[0]
-    sock = socket.socket(family, socket.SOCK_DGRAM)
-    if family == socket.AF_INET6:
-        sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
-    try:
-        sock.bind(addr)
-    except OSError as exc:
-        sock.close()
-        raise StartupError(f"cannot listen on {host}:{port}/udp: {exc.strerror}") from exc
-    return sock
 
 
 # -- client ----------------------------------------------------------------------------

@@ -74,7 +74,9 @@ def attach_steering(sock: socket.socket, workers: int) -> None:
 
 def reuseport_group(host: str, port: int, workers: int) -> list[socket.socket]:
     """``workers`` UDP sockets bound to one address in one SO_REUSEPORT group, in
-    index order, with the steering program attached."""
+    index order, with the steering program attached; for one worker a single plain
+    socket (without SO_REUSEPORT nobody else can bind the port). IPv6 sockets take
+    IPv4 too."""
     infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_DGRAM, flags=socket.AI_PASSIVE)
     family, _, _, _, addr = infos[0]
     socks: list[socket.socket] = []
@@ -82,11 +84,13 @@ def reuseport_group(host: str, port: int, workers: int) -> list[socket.socket]:
         for _ in range(workers):
             sock = socket.socket(family, socket.SOCK_DGRAM)
             socks.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            if workers > 1:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             if family == socket.AF_INET6:
                 sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
             sock.bind(addr if not socks[1:] else socks[0].getsockname())
-        attach_steering(socks[0], workers)
+        if workers > 1:
+            attach_steering(socks[0], workers)
     except BaseException:
         for sock in socks:
             sock.close()
