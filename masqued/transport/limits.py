@@ -58,7 +58,7 @@ class EndpointLimits:
     retry_threshold: int = 64
     # Pending connections in all, and from one source address; past them, new
     # Initials are dropped.
-    max_pending: int = 1024
+    max_pending: int = 256
     max_pending_per_address: int = 32
     # Bytes all connections together may leave buffered; the connection that pushes
     # the total past it is closed.

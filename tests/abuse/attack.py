@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import datetime as dt
 import json
 import os
 import random
@@ -22,16 +23,22 @@ import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aioquic.buffer import encode_uint_var
-from aioquic.h3.connection import H3_ALPN
+from aioquic.h3.connection import H3_ALPN, H3Connection
+from aioquic.h3.events import HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.connection import QuicConnection
 from aioquic.quic.crypto import CryptoPair
-from aioquic.quic.events import ConnectionTerminated, HandshakeCompleted
+from aioquic.quic.events import ConnectionTerminated, HandshakeCompleted, StreamReset
 from aioquic.quic.packet import QuicFrameType, QuicPacketType, QuicProtocolVersion
 from aioquic.quic.packet_builder import QuicPacketBuilder, QuicPacketBuilderStop
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtensionOID, NameOID
 
 Address = tuple[str, int]
 
@@ -173,9 +180,7 @@ def _socket(addr: Address, source: str | None = None) -> socket.socket:
     return sock
 
 
-async def connected(
-    addr: Address, config: QuicConfiguration, timeout: float = 5.0
-) -> Peer:
+async def connected(addr: Address, config: QuicConfiguration, timeout: float = 5.0) -> Peer:
     """A RawFrameConnection with a completed handshake (raises if none in time)."""
     peer = Peer(RawFrameConnection(configuration=config), _socket(addr), addr)
     peer.start()
@@ -404,11 +409,180 @@ def raw_spoofed_initials(
     return sent
 
 
+class _H3(H3Connection):
+    """HTTP/3 with SETTINGS_H3_DATAGRAM, as a datagram-mode CONNECT-IP client sends."""
+
+    def _get_local_settings(self) -> dict[int, int]:
+        settings = super()._get_local_settings()
+        settings[0x33] = 1
+        return settings
+
+
+def _capsule(kind: int, value: bytes) -> bytes:
+    return encode_uint_var(kind) + encode_uint_var(len(value)) + value
+
+
+def fuzz_capsules(rng: random.Random) -> bytes:
+    """One case: what a lying client writes on its tunnel stream after the 2xx."""
+    kind = rng.randrange(8)
+    if kind == 0:  # random bytes
+        return rng.randbytes(rng.randrange(1, 3000))
+    if kind == 1:  # a capsule that claims far more than the relay accepts
+        return encode_uint_var(rng.choice((1, 2, 3))) + encode_uint_var(1 << 30) + b"\0" * 2000
+    if kind == 2:  # a huge unknown capsule (skipped, must not be buffered whole)
+        return (
+            encode_uint_var(0x1F00 + rng.randrange(100))
+            + encode_uint_var(1 << 24)
+            + (rng.randbytes(4000))
+        )
+    if kind == 3:  # ADDRESS_REQUEST with many entries, some malformed
+        body = b"".join(
+            encode_uint_var(rng.randrange(1, 1 << 20))
+            + bytes((rng.choice((4, 6, 5)),))
+            + rng.randbytes(4)
+            + bytes((rng.randrange(40),))
+            for _ in range(rng.randrange(1, 400))
+        )
+        return _capsule(2, body)
+    if kind == 4:  # ROUTE_ADVERTISEMENT, random ranges (order and overlap wrong)
+        body = b"".join(
+            bytes((4,)) + rng.randbytes(4) + rng.randbytes(4) + bytes((rng.randrange(256),))
+            for _ in range(rng.randrange(1, 300))
+        )
+        return _capsule(3, body)
+    if kind == 5:  # DATAGRAM capsules: bad context IDs, oversized and junk packets
+        return b"".join(
+            _capsule(0, encode_uint_var(rng.choice((0, 0, 1, 77))) + rng.randbytes(n))
+            for n in (rng.choice((0, 20, 1300, 1400, 9000)) for _ in range(rng.randrange(1, 8)))
+        )
+    if kind == 6:  # ADDRESS_ASSIGN from the client
+        return _capsule(1, rng.randbytes(rng.randrange(0, 200)))
+    return _capsule(rng.randrange(1 << 16), rng.randbytes(rng.randrange(0, 500)))
+
+
+async def _pump(
+    peer: Peer, handle: Callable[[], None], done: Callable[[], bool], timeout: float
+) -> None:
+    """Handle the peer's events until ``done()``, the connection ends, or ``timeout``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        handle()
+        if done() or peer.terminated is not None:
+            return
+        await asyncio.sleep(0.005)
+
+
+@dataclass
+class FuzzResult:
+    tunnels: int = 0  # CONNECTs answered 2xx
+    refused: int = 0  # answered otherwise
+    aborted: int = 0  # tunnels the relay reset after our input
+    survived: int = 0  # tunnels still open when we moved on
+
+
+async def capsule_fuzz(
+    addr: Address, config: QuicConfiguration, token: str, cases: int, seed: int
+) -> FuzzResult:
+    """``cases`` datagram-mode tunnels, each fed one fuzz case after its 2xx."""
+    rng = random.Random(seed)
+    result = FuzzResult()
+    peer: Peer | None = None
+    h3: _H3 | None = None
+    responses: dict[int, int] = {}
+    resets: set[int] = set()
+
+    def on_events() -> None:
+        assert h3 is not None and peer is not None
+        for event in peer.events:
+            if isinstance(event, StreamReset):
+                resets.add(event.stream_id)
+            for h3_event in h3.handle_event(event):
+                if isinstance(h3_event, HeadersReceived):
+                    status = dict(h3_event.headers).get(b":status", b"0")
+                    responses[h3_event.stream_id] = int(status or b"0")
+        peer.events.clear()
+
+    try:
+        for case in range(cases):
+            if peer is None or peer.terminated is not None or case % 3 == 0:
+                if peer is not None:
+                    peer.close()
+                peer = await connected(addr, config)
+                h3 = _H3(peer.quic)
+                peer.transmit()
+            assert h3 is not None
+            sid = peer.quic.get_next_available_stream_id()
+            h3.send_headers(
+                sid,
+                [
+                    (b":method", b"CONNECT"),
+                    (b":protocol", b"connect-ip"),
+                    (b":scheme", b"https"),
+                    (b":authority", b"relay.example:4433"),
+                    (b":path", b"/.well-known/masque/ip/*/*/"),
+                    (b"capsule-protocol", b"?1"),
+                    (b"authorization", b"Bearer " + token.encode()),
+                ],
+            )
+            peer.transmit()
+            await _pump(peer, on_events, lambda s=sid: s in responses, 5.0)
+            status = responses.get(sid, 0)
+            if not 200 <= status < 300:
+                result.refused += 1
+                continue
+            result.tunnels += 1
+            with contextlib.suppress(Exception):  # the relay may have reset it already
+                h3.send_data(sid, fuzz_capsules(rng), end_stream=False)
+            peer.transmit()
+            await _pump(peer, on_events, lambda s=sid: s in resets, 0.3)
+            if sid in resets:
+                result.aborted += 1
+            else:
+                result.survived += 1
+    finally:
+        if peer is not None:
+            peer.close()
+    return result
+
+
+def malformed_eku_certificate(d: Path) -> Path:
+    """A self-signed client certificate whose ExtendedKeyUsage holds bytes 01 02 03:
+    TLS accepts it (it only checks the key), cryptography cannot parse the extension."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mallory")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=1))
+        .add_extension(
+            x509.UnrecognizedExtension(ExtensionOID.EXTENDED_KEY_USAGE, b"\x01\x02\x03"),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    (d / "mallory.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    (d / "mallory.key").write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return d / "mallory.pem"
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m tests.abuse.attack NAME --relay HOST:PORT ...``: one attack, a JSON
     line with its result on stdout."""
     parser = argparse.ArgumentParser(prog="python -m tests.abuse.attack")
-    parser.add_argument("attack", choices=["gap", "streams", "headers", "hello", "flood"])
+    parser.add_argument(
+        "attack", choices=["gap", "streams", "headers", "hello", "flood", "capsules"]
+    )
     parser.add_argument("--relay", required=True)
     parser.add_argument("--server-name", default="relay.example")
     parser.add_argument("--ca")
@@ -418,6 +592,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bytes", type=int, default=4 * 1024 * 1024)
     parser.add_argument("--count", type=int, default=1000)
     parser.add_argument("--spoof-net", default="198.18.64.0/18")
+    parser.add_argument("--token", default="")
+    parser.add_argument("--seed", type=int, default=1)
     args = parser.parse_args(argv)
     host, _, port = args.relay.rpartition(":")
     addr = (host.strip("[]"), int(port))
@@ -434,6 +610,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             return {"datagrams": sum(sent)}
         config = client_config(args.server_name, args.ca)
+        if args.attack == "capsules":
+            fuzz = await capsule_fuzz(addr, config, args.token, args.count, args.seed)
+            return fuzz.__dict__
         peers = await asyncio.gather(*(connected(addr, config) for _ in range(args.connections)))
         try:
             if args.attack == "gap":

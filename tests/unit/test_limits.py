@@ -5,17 +5,12 @@ malformed certificates, and errors that must stay inside one connection."""
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from aioquic.quic.packet import QuicErrorCode
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtensionOID, NameOID
 
 from masqued import pki
 from masqued.access import AccessControl
@@ -170,37 +165,6 @@ async def test_pending_connections_are_capped_per_address(certs: Path) -> None:
         relay.close()
 
 
-def malformed_eku_certificate(d: Path) -> Path:
-    """A self-signed client certificate whose ExtendedKeyUsage holds bytes 01 02 03:
-    TLS accepts it (it only checks the key), cryptography cannot parse the extension."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "mallory")])
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(days=1))
-        .not_valid_after(now + dt.timedelta(days=1))
-        .add_extension(
-            x509.UnrecognizedExtension(ExtensionOID.EXTENDED_KEY_USAGE, b"\x01\x02\x03"),
-            critical=False,
-        )
-        .sign(key, hashes.SHA256())
-    )
-    (d / "mallory.pem").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (d / "mallory.key").write_bytes(
-        key.private_bytes(
-            serialization.Encoding.PEM,
-            serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption(),
-        )
-    )
-    return d / "mallory.pem"
-
-
 async def test_a_malformed_client_certificate_gets_403_and_disturbs_nobody(
     certs: Path, tmp_path: Path
 ) -> None:
@@ -215,7 +179,7 @@ async def test_a_malformed_client_certificate_gets_403_and_disturbs_nobody(
     alice = Client(ca, relay.port, certificate=ca / "alice.pem")
     try:
         await passes_traffic(alice, relay)
-        mallory = Client(ca, relay.port, certificate=malformed_eku_certificate(tmp_path))
+        mallory = Client(ca, relay.port, certificate=attack.malformed_eku_certificate(tmp_path))
         await until(lambda: "403" in (mallory.tunnel.status.last_error or ""))
         await passes_traffic(alice, relay)
         await mallory.close()
@@ -237,9 +201,7 @@ async def test_an_identity_reconnecting_while_its_old_connection_lives(
     token, line = new_token("alice")
     (tmp_path / "tokens").write_text(line + "\n")
     (tmp_path / "alice.token").write_text(token + "\n")
-    access = AccessControl(
-        relay_config(certs, auth=("token",), tokens_file=tmp_path / "tokens")
-    )
+    access = AccessControl(relay_config(certs, auth=("token",), tokens_file=tmp_path / "tokens"))
     relay = Relay(certs, POOL, access=access)
     errors = LoopErrors()
     first = Client(certs, relay.port, token_file=tmp_path / "alice.token")
@@ -254,3 +216,29 @@ async def test_an_identity_reconnecting_while_its_old_connection_lives(
         relay.close()
     assert errors.errors == []
     assert relay.server.results.get("accepted", 0) >= 2
+
+
+async def test_fuzzed_capsules_abort_their_tunnel_only(certs: Path, tmp_path: Path) -> None:
+    """An authenticated client that lies on its tunnel stream (random bytes, oversized
+    and malformed capsules, bad ADDRESS_REQUESTs and routes, odd datagrams): each
+    such tunnel is aborted or carries on; the relay, and another client, do not care."""
+    token, line = new_token("mallory")
+    alice_token, alice_line = new_token("alice")
+    (tmp_path / "tokens").write_text(f"{line}\n{alice_line}\n")
+    (tmp_path / "alice.token").write_text(alice_token + "\n")
+    access = AccessControl(relay_config(certs, auth=("token",), tokens_file=tmp_path / "tokens"))
+    relay = Relay(certs, POOL, access=access)
+    errors = LoopErrors()
+    alice = Client(certs, relay.port, transport="datagram", token_file=tmp_path / "alice.token")
+    try:
+        await passes_traffic(alice, relay)
+        config = attack.client_config("relay.example", None)
+        result = await attack.capsule_fuzz(relay.addr, config, token, cases=40, seed=7)
+        assert result.tunnels == 40 and result.refused == 0
+        assert result.aborted > 10  # the malformed cases
+        await passes_traffic(alice, relay)
+        assert "internal_error" not in relay.server.results
+    finally:
+        await alice.close()
+        relay.close()
+    assert errors.errors == []
