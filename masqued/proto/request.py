@@ -137,7 +137,7 @@ def _parse_ipproto(raw: str) -> int | None:
     return int(text)
 
 
-def _capsule_protocol_true(values: list[str]) -> bool:
+def capsule_protocol_true(values: list[str]) -> bool:
     """RFC 9297 §3.4: a Boolean item; anything else (or repeats) counts as absent."""
     if len(values) != 1:
         return False
@@ -211,7 +211,7 @@ def parse_connect_request(headers: Sequence[tuple[bytes, bytes]]) -> ConnectIpRe
         if transport_values[0].strip(" \t") != "stream":
             raise _err(400, f"unknown {TRANSPORT_HEADER} {transport_values[0]!r}")
         wants_stream = True
-    wants_datagram = _capsule_protocol_true(regular.get(CAPSULE_PROTOCOL_HEADER, []))
+    wants_datagram = capsule_protocol_true(regular.get(CAPSULE_PROTOCOL_HEADER, []))
     if wants_stream and wants_datagram:
         raise _err(400, f"both {TRANSPORT_HEADER} and {CAPSULE_PROTOCOL_HEADER}")
     if not wants_stream and not wants_datagram:

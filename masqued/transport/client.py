@@ -66,8 +66,8 @@ from masqued.proto.packet import addresses
 from masqued.proto.request import (
     IPV6_MIN_MTU,
     TunnelParams,
-    _capsule_protocol_true,
     build_connect_request,
+    capsule_protocol_true,
     parse_stream_response,
 )
 from masqued.transport.datagrams import (
@@ -375,7 +375,7 @@ class ClientConnection(QuicPeer):
         if status >= 300:
             self.fail(TunnelRefused(status, f"relay refused the tunnel: status {status}"))
             return
-        if not _capsule_protocol_true(fields.get(b"capsule-protocol", [])):
+        if not capsule_protocol_true(fields.get(b"capsule-protocol", [])):
             self.fail(f"relay answered {status} without capsule-protocol: ?1")
             return
         self.responded = True
