@@ -61,8 +61,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from masqued import daemon
-    from masqued.service import setup_logging
+    from masqued.runtime import daemon
+    from masqued.runtime.service import setup_logging
 
     try:
         config = _load(args)
@@ -80,15 +80,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """A relay worker process, started by ``masqued run`` with ``workers`` > 1
-    (masqued.workers); not for direct use."""
+    (masqued.runtime.workers); not for direct use."""
     import asyncio
     import dataclasses
     import ipaddress
     import signal
 
-    from masqued import daemon
-    from masqued.service import setup_logging
-    from masqued.workers import worker_env_fds
+    from masqued.runtime import daemon
+    from masqued.runtime.service import setup_logging
+    from masqued.runtime.workers import worker_env_fds
 
     # A reload may come before the event loop handles SIGHUP: not fatal meanwhile.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -164,7 +164,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
     import signal
     import time
 
-    from masqued.service import read_reload_result, runtime_dir
+    from masqued.runtime.service import read_reload_result, runtime_dir
 
     if args.pid is None or args.pid <= 1:
         print("masqued: reload: give the daemon's --pid (systemd passes $MAINPID)", file=sys.stderr)
@@ -197,7 +197,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     """``masqued status [NAME] [--json] [--watch]``: ask running instances over their socket."""
     import json
 
-    from masqued import control, status
+    from masqued.observe import control, status
 
     if args.name:
         names = [check_instance_name(args.name)]
@@ -231,7 +231,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _status_error(name: str, exc: Exception) -> int:
-    from masqued.control import socket_path
+    from masqued.observe.control import socket_path
 
     path = socket_path(name)
     if isinstance(exc, PermissionError):
@@ -255,7 +255,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_pki(args: argparse.Namespace) -> int:
-    from masqued import pki
+    from masqued.gate import pki
 
     directory: Path = args.dir
     try:
@@ -279,7 +279,7 @@ def cmd_pki(args: argparse.Namespace) -> int:
 
 def cmd_token(args: argparse.Namespace) -> int:
     """``masqued token new NAME [--file TOKENS]``: print a new token, store its hash."""
-    from masqued.auth import TokenFileError, TokenStore, new_token
+    from masqued.gate.auth import TokenFileError, TokenStore, new_token
 
     try:
         token, line = new_token(args.name)
@@ -324,7 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
     p.set_defaults(func=cmd_run)
 
-    # Started by `masqued run` for relays with workers > 1 (masqued.workers).
+    # Started by `masqued run` for relays with workers > 1 (masqued.runtime.workers).
     p = sub.add_parser("worker")
     p.add_argument("--config", type=Path, required=True)
     p.add_argument("--name", required=True)

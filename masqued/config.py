@@ -24,8 +24,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
-from masqued.auth import TokenFileError, TokenStore
-from masqued.clients import ClientPolicy, check_addresses, load_clients_dir, parse_client
+from masqued.gate.auth import TokenFileError, TokenStore
+from masqued.gate.clients import ClientPolicy, check_addresses, load_clients_dir, parse_client
 from masqued.host.naming import InvalidInstanceName, check_instance_name
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -651,7 +651,7 @@ def _load_relay(r: _Reader, name: str) -> RelayConfig:
 def _load_workers(r: _Reader, pool: tuple[Network, ...] | None) -> int:
     """``workers``: an integer 1..MAX_WORKERS, or "auto" (one per CPU the process may
     use). Every worker needs its own share of each pool network."""
-    from masqued.ipam import MAX_WORKERS, pool_slice
+    from masqued.gate.ipam import MAX_WORKERS, pool_slice
 
     value = r.data.get("workers", 1)
     if value == "auto":

@@ -10,10 +10,10 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from masqued.access import AccessControl
 from masqued.config import RelayConfig
+from masqued.gate.access import AccessControl
+from masqued.gate.ipam import AddressPool
 from masqued.host.tun import FakeTun
-from masqued.ipam import AddressPool
 from masqued.proto.request import TunnelParams
 from masqued.transport.client import ClientSettings, ClientTunnel
 from masqued.transport.limits import EndpointLimits

@@ -30,7 +30,7 @@ from aioquic.quic.events import (
 )
 
 from masqued.logutil import RateLimitedLog
-from masqued.metrics import (
+from masqued.observe.metrics import (
     DROP_DISCONNECTED,
     DROP_MALFORMED,
     DROP_OVERSIZED,

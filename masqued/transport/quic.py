@@ -34,7 +34,7 @@ from aioquic.quic.packet import QuicErrorCode, QuicFrameType
 from aioquic.quic.packet_builder import QuicPacketBuilder, QuicSentPacket
 from aioquic.quic.recovery import QuicPacketPacer
 
-from masqued.metrics import DROP_OVERSIZED, DROP_QUEUE_FULL, TrafficCounters
+from masqued.observe.metrics import DROP_OVERSIZED, DROP_QUEUE_FULL, TrafficCounters
 from masqued.proto.framing import encode_frames
 from masqued.transport.limits import ReceiveLimits
 

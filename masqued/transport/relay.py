@@ -39,11 +39,12 @@ from aioquic.quic.packet import (
     pull_quic_header,
 )
 
-from masqued.access import AccessControl, Identity, LeaseStore
-from masqued.auth import AuthError
-from masqued.ipam import AddressPool, Lease, PoolExhausted
+from masqued.gate.access import AccessControl, Identity, LeaseStore
+from masqued.gate.auth import AuthError
+from masqued.gate.ipam import AddressPool, Lease, PoolExhausted
+from masqued.gate.policy import CompiledAcl
 from masqued.logutil import RateLimitedLog
-from masqued.metrics import (
+from masqued.observe.metrics import (
     DROP_MALFORMED,
     DROP_NO_SESSION,
     DROP_OVERSIZED,
@@ -53,7 +54,6 @@ from masqued.metrics import (
     LatencyHistogram,
     TrafficCounters,
 )
-from masqued.policy import CompiledAcl
 from masqued.proto.capsule import (
     ADDRESS_ASSIGN,
     ADDRESS_REQUEST,
@@ -100,7 +100,7 @@ from masqued.proto.request import (
     build_response_headers,
     parse_connect_request,
 )
-from masqued.service import client_fields
+from masqued.runtime.service import client_fields
 from masqued.transport.balance import Balancer, InvalidToken, RetryTokens, retry_cid
 from masqued.transport.datagrams import (
     MAX_DATAGRAM_FRAME_SIZE,
@@ -148,7 +148,7 @@ SWEEP_INTERVAL = 1.0
 TUN_READ_BATCH = 256
 # Datagram mode: largest control capsule we accept (a few hundred addresses/routes).
 MAX_CONTROL_CAPSULE = 16384
-# Datagram mode drop reasons (besides the shared ones in masqued.metrics).
+# Datagram mode drop reasons (besides the shared ones in masqued.observe.metrics).
 DROP_LINK_LOCAL = "link_local"
 DROP_TTL_EXPIRED = "ttl_expired"
 DROP_UNKNOWN_CONTEXT = "unknown_context"
@@ -182,7 +182,7 @@ class RelaySettings:
     certificate: str
     private_key: str
     max_clients: int | None = None
-    # Relay workers (masqued.workers): this one's index and how many share the port;
+    # Relay workers (masqued.runtime.workers): this one's index and how many share the port;
     # with more than one, every connection ID this worker issues starts with its index.
     worker: int = 0
     workers: int = 1

@@ -23,7 +23,7 @@ from typing import Any, TypeVar
 
 from aioquic.quic.connection import QuicConnection
 
-from masqued.ipam import MAX_WORKERS
+from masqued.gate.ipam import MAX_WORKERS
 
 SO_ATTACH_REUSEPORT_CBPF = 51  # asm-generic/socket.h
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from masqued.auth import new_token
+from masqued.gate.auth import new_token
 from tests.abuse import attack
 from tests.integration.lab import (
     PYTHON,

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from masqued.gate.ipam import AddressPool, pool_slice
 from masqued.host.tun import FakeTun
-from masqued.ipam import AddressPool, pool_slice
 from masqued.transport.balance import TOKEN_LIFETIME, Balancer, InvalidToken, RetryTokens, retry_cid
 from masqued.transport.relay import RelayServer, RelaySettings
 from masqued.transport.steering import reuseport_group, worker_for

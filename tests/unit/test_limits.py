@@ -12,9 +12,9 @@ from typing import Any
 import pytest
 from aioquic.quic.packet import QuicErrorCode
 
-from masqued import pki
-from masqued.access import AccessControl
-from masqued.auth import new_token
+from masqued.gate import pki
+from masqued.gate.access import AccessControl
+from masqued.gate.auth import new_token
 from masqued.proto.packet import build_udp
 from masqued.transport.limits import EndpointLimits, ReceiveLimits
 from masqued.transport.quic import H3_EXCESSIVE_LOAD
