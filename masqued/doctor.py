@@ -11,18 +11,16 @@ Exit code: 0 when nothing failed (warnings allowed), 1 otherwise, 2 for bad usag
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import ipaddress
 import json
 import os
-import select
 import shutil
 import socket
-import ssl
 import stat
 import subprocess
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,6 +30,7 @@ from cryptography import x509
 
 from masqued.config import ClientConfig, Config, ConfigError, RelayConfig, load_config
 from masqued.host.naming import InstanceIds
+from masqued.transport.probe import ProbeResult, probe
 
 Level = Literal["ok", "warn", "fail"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -295,89 +294,12 @@ def _subject(server_name: str) -> x509.DNSName | x509.IPAddress:
         return x509.DNSName(server_name)
 
 
-@dataclass
-class ProbeResult:
-    reached: bool
-    error: str | None = None
-    refused: bool = False
-    chain: list[x509.Certificate] | None = None
-    rtt_ms: float | None = None
-
-
 def probe_relay(
     host: str, port: int, server_name: str, fwmark: int, timeout: float = PROBE_TIMEOUT
 ) -> ProbeResult:
-    """A real QUIC handshake to the relay, without certificate checks, to fetch its chain.
-
-    Uses the client's fwmark so the probe takes the same path as the tunnel's socket.
-    """
-    from aioquic.quic.connection import QuicConnection
-    from aioquic.quic.events import ConnectionTerminated, HandshakeCompleted
-
-    from masqued.transport.quic import quic_configuration
-
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
-    except OSError as exc:
-        return ProbeResult(False, f"cannot resolve {host}: {exc}")
-    family, _, _, _, addr = infos[0]
-    config = quic_configuration(is_client=True, server_name=server_name)
-    config.verify_mode = ssl.CERT_NONE
-    quic = QuicConnection(configuration=config)
-    with socket.socket(family, socket.SOCK_DGRAM) as sock:
-        try:
-            if fwmark:
-                sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, fwmark)
-            sock.connect(addr)
-        except OSError as exc:
-            return ProbeResult(False, f"cannot send to {host}:{port}: {exc.strerror}")
-        start = time.monotonic()
-        deadline = start + timeout
-        quic.connect(addr, now=start)
-        while True:
-            now = time.monotonic()
-            try:
-                for data, _ in quic.datagrams_to_send(now=now):
-                    sock.send(data)
-            except OSError as exc:
-                return ProbeResult(False, f"cannot send to {host}:{port}: {exc.strerror}")
-            timer = quic.get_timer()
-            wait = deadline - now if timer is None else min(deadline, timer) - now
-            if now >= deadline:
-                return ProbeResult(False, f"no QUIC answer within {timeout:g}s")
-            readable, _, _ = select.select([sock], [], [], max(0.0, wait))
-            now = time.monotonic()
-            if readable:
-                try:
-                    data = sock.recv(65535)
-                except ConnectionRefusedError:
-                    return ProbeResult(
-                        False, f"nothing listens on UDP {port} at {addr[0]}", refused=True
-                    )
-                except OSError as exc:
-                    return ProbeResult(False, f"{exc.strerror or exc}")
-                quic.receive_datagram(data, addr, now)
-            elif timer is not None and now >= timer:
-                quic.handle_timer(now)
-            while (event := quic.next_event()) is not None:
-                if isinstance(event, HandshakeCompleted):
-                    tls = quic.tls
-                    leaf = getattr(tls, "_peer_certificate", None)
-                    rest = list(getattr(tls, "_peer_certificate_chain", []))
-                    quic.close()
-                    with contextlib.suppress(OSError):
-                        for data, _ in quic.datagrams_to_send(now=time.monotonic()):
-                            sock.send(data)
-                    return ProbeResult(
-                        True,
-                        chain=[leaf, *rest] if leaf is not None else None,
-                        rtt_ms=round((time.monotonic() - start) * 1000, 1),
-                    )
-                if isinstance(event, ConnectionTerminated):
-                    return ProbeResult(
-                        True,
-                        f"relay closed the handshake: {event.reason_phrase or event.error_code}",
-                    )
+    """A real QUIC handshake to the relay, without certificate checks, to fetch its
+    chain; with the client's fwmark, so the probe takes the tunnel's path."""
+    return asyncio.run(probe(host, port, server_name, fwmark, timeout))
 
 
 def check_probe(result: ProbeResult, host: str, port: int) -> Finding:

@@ -88,6 +88,7 @@ from masqued.proto.request import (
     capsule_protocol_true,
     parse_stream_response,
 )
+from masqued.proto.template import UriTemplate
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -472,6 +473,7 @@ class ClientSession:
         drops: Counter[str],
         request_versions: Sequence[int] = (),
         extra_headers: Sequence[tuple[bytes, bytes]] = (),
+        template: UriTemplate | None = None,
     ) -> None:
         if wanted not in ("stream", "datagram", "auto"):
             raise ValueError(f"unknown transport {wanted!r}")
@@ -481,6 +483,7 @@ class ClientSession:
         self.drops = drops
         self.request_versions = tuple(request_versions)
         self.extra_headers = tuple(extra_headers)
+        self.template = template
         self.mode: Mode | None = None
         self.framing: Framing | None = None
         self.responded = False
@@ -505,7 +508,10 @@ class ClientSession:
             CapsuleFraming(self.mtu, self.drops) if datagram else RecordFraming(self.mtu)
         )
         return build_connect_request(
-            self.authority, transport=self.mode.value, extra=self.extra_headers
+            self.authority,
+            transport=self.mode.value,
+            extra=self.extra_headers,
+            template=self.template,
         )
 
     def receive_headers(self, headers: Headers, ended: bool) -> tuple[list[Event], bytes]:

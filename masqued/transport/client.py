@@ -1,16 +1,17 @@
-"""The client's data path: the TUN device <-> one CONNECT-IP tunnel to the relay.
+"""The client's tunnel: the TUN device <-> one CONNECT-IP session to the relay.
 
-``ClientTunnel.run`` keeps a tunnel up for as long as the daemon runs: it connects,
-sends the extended CONNECT, applies the relay's answer (addresses, MTU) through a
-callback, moves packets, and when the relay goes away it keeps the TUN and routes in
-place and reconnects with capped exponential backoff.
+``ClientTunnel.run`` keeps a tunnel up for as long as the daemon runs: each attempt
+makes a link (an HTTP/3 connection), sends the extended CONNECT once the relay's
+SETTINGS allow it, applies the relay's answer (addresses, routes, MTU) through a
+callback, and moves packets. When the relay goes away the TUN and routes stay and
+the client reconnects with capped exponential backoff. The protocol itself is the
+ClientSession's (proto/session.py); how packets leave is the data plane's.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-import ipaddress
 import logging
 import random
 import socket
@@ -19,93 +20,35 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from aioquic.h3.connection import ErrorCode as H3ErrorCode
-from aioquic.h3.connection import H3Connection, Setting
-from aioquic.h3.events import DatagramReceived, DataReceived, H3Event, HeadersReceived
-from aioquic.quic.events import (
-    ConnectionTerminated,
-    HandshakeCompleted,
-    PingAcknowledged,
-    StreamReset,
-)
-
+from masqued.host.tun import Tun
 from masqued.logutil import RateLimitedLog
-from masqued.observe.metrics import (
-    DROP_DISCONNECTED,
-    DROP_MALFORMED,
-    DROP_OVERSIZED,
-    DROP_TUN_WRITE,
-    LatencyHistogram,
-    TrafficCounters,
+from masqued.observe.metrics import LatencyHistogram, TrafficCounters
+from masqued.proto.drops import DROP_DISCONNECTED, DROP_MALFORMED, DROP_OVERSIZED, DROP_TUN_WRITE
+from masqued.proto.errors import ProtocolError, ResponseError
+from masqued.proto.events import (
+    AddressesAssigned,
+    Event,
+    StreamEnded,
+    TunnelChanged,
+    TunnelOpened,
 )
-from masqued.proto.capsule import (
-    ADDRESS_ASSIGN,
-    DATAGRAM,
-    ROUTE_ADVERTISEMENT,
-    Capsule,
-    CapsuleDecoder,
-)
-from masqued.proto.connect_ip import (
-    RequestedAddress,
-    decode_address_assign,
-    decode_address_request,
-    decode_datagram_payload,
-    decode_route_advertisement,
-    encode_address_request,
-    encode_ip_datagram,
-)
-from masqued.proto.errors import (
-    CapsuleError,
-    FramingError,
-    PacketError,
-    ProtocolError,
-    ResponseError,
-)
-from masqued.proto.framing import FrameDecoder
+from masqued.proto.events import TunnelRefused as Refused
 from masqued.proto.packet import addresses
-from masqued.proto.request import (
-    IPV6_MIN_MTU,
-    TunnelParams,
-    build_connect_request,
-    capsule_protocol_true,
-    parse_stream_response,
-)
-from masqued.transport.datagrams import (
-    MAX_DATAGRAM_FRAME_SIZE,
-    DatagramBound,
-    DatagramH3Connection,
-    datagram_room,
-    queue_datagram,
-)
-from masqued.transport.quic import (
-    Address,
-    BacklogBound,
-    GuardedConnection,
-    QuicPeer,
-    UdpSocket,
-    bytes_in_flight,
-    congestion_window,
-    h3_held,
-    merged_events,
-    monotonic,
-    quic_configuration,
-    rtt_ms,
-    send_packets_on_stream,
-    tune_socket,
-    use_burst_pacer,
-)
-from masqued.transport.relay import TUN_READ_BATCH, Tun
+from masqued.proto.request import TunnelParams
+from masqued.proto.session import ClientSession, Mode
+from masqued.proto.template import UriTemplate
+from masqued.transport import aioquic_engine as engine
+from masqued.transport.dataplane import DataPlane, plane_for
+from masqued.transport.h3link import H3Link, format_addr, monotonic
+from masqued.transport.link import Headers, Link
+from masqued.transport.udp import Address, UdpSocket, tune_socket
 
 log = logging.getLogger("masqued.client")
 
 # The handshake, SETTINGS and the CONNECT response must all arrive within this time.
 CONNECT_TIMEOUT = 5.0
 BACKOFF_INITIAL = 0.25
-# Datagram mode: largest control capsule we accept from the relay.
-MAX_CONTROL_CAPSULE = 16384
-DROP_UNKNOWN_CONTEXT = "unknown_context"
-IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
+TUN_READ_BATCH = 256
 
 
 class TunnelFailed(Exception):
@@ -142,6 +85,7 @@ class ClientSettings:
     certificate: str | None = None
     private_key: str | None = None
     token_file: str | None = None
+    template: UriTemplate | None = None  # the relay's URI template (RFC 9484 §3)
 
     def token(self) -> str | None:
         """The bearer token, read at each attempt (so a replaced file takes effect)."""
@@ -162,6 +106,8 @@ class ClientSettings:
 
     @property
     def authority(self) -> str:
+        if self.template is not None:
+            return self.template.authority
         host = self.server_name
         return f"[{host}]:{self.relay_port}" if ":" in host else f"{host}:{self.relay_port}"
 
@@ -179,268 +125,155 @@ class ClientStatus:
     started: float = field(default_factory=time.time)
 
 
-class ClientConnection(QuicPeer):
-    """One attempt: QUIC connection + CONNECT-IP stream."""
+class Attempt:
+    """One try at a tunnel: a link, one CONNECT-IP session on it, its data plane."""
 
-    def __init__(
-        self,
-        tunnel: ClientTunnel,
-        quic: GuardedConnection,
-        udp: UdpSocket,
-    ) -> None:
-        super().__init__(tunnel.loop, quic, udp.send)
+    def __init__(self, tunnel: ClientTunnel, link: H3Link, token: str | None) -> None:
         self.tunnel = tunnel
-        self.udp = udp
-        self.h3: H3Connection = DatagramH3Connection(quic)
-        self.stream_id: int | None = None
-        self.params: TunnelParams | None = None
-        self.decoder = FrameDecoder(tunnel.settings.mtu)
-        self.token: str | None = None  # bearer token for the CONNECT, if configured
-        # Datagram mode: the transport picked once the relay's SETTINGS are known, the
-        # capsule decoder of the request stream, what the relay assigned and advertised.
-        self.transport = "stream"
-        self.capsules = CapsuleDecoder(
-            max_value=MAX_CONTROL_CAPSULE, max_datagram=tunnel.settings.mtu + 8
+        self.link = link
+        settings = tunnel.settings
+        extra: list[tuple[bytes, bytes]] = []
+        if token is not None:
+            extra.append((b"authorization", b"Bearer " + token.encode()))
+        self.session = ClientSession(
+            authority=settings.authority,
+            wanted=settings.transport,
+            mtu=settings.mtu,
+            drops=tunnel.status.counters.drops,
+            request_versions=settings.request_versions if settings.address_request else (),
+            extra_headers=extra,
+            template=settings.template,
         )
-        self.responded = False
-        self.assigned: tuple[IPNetwork, ...] | None = None
-        self.routes: tuple[IPNetwork, ...] | None = None
+        self.stream_id: int | None = None
+        self.plane: DataPlane | None = None
         self.rx_packets: list[bytes] = []
-        self.bound = BacklogBound()  # the tunnel stream's queue (stream mode)
-        self.datagram_bound = DatagramBound()  # the connection's queue (datagram mode)
-        self._request_ids: dict[int, int] = {}  # request ID -> IP version
         self.ready: asyncio.Future[TunnelParams] = tunnel.loop.create_future()
         self.done: asyncio.Future[str] = tunnel.loop.create_future()
+        # Nobody awaits ``ready`` after a timeout or a stop: mark its exception seen.
+        self.ready.add_done_callback(lambda f: f.cancelled() or f.exception())
         self.last_rx = monotonic()
         self._ping_uid = 0
+        self.closed = False
+
+    # -- the link's input ----------------------------------------------------------------
 
     def datagrams_received(self, batch: list[tuple[bytes, Address]]) -> None:
         now = monotonic()
         self.last_rx = now
-        receive = self.quic.receive_datagram
+        link = self.link
         for data, addr in batch:
-            receive(data, addr, now)
+            link.receive(data, addr, now)
         tunnel = self.tunnel
         tunnel.batching = True
         try:
-            self.process_events()
+            link.process()
+            if self.stream_id is None and not self.closed:
+                self._send_request()
+            if self.rx_packets:
+                packets, self.rx_packets = self.rx_packets, []
+                tunnel.packets_from_relay(packets)
         finally:
             tunnel.batching = False
             tunnel.write_tun()
         if not self.closed:
-            if tunnel.conn is self:
+            if tunnel.attempt is self and tunnel.current is self:
                 tunnel.pump_tun()
-            self.flush()
+            link.flush()
 
-    def process_events(self) -> None:
-        h3 = self.h3
-        assert h3 is not None
-        for event in merged_events(self.quic):
-            if isinstance(event, ConnectionTerminated):
-                reason = event.reason_phrase or f"code {event.error_code:#x}"
-                self.finish(f"connection closed by relay or timeout ({reason})")
-                return
-            if isinstance(event, StreamReset) and event.stream_id == self.stream_id:
-                self.finish(f"relay reset the tunnel stream (code {event.error_code:#x})")
-                return
-            if isinstance(event, (HandshakeCompleted, PingAcknowledged)):
-                pass
-            for h3_event in h3.handle_event(event):
-                self._h3_event(h3_event)
-                if self.closed:
-                    return
-        if self.rx_packets:
-            packets, self.rx_packets = self.rx_packets, []
-            self.tunnel.datagram_packets(packets)
-        if self.stream_id is None and h3.received_settings is not None:
-            self._send_request(h3.received_settings)
-
-    def _send_request(self, settings: dict[int, int]) -> None:
-        # RFC 9220 §3: extended CONNECT only once the peer's SETTINGS allow it.
-        if settings.get(Setting.ENABLE_CONNECT_PROTOCOL) != 1:
-            self.fail("relay does not support extended CONNECT (SETTINGS_ENABLE_CONNECT_PROTOCOL)")
+    def _send_request(self) -> None:
+        settings = self.link.settings()
+        if settings is None:
+            return  # the relay's SETTINGS first (RFC 9220 §3)
+        extended, datagrams = settings
+        try:
+            headers = self.session.request(extended_connect=extended, datagrams=datagrams)
+        except ResponseError as exc:
+            self.fail(exc.reason)
             return
-        wanted = self.tunnel.settings.transport
-        offers_datagrams = settings.get(Setting.H3_DATAGRAM) == 1
-        if wanted == "datagram" and not offers_datagrams:
-            self.fail("relay does not offer HTTP/3 datagrams (SETTINGS_H3_DATAGRAM)")
-            return
-        self.transport = (
-            "datagram"
-            if wanted == "datagram" or (wanted == "auto" and offers_datagrams)
-            else "stream"
-        )
-        if wanted == "auto":
+        if self.tunnel.settings.transport == "auto":
             log.info(
                 "transport auto: relay %s H3 datagrams, using %s mode",
-                "offers" if offers_datagrams else "does not offer",
-                self.transport,
+                "offers" if datagrams else "does not offer",
+                self.session.mode,
             )
-        self.stream_id = self.quic.get_next_available_stream_id()
-        self.quic.open_tunnel(self.stream_id)
-        extra: list[tuple[bytes, bytes]] = []
-        if self.token is not None:
-            extra.append((b"authorization", b"Bearer " + self.token.encode()))
-        headers = build_connect_request(
-            self.tunnel.settings.authority, transport=self.transport, extra=extra
-        )
-        self.h3.send_headers(self.stream_id, headers, end_stream=False)
+        sid = self.link.new_stream()
+        self.stream_id = sid
+        self.link.open_tunnel(sid)
+        assert self.session.mode is not None
+        self.plane = plane_for(self.session.mode, self.link, sid, self.tunnel.settings.mtu)
+        self.link.send_headers(sid, headers)
 
-    def _h3_event(self, event: H3Event) -> None:
-        if self.transport == "datagram":
-            self._h3_event_datagram(event)
+    def link_headers(self, link: Link, stream_id: int, headers: Headers, ended: bool) -> None:
+        if stream_id != self.stream_id:
             return
-        if isinstance(event, HeadersReceived) and event.stream_id == self.stream_id:
-            if self.params is not None:
-                self.fail("unexpected HEADERS on the tunnel stream")
-                return
-            status = dict(event.headers).get(b":status", b"")
-            try:
-                params = parse_stream_response(event.headers)
-            except ResponseError as exc:
-                if status.isdigit() and not status.startswith(b"2"):
-                    self.fail(TunnelRefused(int(status), f"relay refused the tunnel: {exc.reason}"))
-                else:
-                    self.fail(f"unusable response from relay: {exc.reason}")
-                return
-            self.params = params
-            if not self.ready.done():
-                self.ready.set_result(params)
-            if event.stream_ended:
-                self.finish("relay closed the tunnel stream")
-        elif isinstance(event, DataReceived) and event.stream_id == self.stream_id:
-            if self.params is None:
-                self.fail("tunnel data before the response")
-                return
-            if event.data:
-                self.tunnel.packets_from_relay(self, event.data)
-            if event.stream_ended and not self.closed:
-                self.finish("relay closed the tunnel stream")
+        try:
+            events, out = self.session.receive_headers(headers, ended)
+        except ResponseError as exc:
+            self.fail(f"unusable response from relay: {exc.reason}")
+            return
+        if out:
+            link.send_data(stream_id, out)
+        self._events(events)
 
-    # -- datagram mode (RFC 9484) ---------------------------------------------------
-
-    def _h3_event_datagram(self, event: H3Event) -> None:
-        if isinstance(event, DatagramReceived):
-            if event.stream_id != self.stream_id or not self.responded:
-                return  # not our tunnel (or not open yet): dropped (RFC 9297 §2.1)
-            try:
-                context_id, packet = decode_datagram_payload(event.data)
-            except CapsuleError:
-                self.tunnel.status.counters.drops[DROP_MALFORMED] += 1
-                return
-            if context_id != 0:
-                self.tunnel.status.counters.drops[DROP_UNKNOWN_CONTEXT] += 1
-                return
-            self.rx_packets.append(packet)
-        elif isinstance(event, HeadersReceived) and event.stream_id == self.stream_id:
-            if self.responded:
-                self.fail("unexpected HEADERS on the tunnel stream")
-                return
-            self._datagram_response(event.headers)
-            if event.stream_ended and not self.closed:
-                self.finish("relay closed the tunnel stream")
-        elif isinstance(event, DataReceived) and event.stream_id == self.stream_id:
-            if not self.responded:
-                self.fail("tunnel data before the response")
-                return
-            try:
-                capsules = self.capsules.feed(event.data) if event.data else []
-                if event.stream_ended:
-                    self.capsules.end()
-                for capsule in capsules:
-                    self._capsule(capsule)
-            except CapsuleError as exc:
-                self.tunnel.status.counters.drops[DROP_MALFORMED] += 1
+    def link_data(self, link: Link, stream_id: int, data: bytes, ended: bool) -> None:
+        if stream_id != self.stream_id:
+            return
+        try:
+            packets, events = self.session.receive_data(data, ended)
+        except ResponseError as exc:
+            self.fail(exc.reason)
+            return
+        except ProtocolError as exc:
+            self.tunnel.status.counters.drops[DROP_MALFORMED] += 1
+            if self.session.mode is Mode.DATAGRAM:
                 # RFC 9297 §3.3: a malformed message aborts the stream.
-                with contextlib.suppress(Exception):
-                    self.quic.reset_stream(self.stream_id, exc.wire_code)
-                    self.quic.stop_stream(self.stream_id, exc.wire_code)
-                self.flush()  # the reset leaves before the connection is closed
+                link.abort(stream_id, exc.wire_code)
+                link.flush()  # the reset leaves before the connection is closed
                 self.fail(f"malformed capsule from relay: {exc.reason}")
+            else:
+                self.fail(f"malformed frame from relay: {exc.reason}")
+            return
+        if packets:
+            self.rx_packets += packets
+        self._events(events)
+
+    def link_datagram(self, link: Link, stream_id: int, payload: bytes) -> None:
+        if stream_id != self.stream_id:
+            return  # not our tunnel: dropped (RFC 9297 §2.1)
+        packet = self.session.receive_datagram(payload)
+        if packet is not None:
+            self.rx_packets.append(packet)
+
+    def link_reset(self, link: Link, stream_id: int, code: int) -> None:
+        if stream_id == self.stream_id:
+            self.finish(f"relay reset the tunnel stream (code {code:#x})")
+
+    def link_closed(self, link: Link, code: int, reason: str) -> None:
+        self.finish(f"connection closed by relay or timeout ({reason})")
+
+    def _events(self, events: list[Event]) -> None:
+        for event in events:
+            if self.closed:
                 return
-            if event.stream_ended and not self.closed:
+            kind = type(event)
+            if kind is TunnelOpened:
+                assert isinstance(event, TunnelOpened)
+                if not self.ready.done():
+                    self.ready.set_result(event.params)
+            elif kind is TunnelChanged:
+                assert isinstance(event, TunnelChanged)
+                self.tunnel.params_changed(self, event.params)
+            elif kind is Refused:
+                assert isinstance(event, Refused)
+                self.fail(TunnelRefused(event.status, event.reason))
+            elif kind is AddressesAssigned:
+                assert isinstance(event, AddressesAssigned)
+                if event.declined:
+                    log.warning("relay declined address request(s) %s", list(event.declined))
+            elif kind is StreamEnded:
                 self.finish("relay closed the tunnel stream")
 
-    def _datagram_response(self, headers: list[tuple[bytes, bytes]]) -> None:
-        fields: dict[bytes, list[str]] = {}
-        for name, value in headers:
-            fields.setdefault(name.lower(), []).append(value.decode("latin-1"))
-        status_text = (fields.get(b":status") or [""])[0]
-        if len(status_text) != 3 or not status_text.isdigit():
-            self.fail(f"unusable response from relay: bad :status {status_text!r}")
-            return
-        status = int(status_text)
-        if status < 200:
-            return  # interim response: the final one follows
-        if status >= 300:
-            self.fail(TunnelRefused(status, f"relay refused the tunnel: status {status}"))
-            return
-        if not capsule_protocol_true(fields.get(b"capsule-protocol", [])):
-            self.fail(f"relay answered {status} without capsule-protocol: ?1")
-            return
-        self.responded = True
-        settings = self.tunnel.settings
-        if settings.address_request:
-            requests: list[RequestedAddress] = []
-            for version in settings.request_versions:
-                request_id = len(self._request_ids) + 1
-                self._request_ids[request_id] = version
-                any_addr = ipaddress.ip_network("0.0.0.0/32" if version == 4 else "::/128")
-                requests.append(RequestedAddress(request_id, any_addr))
-            if requests:
-                assert self.stream_id is not None
-                self.h3.send_data(self.stream_id, encode_address_request(requests), False)
-
-    def _capsule(self, capsule: Capsule) -> None:
-        kind = capsule.type
-        if kind == ADDRESS_ASSIGN:
-            assign = decode_address_assign(capsule.value)
-            self.assigned = assign.usable()
-            refused = [a.request_id for a in assign.addresses if a.is_rejection and a.request_id]
-            if refused:
-                log.warning("relay declined address request(s) %s", refused)
-            self._update_params()
-        elif kind == ROUTE_ADVERTISEMENT:
-            self.routes = decode_route_advertisement(capsule.value).networks()
-            self._update_params()
-        elif kind == DATAGRAM:
-            context_id, packet = decode_datagram_payload(capsule.value)
-            if context_id == 0:
-                self.rx_packets.append(packet)
-            else:
-                self.tunnel.status.counters.drops[DROP_UNKNOWN_CONTEXT] += 1
-        else:
-            # ADDRESS_REQUEST from the relay: checked (a malformed one aborts), but we
-            # assign no addresses to the relay.
-            decode_address_request(capsule.value)
-
-    def _update_params(self) -> None:
-        """Once both the addresses and the routes are known: first up, or a change."""
-        if self.assigned is None or self.routes is None:
-            return
-        params = TunnelParams(
-            addresses=tuple(_interface(p) for p in self.assigned),
-            routes=self.routes,
-            mtu=self.tunnel.settings.mtu,
-        )
-        if params == self.params:
-            return
-        first = self.params is None
-        self.params = params
-        if first:
-            if not params.addresses:
-                self.fail("relay assigned no address")
-                return
-            if not self.ready.done():
-                self.ready.set_result(params)
-        else:
-            self.tunnel.params_changed(self, params)
-
-    def flush(self) -> None:
-        # Receive credit as consumed, and a relay whose messages stay incomplete past
-        # the limit is closed (settle queues the close; the attempt then ends).
-        self.quic.settle(h3_held(self.h3))
-        super().flush()
+    # -- lifecycle ----------------------------------------------------------------------
 
     def keepalive(self) -> None:
         """Ping when idle; declare the tunnel dead when the relay stays silent."""
@@ -452,17 +285,17 @@ class ClientConnection(QuicPeer):
             return
         if silent >= settings.keepalive:
             self._ping_uid += 1
-            self.quic.send_ping(self._ping_uid)
-            self.flush()
+            self.link.ping(self._ping_uid)
+            self.link.flush()
 
     def fail(self, reason: str | Exception) -> None:
-        """Close the QUIC connection and end this attempt with ``reason``."""
+        """Close the connection and end this attempt with ``reason``."""
         if self.closed:
             return
         message = str(reason)
         with contextlib.suppress(Exception):
-            self.quic.close(error_code=H3ErrorCode.H3_NO_ERROR, reason_phrase=message[:64])
-            self.flush()
+            self.link.close(engine.H3_NO_ERROR, message)
+            self.link.flush()
         if isinstance(reason, Exception) and not self.ready.done():
             self.ready.set_exception(reason)
         self.finish(message)
@@ -471,7 +304,8 @@ class ClientConnection(QuicPeer):
         if self.closed:
             return
         self.closed = True
-        self.cancel_timer()
+        self.link.closed = True
+        self.link.cancel_timer()
         if not self.ready.done():
             self.ready.set_exception(TunnelFailed(reason))
         if not self.done.done():
@@ -498,12 +332,13 @@ class ClientTunnel:
         self.on_params = on_params
         self.on_state = on_state
         self.status = ClientStatus()
-        self.conn: ClientConnection | None = None
+        self.current: Attempt | None = None  # the attempt whose tunnel is up
+        self.attempt: Attempt | None = None  # the attempt in progress (or up)
         self._ratelog = RateLimitedLog(log)
         self._stopping = False
-        self._attempting: ClientConnection | None = None
+        self._stop_event = asyncio.Event()
 
-    # -- lifecycle --------------------------------------------------------------
+    # -- lifecycle --------------------------------------------------------------------
 
     async def run(self, first_up: asyncio.Future[None] | None = None) -> None:
         """Connect and reconnect until ``stop()``; ``first_up`` resolves at the first tunnel."""
@@ -514,9 +349,6 @@ class ClientTunnel:
                 began = monotonic()
                 try:
                     reason = await self._attempt(first_up)
-                except TunnelRefused as exc:
-                    reason = str(exc)
-                    self.status.last_error = reason
                 except TunnelFailed as exc:
                     reason = str(exc)
                     self.status.last_error = reason
@@ -529,34 +361,24 @@ class ClientTunnel:
                     backoff = BACKOFF_INITIAL  # the tunnel was up for a while: retry soon
                 delay = min(backoff, self.settings.reconnect_max) * random.uniform(0.8, 1.2)
                 self._set_state("reconnecting")
-                # Keyed by reason: a new kind of failure (e.g. a 403 after a
-                # reset) is always logged; repeats of one are rate-limited.
+                # Keyed by reason: a new kind of failure (e.g. a 403 after a reset) is
+                # always logged; repeats of one are rate-limited.
                 self._ratelog.warning(
-                    f"down:{reason[:80]}",
-                    "tunnel down: %s; reconnecting in %.1fs",
-                    reason,
-                    delay,
+                    f"down:{reason[:80]}", "tunnel down: %s; reconnecting in %.1fs", reason, delay
                 )
                 backoff = min(backoff * 2, self.settings.reconnect_max)
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._stopped_event().wait(), delay)
+                    await asyncio.wait_for(self._stop_event.wait(), delay)
         finally:
             with contextlib.suppress(ValueError, OSError):
                 self.loop.remove_reader(self.tun.fileno())
 
-    def _stopped_event(self) -> asyncio.Event:
-        if not hasattr(self, "_stop_event"):
-            self._stop_event = asyncio.Event()
-            if self._stopping:
-                self._stop_event.set()
-        return self._stop_event
-
     def stop(self) -> None:
         self._stopping = True
-        self._stopped_event().set()
-        for conn in (self.conn, self._attempting):
-            if conn is not None:
-                conn.fail("client shutting down")
+        self._stop_event.set()
+        for attempt in (self.current, self.attempt):
+            if attempt is not None:
+                attempt.fail("client shutting down")
 
     def _set_state(self, state: str) -> None:
         self.status.state = state
@@ -583,95 +405,92 @@ class ClientTunnel:
         except OSError:
             sock.close()
             raise
-        config = quic_configuration(is_client=True, server_name=settings.server_name)
-        config.max_datagram_frame_size = MAX_DATAGRAM_FRAME_SIZE
-        config.load_verify_locations(cafile=settings.ca)
-        if settings.certificate is not None:
-            config.load_cert_chain(settings.certificate, settings.private_key)
+        config = engine.configuration(
+            is_client=True,
+            server_name=settings.server_name,
+            cafile=settings.ca,
+            certificate=settings.certificate,
+            private_key=settings.private_key,
+        )
         token = settings.token()
-        quic = GuardedConnection(configuration=config)
-        use_burst_pacer(quic)
-        conn: ClientConnection | None = None
+        quic = engine.client_connection(config)
+        attempt: Attempt | None = None
 
         def on_batch(batch: list[tuple[bytes, Address]]) -> None:
-            if conn is not None and not conn.closed:
-                conn.datagrams_received(batch)
+            if attempt is not None and not attempt.closed:
+                attempt.datagrams_received(batch)
 
         udp = UdpSocket(self.loop, sock, on_batch)
-        conn = ClientConnection(self, quic, udp)
-        conn.token = token
-        # Nobody awaits ``ready`` after a timeout or a stop: mark its exception seen.
-        conn.ready.add_done_callback(lambda f: f.cancelled() or f.exception())
-        self._attempting = conn
+        link = H3Link(self.loop, quic, udp.send, _Deferred(), addr)
+        attempt = Attempt(self, link, token)
+        link.handler = attempt
+        self.attempt = attempt
         udp.start()
         keepalive: asyncio.Task[None] | None = None
         try:
             quic.connect(addr, now=monotonic())
-            conn.flush()
+            link.flush()
             try:
-                params = await asyncio.wait_for(asyncio.shield(conn.ready), CONNECT_TIMEOUT)
+                params = await asyncio.wait_for(asyncio.shield(attempt.ready), CONNECT_TIMEOUT)
             except TimeoutError:
-                conn.fail("timed out connecting")
+                attempt.fail("timed out connecting")
                 raise TunnelFailed(
                     f"no tunnel within {CONNECT_TIMEOUT:.0f}s (relay down or UDP blocked?)"
                 ) from None
             self.on_params(params)
-            self.conn = conn
-            self.status.relay_addr = _format(addr)
+            self.current = attempt
+            self.status.relay_addr = format_addr(addr)
             self.status.params = params
             self.status.connected_since = time.time()
             self.status.connects += 1
-            self.status.handshakes.observe(monotonic() - conn.created)
+            self.status.handshakes.observe(monotonic() - link.created)
             self.status.last_error = None
             self._set_state("connected")
-            addrs = ", ".join(str(a.ip) for a in params.addresses)
             log.info(
                 "tunnel up: %s via %s as %s, mtu %d",
                 settings.authority,
-                _format(addr),
-                addrs,
+                format_addr(addr),
+                ", ".join(str(a.ip) for a in params.addresses),
                 params.mtu,
             )
             if first_up is not None and not first_up.done():
                 first_up.set_result(None)
-            keepalive = self.loop.create_task(self._keepalive(conn))
-            return await conn.done
+            keepalive = self.loop.create_task(self._keepalive(attempt))
+            return await attempt.done
         finally:
             if keepalive is not None:
                 keepalive.cancel()
-            if self.conn is conn:
-                self.conn = None
-            self._attempting = None
-            if not conn.closed:
-                conn.fail("attempt ended")
-            conn.cancel_timer()
+            if self.current is attempt:
+                self.current = None
+            self.attempt = None
+            if not attempt.closed:
+                attempt.fail("attempt ended")
+            link.cancel_timer()
             udp.close()
 
-    async def _keepalive(self, conn: ClientConnection) -> None:
+    async def _keepalive(self, attempt: Attempt) -> None:
         interval = min(self.settings.keepalive, 1.0)
-        while not conn.closed:
+        while not attempt.closed:
             await asyncio.sleep(interval)
-            conn.keepalive()
+            attempt.keepalive()
 
-    # -- packets ------------------------------------------------------------------
+    # -- packets ----------------------------------------------------------------------
 
-    def packets_from_relay(self, conn: ClientConnection, data: bytes) -> None:
+    def packets_from_relay(self, packets: list[bytes]) -> None:
+        """IP packets from the relay (records, HTTP Datagrams or DATAGRAM capsules) -> TUN."""
         counters = self.status.counters
-        try:
-            packets = conn.decoder.feed(data)
-        except FramingError as exc:
-            counters.drops[DROP_MALFORMED] += 1
-            conn.fail(f"malformed frame from relay: {exc.reason}")
-            return
-        if not packets:
-            return
         counters.last_rx = time.time()
         counters.rx_packets += len(packets)
         counters.rx_bytes += sum(map(len, packets))
-        self._to_tun(packets)
-
-    def _to_tun(self, packets: list[bytes]) -> None:
-        self._tun_out += packets
+        valid: list[bytes] = []
+        for pkt in packets:
+            try:
+                addresses(pkt)
+            except ProtocolError:
+                counters.drops[DROP_MALFORMED] += 1
+                continue
+            valid.append(pkt)
+        self._tun_out += valid
         if not self.batching:
             self.write_tun()
 
@@ -686,52 +505,55 @@ class ClientTunnel:
             self.status.counters.drops[DROP_TUN_WRITE] += dropped
 
     def _tun_ready(self) -> None:
-        conn = self.pump_tun()
-        if conn is not None:
-            conn.flush()
+        attempt = self.pump_tun()
+        if attempt is not None:
+            attempt.link.flush()
 
-    def pump_tun(self) -> ClientConnection | None:
-        """Hand every packet waiting on the TUN to the connection, without sending.
+    def pump_tun(self) -> Attempt | None:
+        """Hand every packet waiting on the TUN to the tunnel, without sending.
 
-        Returns the connection that has something new to send, or None. Called on TUN
+        Returns the attempt that has something new to send, or None. Called on TUN
         readiness and also right after a batch from the relay was written to the TUN:
         what the local stack answered meanwhile (TCP ACKs, new data the ACKs released)
-        then leaves in the same flush as the QUIC ACKs instead of in packets of its own.
+        then leaves in the same flush as the QUIC ACKs instead of in packets of their own.
         """
         packets = self.tun.read_batch(TUN_READ_BATCH)
         if not packets:
             return None
         counters = self.status.counters
-        conn = self.conn
-        if conn is None or conn.closed or conn.stream_id is None:
+        attempt = self.current
+        if attempt is None or attempt.closed or attempt.plane is None:
             counters.drops[DROP_DISCONNECTED] += len(packets)
             return None
-        if conn.transport == "datagram":
-            return conn if self._send_datagrams(conn, packets) else None
-        assert conn.h3 is not None
-        try:
-            if not send_packets_on_stream(
-                conn.h3,
-                conn.quic,
-                conn.stream_id,
-                packets,
-                self.settings.mtu,
-                counters,
-                conn.bound,
-            ):
+        plane = attempt.plane
+        if plane.mode is Mode.DATAGRAM:
+            room = plane.room()
+            try:
+                attempt.session.check_room(room)
+            except ResponseError as exc:
+                attempt.fail(exc.reason)
                 return None
-        except ProtocolError as exc:  # pragma: no cover - defensive
-            conn.fail(str(exc))
-            return None
+            big = [p for p in packets if len(p) > room]
+            if big:
+                counters.drops[DROP_OVERSIZED] += len(big)
+                self._ratelog.warning(
+                    "oversized",
+                    "dropped a %d-byte packet: datagrams carry at most %d (lower mtu)",
+                    len(big[0]),
+                    room,
+                )
+                packets = [p for p in packets if len(p) <= room]
+        try:
+            sent = plane.send(packets, counters)
         except Exception as exc:
-            # aioquic raises if the stream is already closed for sending.
-            conn.fail(f"tunnel stream unusable: {exc}")
+            # The engine raises if the stream is already closed for sending.
+            attempt.fail(f"tunnel stream unusable: {exc}")
             return None
-        return conn
+        return attempt if sent else None
 
-    def params_changed(self, conn: ClientConnection, params: TunnelParams) -> None:
+    def params_changed(self, attempt: Attempt, params: TunnelParams) -> None:
         """The relay sent new ADDRESS_ASSIGN / ROUTE_ADVERTISEMENT on a live tunnel."""
-        if conn is not self.conn:
+        if attempt is not self.current:
             return
         self.status.params = params
         log.info(
@@ -742,88 +564,33 @@ class ClientTunnel:
         self.on_params(params)
         self._set_state(self.status.state)
 
-    def datagram_packets(self, packets: list[bytes]) -> None:
-        """IP packets from the relay's HTTP Datagrams (or DATAGRAM capsules) -> TUN."""
-        counters = self.status.counters
-        counters.last_rx = time.time()
-        valid: list[bytes] = []
-        for pkt in packets:
-            counters.rx_packets += 1
-            counters.rx_bytes += len(pkt)
-            try:
-                addresses(pkt)
-            except PacketError:
-                counters.drops[DROP_MALFORMED] += 1
-                continue
-            valid.append(pkt)
-        if valid:
-            self._to_tun(valid)
-
-    def _send_datagrams(self, conn: ClientConnection, packets: list[bytes]) -> bool:
-        """TUN -> relay in datagram mode: one HTTP Datagram per packet, sizes checked
-        before anything enters aioquic's queue, the queue bounded. True when something
-        was queued (the caller flushes)."""
-        counters = self.status.counters
-        assert conn.stream_id is not None
-        if not conn.responded:
-            counters.drops[DROP_DISCONNECTED] += len(packets)
-            return False
-        room = datagram_room(conn.quic, conn.stream_id) - 1  # minus Context ID 0
-        if (
-            room < IPV6_MIN_MTU
-            and conn.params
-            and any(a.version == 6 for a in conn.params.addresses)
-        ):
-            # RFC 9484 §7.2: an IPv6 tunnel must carry 1280-byte packets.
-            conn.fail(f"QUIC path carries only {room}-byte packets, below the IPv6 minimum MTU")
-            return False
-        sent = 0
-        nbytes = 0
-        bound = conn.datagram_bound
-        bound.refresh(conn.quic, monotonic())
-        for pkt in packets:
-            if len(pkt) > room:
-                counters.drops[DROP_OVERSIZED] += 1
-                self._ratelog.warning(
-                    "oversized",
-                    "dropped a %d-byte packet: datagrams carry at most %d (lower mtu)",
-                    len(pkt),
-                    room,
-                )
-                continue
-            payload = encode_ip_datagram(pkt)
-            reason = queue_datagram(conn.h3, conn.quic, conn.stream_id, payload, bound)
-            if reason:
-                counters.drops[reason] += 1
-                continue
-            sent += 1
-            nbytes += len(pkt)
-        if sent:
-            counters.sent(sent, nbytes)
-        return sent > 0
-
     def snapshot(self) -> dict[str, Any]:
         """The tunnel as plain data (docs/status.schema.json, client part).
 
         ``sessions`` holds the one tunnel; its counters are cumulative over the
         instance's life (they survive reconnects), its RTT and congestion window are
-        those of the current QUIC connection (null while disconnected).
+        those of the current connection (null while disconnected).
         """
         st = self.status
-        conn = self.conn
-        quic = conn.quic if conn is not None and not conn.closed else None
+        attempt = self.current
+        link = attempt.link if attempt is not None and not attempt.closed else None
         now = time.time()
+        stats = (
+            link.stats()
+            if link is not None
+            else {"rtt_ms": None, "cwnd": None, "bytes_in_flight": None}
+        )
+        mode = attempt.session.mode if attempt is not None else None
         tunnel = {
             "id": "tunnel",
             "identity": None,
             "peer": st.relay_addr or f"{self.settings.relay_host}:{self.settings.relay_port}",
             "addresses": [str(a) for a in st.params.addresses] if st.params else [],
-            "transport": getattr(conn, "transport", "stream"),
+            "transport": str(mode or Mode.STREAM),
+            "http": link.http_version if link is not None else None,
             "state": st.state,
             "connected_since": st.connected_since if st.state == "connected" else None,
-            "rtt_ms": rtt_ms(quic) if quic is not None else None,
-            "cwnd": congestion_window(quic) if quic is not None else None,
-            "bytes_in_flight": bytes_in_flight(quic) if quic is not None else None,
+            **stats,
             **st.counters.snapshot(),
         }
         return {
@@ -842,14 +609,20 @@ class ClientTunnel:
         }
 
 
-def _format(addr: Address) -> str:
-    host, port = addr[0], addr[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+class _Deferred:
+    """A link's handler until its attempt exists (nothing arrives before connect)."""
 
+    def link_headers(self, link: Link, stream_id: int, headers: Headers, ended: bool) -> None:
+        pass
 
-def _interface(prefix: IPNetwork) -> IPInterface:
-    """The TUN address for an assigned prefix: the address itself for /32 and /128,
-    else the prefix's first host address (RFC 9484 lets the proxy assign prefixes)."""
-    if prefix.prefixlen == prefix.max_prefixlen:
-        return ipaddress.ip_interface(prefix.network_address)
-    return ipaddress.ip_interface((prefix.network_address + 1, prefix.prefixlen))
+    def link_data(self, link: Link, stream_id: int, data: bytes, ended: bool) -> None:
+        pass
+
+    def link_datagram(self, link: Link, stream_id: int, payload: bytes) -> None:
+        pass
+
+    def link_reset(self, link: Link, stream_id: int, code: int) -> None:
+        pass
+
+    def link_closed(self, link: Link, code: int, reason: str) -> None:
+        pass

@@ -3,7 +3,7 @@
 Engine-neutral policy: the receive windows and stream counts a connection starts with,
 what an admitted tunnel stream gets, the bytes a peer may leave buffered (out of order
 or in a half-parsed HTTP/3 or TLS message), and how many connections may wait for a
-handshake or an admitted CONNECT. The engine seam (masqued.transport.quic) applies it
+handshake or an admitted CONNECT. The engine seam (masqued.transport.aioquic_engine) applies it
 to the QUIC library; the relay's endpoint counts and enforces the connection caps.
 """
 

@@ -3,7 +3,8 @@
 The workers' sockets form one SO_REUSEPORT group, and a classic BPF program on the
 group (SO_ATTACH_REUSEPORT_CBPF) picks the socket for every datagram from the QUIC
 destination connection ID: socket ``first DCID byte % workers``. A worker makes the
-first byte of every connection ID it issues its own index, so once a client uses
+first byte of every connection ID it issues its own index (the engine seam marks
+them, masqued.transport.aioquic_engine.connection_class), so once a client uses
 one of them (from the server's first Initial on), its packets reach that worker
 whatever their source address and port — NAT rebinding and migration included,
 which a 4-tuple hash would break. A client's first Initial carries a DCID of its
@@ -19,9 +20,6 @@ from __future__ import annotations
 import ctypes
 import socket
 import struct
-from typing import Any, TypeVar
-
-from aioquic.quic.connection import QuicConnection
 
 from masqued.gate.ipam import MAX_WORKERS
 
@@ -96,45 +94,3 @@ def reuseport_group(host: str, port: int, workers: int) -> list[socket.socket]:
             sock.close()
         raise
     return socks
-
-
-class SteeredCids(QuicConnection):
-    """A QuicConnection whose connection IDs all start with ``worker`` (its index in
-    the reuseport group), so the steering program sends their packets back to it.
-
-    aioquic draws its CIDs from os.urandom in two places (the first one in
-    ``__init__``, later ones in ``_replenish_connection_ids``); the first byte of
-    each is set here before any of them is sent.
-    """
-
-    worker: int = 0
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        first = self._host_cids[0]
-        first.cid = self._mark(first.cid)
-        self.host_cid = first.cid
-        self._local_initial_source_connection_id = first.cid
-
-    def _mark(self, cid: bytes) -> bytes:
-        return bytes((self.worker,)) + cid[1:] if cid else cid
-
-    def _replenish_connection_ids(self) -> None:
-        before = len(self._host_cids)
-        super()._replenish_connection_ids()
-        for entry in self._host_cids[before:]:
-            if not entry.was_sent:
-                entry.cid = self._mark(entry.cid)
-
-
-_C = TypeVar("_C", bound=QuicConnection)
-_steered: dict[tuple[type[QuicConnection], int], type[QuicConnection]] = {}
-
-
-def steered(base: type[_C], worker: int) -> type[_C]:
-    """``base`` with its connection IDs marked for ``worker`` (one class per pair)."""
-    cls = _steered.get((base, worker))
-    if cls is None:
-        cls = type(f"Steered{base.__name__}", (SteeredCids, base), {"worker": worker})
-        _steered[(base, worker)] = cls
-    return cls  # type: ignore[return-value]

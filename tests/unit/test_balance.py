@@ -161,6 +161,6 @@ async def test_an_initial_with_a_forged_token_is_dropped(workers: Workers) -> No
         sock.sendto(head + os.urandom(rest), ("127.0.0.1", workers.port))
         w1 = workers.servers[1]
         await until(lambda: w1.results.get("retry_invalid", 0) == 1)
-        assert not w1.connections
+        assert not w1.endpoint.links
     finally:
         sock.close()

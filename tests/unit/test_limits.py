@@ -16,8 +16,8 @@ from masqued.gate import pki
 from masqued.gate.access import AccessControl
 from masqued.gate.auth import new_token
 from masqued.proto.packet import build_udp
+from masqued.transport.aioquic_engine import H3_EXCESSIVE_LOAD
 from masqued.transport.limits import EndpointLimits, ReceiveLimits
-from masqued.transport.quic import H3_EXCESSIVE_LOAD
 from tests.abuse import attack
 from tests.inproc import Client, Relay, relay_config, until
 
@@ -63,7 +63,7 @@ async def test_stream_gaps_earn_no_credit_beyond_the_first_window(
         result = await attack.gap_flood(peer, streams=4, rounds=6)
         limits = ReceiveLimits()
         assert result.claimed <= limits.connection_window
-        assert relay.server.ledger.total <= limits.connection_window + limits.max_held
+        assert relay.server.endpoint.ledger.total <= limits.connection_window + limits.max_held
         await passes_traffic(legit, relay)
     finally:
         peer.close()
@@ -79,7 +79,7 @@ async def test_more_streams_than_allowed_close_the_connection(relay: Relay) -> N
         peer.close()
     assert code == QuicErrorCode.STREAM_LIMIT_ERROR
     await until(lambda: relay.server.results.get("limit_exceeded", 0) == 1)
-    assert relay.server.connections == {}  # dropped at once, nothing kept for it
+    assert relay.server.endpoint.links == {}  # dropped at once, nothing kept for it
 
 
 async def test_incomplete_headers_frames_earn_no_credit_and_are_cut_off(certs: Path) -> None:
@@ -115,7 +115,7 @@ async def test_a_client_hello_claiming_16_mib_is_refused(relay: Relay) -> None:
     # Each connection is refused once its claim passes the limit, and its state is
     # dropped at once (the rest of the flood may open new ones, refused the same way).
     await until(lambda: relay.server.results.get("limit_exceeded", 0) >= 1)
-    await until(lambda: relay.server.connections == {})
+    await until(lambda: relay.server.endpoint.links == {})
 
 
 async def test_initial_flood_gets_retries_beyond_the_threshold_and_expires(
@@ -135,13 +135,13 @@ async def test_initial_flood_gets_retries_beyond_the_threshold_and_expires(
         # 4 handshakes started, then every new client was asked to prove its address.
         assert server.results.get("address_validation") == 16
         assert result.retries == 16
-        assert len(server._pending) == 4
+        assert server.endpoint.pending() == 4
         # A genuine client completes the Retry round trip and gets its tunnel.
         legit = Client(certs, relay.port)
         await passes_traffic(legit, relay)
         # The half-open ones never answered: gone after the handshake timeout.
         await until(lambda: server.results.get("handshake_timeout") == 4, timeout=3)
-        assert len(server._pending) == 0
+        assert server.endpoint.pending() == 0
         await legit.close()
     finally:
         relay.close()
@@ -156,7 +156,7 @@ async def test_pending_connections_are_capped_per_address(certs: Path) -> None:
             relay.addr, attack.client_hellos("relay.example", 10), ["127.0.0.2"]
         )
         assert relay.server.results.get("initial_dropped") == 7
-        assert len(relay.server._pending) == 3
+        assert relay.server.endpoint.pending() == 3
         # Another address is not affected.
         legit = Client(certs, relay.port)
         await passes_traffic(legit, relay)

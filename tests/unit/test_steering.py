@@ -11,11 +11,10 @@ from pathlib import Path
 import pytest
 from aioquic.quic.connection import QuicConnection
 
-from masqued.transport.quic import quic_configuration
+from masqued.transport import aioquic_engine as engine
 from masqued.transport.steering import (
     LONG_HEADER_DCID,
     reuseport_group,
-    steered,
     steering_program,
     worker_for,
 )
@@ -88,16 +87,20 @@ def _handshake(client: QuicConnection, server: QuicConnection) -> None:
 
 @pytest.mark.parametrize("worker", [0, 1, 5])
 def test_every_connection_id_a_worker_issues_leads_back_to_it(certs: Path, worker: int) -> None:
-    server_config = quic_configuration(is_client=False)
-    server_config.load_cert_chain(certs / "relay.example.pem", certs / "relay.example.key")
-    client_config = quic_configuration(is_client=True, server_name="relay.example")
-    client_config.load_verify_locations(cafile=str(certs / "ca.pem"))
-    client = QuicConnection(configuration=client_config)
+    server_config = engine.configuration(
+        is_client=False,
+        certificate=str(certs / "relay.example.pem"),
+        private_key=str(certs / "relay.example.key"),
+    )
+    client_config = engine.configuration(
+        is_client=True, server_name="relay.example", cafile=str(certs / "ca.pem")
+    )
+    client = engine.client_connection(client_config)
     client.connect(RELAY, now=time.monotonic())
     # The server side learns the client's DCID from its first Initial.
     first = client.datagrams_to_send(time.monotonic())
     dcid = first[0][0][LONG_HEADER_DCID : LONG_HEADER_DCID + 8]
-    server = steered(QuicConnection, worker)(
+    server = engine.connection_class(worker, False)(
         configuration=server_config, original_destination_connection_id=dcid
     )
     for data, _ in first:

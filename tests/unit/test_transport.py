@@ -4,7 +4,6 @@ with in-memory TUN devices that keep what was written to them."""
 from __future__ import annotations
 
 import asyncio
-import collections
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -12,6 +11,8 @@ from pathlib import Path
 import pytest
 
 from masqued.proto.packet import build_udp, parse_packet
+from masqued.proto.session import Mode
+from masqued.transport.dataplane import DATAGRAM_COST, DatagramBound, _bounds
 from tests.inproc import ROUTES, Client, Relay, until
 
 
@@ -128,7 +129,7 @@ async def test_client_reconnects_when_relay_restarts(certs: Path) -> None:
 async def test_udp_gso_and_gro_keep_datagram_boundaries() -> None:
     """Runs of equal-size datagrams go out in one sendmsg (UDP_SEGMENT) and come back
     split at the right places, including a shorter last one and other destinations."""
-    from masqued.transport.quic import UdpSocket
+    from masqued.transport.udp import UdpSocket
 
     loop = asyncio.get_running_loop()
     socks = []
@@ -160,7 +161,7 @@ async def test_udp_gso_and_gro_keep_datagram_boundaries() -> None:
 async def test_burst_beyond_the_stream_bound_is_tail_dropped_and_counted(
     relay: Relay, certs: Path
 ) -> None:
-    from masqued.transport.quic import BacklogBound
+    from masqued.transport.dataplane import BacklogBound
 
     client = Client(certs, relay.port)
     await asyncio.wait_for(client.up, 5)
@@ -181,19 +182,19 @@ async def test_datagram_burst_beyond_the_bound_is_tail_dropped_and_counted(
 ) -> None:
     """Datagram mode: what does not fit the connection's bound is dropped at once and
     counted; aioquic's own queue never holds more than the bound."""
-    from masqued.transport.datagrams import DATAGRAM_COST, DatagramBound
+    from masqued.transport.dataplane import DATAGRAM_COST, DatagramBound
 
     client = Client(certs, relay.port, transport="datagram")
     await asyncio.wait_for(client.up, 5)
-    conn = client.tunnel.conn
-    assert conn is not None and conn.transport == "datagram"
+    attempt = client.tunnel.current
+    assert attempt is not None and attempt.session.mode is Mode.DATAGRAM
     packet = build_udp(client.address, "198.19.0.2", 1000, 9, b"x" * 1200)
     room = DatagramBound.GRACE_FACTOR * DatagramBound.FLOOR
     burst = 4 * room // len(packet)
     client.tun.inject(*[packet] * burst)
     drops = client.tunnel.status.counters.drops
     await until(lambda: drops["queue_full"] > 0)
-    queued = sum(map(len, conn.quic._datagrams_pending))
+    _, queued = attempt.link.datagrams_queued()
     assert queued <= room
     await until(lambda: len(relay.tun.written) + drops["queue_full"] == burst, timeout=10)
     admitted = room // (len(packet) + 1 + DATAGRAM_COST)
@@ -209,8 +210,8 @@ async def test_lone_icmp_error_in_datagram_mode_is_not_dropped_by_a_stale_budget
     bound itself: a budget spent in some earlier burst must not drop it."""
     client = Client(certs, relay.port, transport="datagram")
     await asyncio.wait_for(client.up, 5)
-    conn = next(iter(relay.server.sessions)).conn
-    conn.datagram_bound.budget = -1  # as left by a burst long ago
+    link = next(iter(relay.server.sessions)).link
+    _bounds(link).budget = -1  # as left by a burst long ago
     # Over the relay's MTU (1300) but within what one HTTP Datagram carries.
     big = build_udp(client.address, "198.19.0.2", 1000, 9, b"x" * 1320)
     client.tun.inject(big)
@@ -224,36 +225,38 @@ async def test_lone_icmp_error_in_datagram_mode_is_not_dropped_by_a_stale_budget
     await client.close()
 
 
-class _FakeCc:
-    def __init__(self) -> None:
-        self.delivered = 0
-        self.bytes_in_flight = 0
-
-
-class _FakeRecovery:
-    _rtt_min = 0.002
+class _FakeLink:
+    """Just what the bounds read from a link: acknowledged stream bytes, delivered and
+    in-flight bytes, the min RTT and the datagram queue; state only, set by the test."""
 
     def __init__(self) -> None:
-        self._cc = _FakeCc()
+        self.acked = 0
+        self.delivered_bytes = 0
+        self.flight = 0
+        self.queue: list[bytes] = []
 
-    @property
-    def bytes_in_flight(self) -> int:
-        return self._cc.bytes_in_flight
+    def ack(self, n: int) -> None:
+        self.acked += n
+
+    def min_rtt(self) -> float:
+        return 0.002
+
+    def delivered(self) -> int:
+        return self.delivered_bytes
+
+    def in_flight(self) -> int:
+        return self.flight
+
+    def datagrams_queued(self) -> tuple[int, int]:
+        return len(self.queue), sum(map(len, self.queue)) + DATAGRAM_COST * len(self.queue)
 
 
-class _FakeDatagramQuic:
-    """Just what DatagramBound reads: delivered and in-flight bytes, the min RTT and
-    aioquic's datagram queue."""
-
-    def __init__(self) -> None:
-        self._loss = _FakeRecovery()
-        self._datagrams_pending: collections.deque[bytes] = collections.deque()
+def _update(bound: object, link: _FakeLink, now: float) -> int:
+    return bound.follow(link, link.acked, now)  # type: ignore[attr-defined, no-any-return]
 
 
 def test_datagram_bound_counts_flight_and_queue_against_the_rate() -> None:
-    from masqued.transport.datagrams import DATAGRAM_COST, DatagramBound
-
-    quic = _FakeDatagramQuic()
+    quic = _FakeLink()
     bound = DatagramBound()
     t = 50.0
     room = DatagramBound.GRACE_FACTOR * DatagramBound.FLOOR
@@ -261,24 +264,24 @@ def test_datagram_bound_counts_flight_and_queue_against_the_rate() -> None:
     # 25 MB/s delivered: limit = rate x (2 ms + QUEUE_TARGET).
     for _ in range(10):
         t += 0.05
-        quic._loss._cc.delivered += int(25e6 * 0.05)
+        quic.delivered_bytes += int(25e6 * 0.05)
         bound.refresh(quic, t)  # type: ignore[arg-type]
     limit = 25e6 * (0.002 + DatagramBound.QUEUE_TARGET)
     assert bound.limit == pytest.approx(limit, rel=0.01)
     # Bytes in flight and queued datagrams (with their overhead) both use it up.
-    quic._loss._cc.bytes_in_flight = 100_000
-    quic._datagrams_pending.extend([b"x" * 1000] * 10)
+    quic.flight = 100_000
+    quic.queue.extend([b"x" * 1000] * 10)
     used = 100_000 + 10 * (1000 + DATAGRAM_COST)
     budget = bound.refresh(quic, t + 0.001)  # type: ignore[arg-type]
     assert budget == DatagramBound.GRACE_FACTOR * bound.limit - used  # under the limit
     # Held above the limit for GRACE: only the limit.
-    quic._loss._cc.bytes_in_flight = bound.limit
+    quic.flight = bound.limit
     bound.refresh(quic, t + 0.002)  # type: ignore[arg-type]
     budget = bound.refresh(quic, t + 0.003 + DatagramBound.GRACE)  # type: ignore[arg-type]
     assert budget == -10 * (1000 + DATAGRAM_COST)
     # The old delivered count, a new in-flight figure: nothing new was acknowledged
     # but the window is not over yet, so the limit holds.
-    quic._loss._cc.bytes_in_flight = 10**7
+    quic.flight = 10**7
     assert bound.refresh(quic, t + 0.002) < 0  # type: ignore[arg-type]
 
 
@@ -295,7 +298,7 @@ class _EventQueue:
 def test_merged_events_joins_runs_of_one_stream_only() -> None:
     from aioquic.quic.events import HandshakeCompleted, StreamDataReceived
 
-    from masqued.transport.quic import merged_events
+    from masqued.transport.aioquic_engine import _merged_events as merged_events
 
     hs = HandshakeCompleted(alpn_protocol="h3", early_data_accepted=False, session_resumed=False)
     q = _EventQueue(
@@ -326,7 +329,7 @@ def test_merged_events_joins_runs_of_one_stream_only() -> None:
 def test_merged_events_leaves_the_rest_queued_when_the_consumer_stops() -> None:
     from aioquic.quic.events import ConnectionTerminated, StreamDataReceived
 
-    from masqued.transport.quic import merged_events
+    from masqued.transport.aioquic_engine import _merged_events as merged_events
 
     bye = ConnectionTerminated(error_code=0, frame_type=None, reason_phrase="")
     later = StreamDataReceived(b"z", False, 0)
@@ -348,15 +351,14 @@ def _burst_at_one_instant(pacer: object) -> int:
 
 
 def test_burst_pacer_lets_one_gso_send_out_and_keeps_the_rate() -> None:
-    from aioquic.quic.connection import QuicConnection
     from aioquic.quic.recovery import QuicPacketPacer
 
-    from masqued.transport.quic import (
+    from masqued.transport.aioquic_engine import (
         MAX_DATAGRAM_SIZE,
         PACER_BURST,
         BurstPacer,
-        quic_configuration,
-        use_burst_pacer,
+        client_connection,
+        configuration,
     )
 
     stock = QuicPacketPacer(max_datagram_size=MAX_DATAGRAM_SIZE)
@@ -374,116 +376,90 @@ def test_burst_pacer_lets_one_gso_send_out_and_keeps_the_rate() -> None:
         5 * MAX_DATAGRAM_SIZE / (10 * MAX_DATAGRAM_SIZE / 0.01)
     )
 
-    quic = QuicConnection(configuration=quic_configuration(is_client=True, server_name="x"))
-    use_burst_pacer(quic)
+    quic = client_connection(configuration(is_client=True, server_name="x"))
     assert isinstance(quic._loss._pacer, BurstPacer)
 
 
-class _FakeSender:
-    def __init__(self) -> None:
-        self._buffer_start = 0
-
-
-class _FakeStream:
-    def __init__(self) -> None:
-        self.sender = _FakeSender()
-
-
-class _FakeLoss:
-    _rtt_min = 0.002
-
-
-class _FakeQuic:
-    """Just what BacklogBound reads: the stream's acknowledged offset, the min RTT."""
-
-    def __init__(self) -> None:
-        self._streams = {0: _FakeStream()}
-        self._loss = _FakeLoss()
-
-    def ack(self, n: int) -> None:
-        self._streams[0].sender._buffer_start += n
-
-
 def test_backlog_bound_follows_the_acknowledged_rate_in_time() -> None:
-    from masqued.transport.quic import BacklogBound
+    from masqued.transport.dataplane import BacklogBound
 
-    quic = _FakeQuic()
+    quic = _FakeLink()
     bound = BacklogBound()
     t = 100.0
-    assert bound.update(quic, 0, t) == BacklogBound.FLOOR  # type: ignore[arg-type]
+    assert _update(bound, quic, t) == BacklogBound.FLOOR  # type: ignore[arg-type]
     # 25 MB/s acknowledged (200 Mbit/s): rate x (2 ms + QUEUE_TARGET).
     for _ in range(10):
         t += 0.05
         quic.ack(int(25e6 * 0.05))
-        limit = bound.update(quic, 0, t)  # type: ignore[arg-type]
+        limit = _update(bound, quic, t)
     assert limit == pytest.approx(25e6 * (0.002 + BacklogBound.QUEUE_TARGET), rel=0.01)
     # Samples closer than WINDOW change nothing.
     quic.ack(10**9)
-    assert bound.update(quic, 0, t + BacklogBound.WINDOW / 2) == limit  # type: ignore[arg-type]
+    assert _update(bound, quic, t + BacklogBound.WINDOW / 2) == limit  # type: ignore[arg-type]
     # A slow link: 1 MB/s (8 Mbit/s) -> the floor, not 12 kB.
     t += BacklogBound.WINDOW / 2
-    quic._streams[0].sender._buffer_start = 0
+    quic.acked = 0
     bound = BacklogBound()
-    bound.update(quic, 0, t)  # type: ignore[arg-type]
+    _update(bound, quic, t)
     for _ in range(20):
         t += 0.05
         quic.ack(int(1e6 * 0.05))
-        limit = bound.update(quic, 0, t)  # type: ignore[arg-type]
+        limit = _update(bound, quic, t)
     assert limit == BacklogBound.FLOOR
     # Fast, then a dip: the bound holds for RATE_HORIZON (a dip must not shrink it
     # and deepen itself), then follows the rate down.
     for _ in range(4):
         t += 0.05
         quic.ack(int(800e6 * 0.05))
-        bound.update(quic, 0, t)  # type: ignore[arg-type]
+        _update(bound, quic, t)
     assert bound.limit == BacklogBound.CEILING
     t += 0.05
-    bound.update(quic, 0, t)  # type: ignore[arg-type]  (nothing acknowledged)
+    _update(bound, quic, t)  # nothing acknowledged
     assert bound.limit == BacklogBound.CEILING
     for _ in range(40):
         t += 0.05
-        bound.update(quic, 0, t)  # type: ignore[arg-type]
+        _update(bound, quic, t)
     assert bound.limit == BacklogBound.FLOOR
 
 
 def test_backlog_bound_samples_a_new_flow_alone_and_sooner_when_dropping() -> None:
     """After a rest the first sample covers only the new flow; while the bound is
     dropping, samples come every SHORT_WINDOW instead of every WINDOW."""
-    from masqued.transport.quic import BacklogBound
+    from masqued.transport.dataplane import BacklogBound
 
-    quic = _FakeQuic()
+    quic = _FakeLink()
     bound = BacklogBound()
     t = 100.0
-    bound.update(quic, 0, t)  # type: ignore[arg-type]
+    _update(bound, quic, t)
     t += 0.05
     quic.ack(int(1e6 * 0.05))
-    bound.update(quic, 0, t)  # type: ignore[arg-type]
+    _update(bound, quic, t)
     assert bound.rate == pytest.approx(1e6, rel=0.01)
     # Idle past REST, with much acknowledged meanwhile: not part of any sample.
     quic.ack(10**8)
     t += 2 * BacklogBound.REST
-    assert bound.update(quic, 0, t) == BacklogBound.FLOOR  # type: ignore[arg-type]
+    assert _update(bound, quic, t) == BacklogBound.FLOOR  # type: ignore[arg-type]
     # Not dropping: a short interval is no sample.
     t += BacklogBound.SHORT_WINDOW
     quic.ack(int(40e6 * BacklogBound.SHORT_WINDOW))
-    assert bound.update(quic, 0, t) == BacklogBound.FLOOR  # type: ignore[arg-type]
+    assert _update(bound, quic, t) == BacklogBound.FLOOR  # type: ignore[arg-type]
     assert bound.rate == pytest.approx(1e6, rel=0.01)
     # Dropping at the floor while 40 MB/s get through: a sample after SHORT_WINDOW
     # (the two short intervals of the new flow only) raises the bound.
     bound.limited = True
     t += BacklogBound.SHORT_WINDOW
     quic.ack(int(40e6 * BacklogBound.SHORT_WINDOW))
-    limit = bound.update(quic, 0, t)  # type: ignore[arg-type]
+    limit = _update(bound, quic, t)
     assert bound.rate == pytest.approx(40e6, rel=0.01)
     assert limit == pytest.approx(40e6 * (0.002 + BacklogBound.QUEUE_TARGET), rel=0.01)
     assert not bound.limited
     t += BacklogBound.SHORT_WINDOW
     quic.ack(int(400e6 * BacklogBound.SHORT_WINDOW))
-    assert bound.update(quic, 0, t) == limit  # type: ignore[arg-type]
+    assert _update(bound, quic, t) == limit  # type: ignore[arg-type]
 
 
 def test_backlog_bound_room_lets_a_short_excursion_pass_but_not_a_standing_queue() -> None:
-    from masqued.transport.quic import BacklogBound
+    from masqued.transport.dataplane import BacklogBound
 
     bound = BacklogBound()
     b = 100_000
@@ -506,7 +482,7 @@ def test_burst_pacer_keeps_its_burst_when_the_window_is_huge() -> None:
     a 60 MB window (CUBIC without loss) its bucket holds under two packets."""
     from aioquic.quic.recovery import QuicPacketPacer
 
-    from masqued.transport.quic import MAX_DATAGRAM_SIZE, PACER_BURST, BurstPacer
+    from masqued.transport.aioquic_engine import MAX_DATAGRAM_SIZE, PACER_BURST, BurstPacer
 
     def burst(pacer: QuicPacketPacer) -> int:
         pacer.update_rate(congestion_window=60_000_000, smoothed_rtt=0.001)

@@ -1,0 +1,116 @@
+"""A QUIC handshake to a relay and nothing more, on the client's own machinery.
+
+``masqued doctor`` asks this to learn whether a relay answers and which certificate
+it presents: the same socket set-up (fwmark), engine configuration and link as a
+tunnel attempt, without certificate checks and without a CONNECT.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+from masqued.transport import aioquic_engine as engine
+from masqued.transport.h3link import H3Link, monotonic
+from masqued.transport.link import Headers, Link
+from masqued.transport.udp import Address, UdpSocket, tune_socket
+
+
+@dataclass
+class ProbeResult:
+    reached: bool
+    error: str | None = None
+    refused: bool = False
+    chain: list[Any] | None = None  # the relay's certificate, then the rest of its chain
+    rtt_ms: float | None = None
+
+
+class _Watch:
+    """The probe's link handler: only the end of the connection matters."""
+
+    def __init__(self) -> None:
+        self.closed: str | None = None
+
+    def link_headers(self, link: Link, stream_id: int, headers: Headers, ended: bool) -> None:
+        pass
+
+    def link_data(self, link: Link, stream_id: int, data: bytes, ended: bool) -> None:
+        pass
+
+    def link_datagram(self, link: Link, stream_id: int, payload: bytes) -> None:
+        pass
+
+    def link_reset(self, link: Link, stream_id: int, code: int) -> None:
+        pass
+
+    def link_closed(self, link: Link, code: int, reason: str) -> None:
+        self.closed = reason
+
+
+async def probe(
+    host: str, port: int, server_name: str, fwmark: int, timeout: float
+) -> ProbeResult:
+    """Handshake with the relay at ``host``:``port`` within ``timeout`` seconds."""
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except OSError as exc:
+        return ProbeResult(False, f"cannot resolve {host}: {exc}")
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_DGRAM)
+    try:
+        if fwmark:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_MARK, fwmark)
+        tune_socket(sock)
+        sock.connect(addr)
+    except OSError as exc:
+        sock.close()
+        return ProbeResult(False, f"cannot send to {host}:{port}: {exc.strerror}")
+    config = engine.configuration(is_client=True, server_name=server_name, verify=False)
+    quic = engine.client_connection(config)
+    watch = _Watch()
+    link: H3Link | None = None
+    changed = asyncio.Event()
+
+    def on_batch(batch: list[tuple[bytes, Address]]) -> None:
+        assert link is not None
+        now = monotonic()
+        for data, peer in batch:
+            link.receive(data, peer, now)
+        link.process()
+        link.flush()
+        changed.set()
+
+    udp = UdpSocket(loop, sock, on_batch)
+    link = H3Link(loop, quic, udp.send, watch, addr)
+    udp.start()
+    start = monotonic()
+    try:
+        quic.connect(addr, now=start)
+        link.flush()
+        deadline = start + timeout
+        while not link.handshake_done and watch.closed is None:
+            left = deadline - monotonic()
+            if left <= 0:
+                return ProbeResult(False, f"no QUIC answer within {timeout:g}s")
+            changed.clear()
+            try:
+                await asyncio.wait_for(changed.wait(), min(left, 0.2))
+            except TimeoutError:
+                if udp.last_error == errno.ECONNREFUSED:
+                    return ProbeResult(
+                        False, f"nothing listens on UDP {port} at {addr[0]}", refused=True
+                    )
+        if not link.handshake_done:
+            return ProbeResult(True, f"relay closed the handshake: {watch.closed}")
+        rtt = round((monotonic() - start) * 1000, 1)
+        leaf, rest = link.peer_certificate()
+        link.close(engine.H3_NO_ERROR, "probe done")
+        link.flush()
+        return ProbeResult(True, chain=[leaf, *rest] if leaf is not None else None, rtt_ms=rtt)
+    finally:
+        link.cancel_timer()
+        udp.close()
