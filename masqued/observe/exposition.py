@@ -27,7 +27,8 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 
-from masqued.observe.metrics import DROP_REASONS, MAX_CLIENT_SERIES, MAX_LABEL_LEN, SESSION_RESULTS
+from masqued.observe.metrics import MAX_CLIENT_SERIES, MAX_LABEL_LEN, SESSION_RESULTS
+from masqued.proto.drops import DROP_REASONS
 
 log = logging.getLogger("masqued.observe.metrics")
 

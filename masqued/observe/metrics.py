@@ -21,29 +21,7 @@ from typing import Any
 
 log = logging.getLogger("masqued.observe.metrics")
 
-# Drop reasons (label values; a bounded set).
-DROP_SPOOFED = "spoofed_source"
-DROP_MALFORMED = "malformed"
-DROP_NO_SESSION = "no_session"
-DROP_QUEUE_FULL = "queue_full"
-DROP_TUN_WRITE = "tun_write"
-DROP_OVERSIZED = "oversized"
-DROP_DISCONNECTED = "disconnected"
-DROP_ACL = "acl"
-DROP_OUT_OF_SCOPE = "out_of_scope"
-
-# Reasons shown (as 0) even before the first drop, so dashboards have the series.
-DROP_REASONS = (
-    DROP_SPOOFED,
-    DROP_ACL,
-    DROP_OVERSIZED,
-    DROP_MALFORMED,
-    DROP_OUT_OF_SCOPE,
-    DROP_NO_SESSION,
-    DROP_QUEUE_FULL,
-    DROP_TUN_WRITE,
-    DROP_DISCONNECTED,
-)
+# Drop reasons (label values; a bounded set) are defined once, in masqued.proto.drops.
 # Results of CONNECT-IP requests on a relay (RelayServer.results keys).
 SESSION_RESULTS = ("accepted", "rejected", "pool_exhausted")
 
