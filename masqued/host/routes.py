@@ -19,7 +19,6 @@ as sorted text.
 from __future__ import annotations
 
 import errno
-import ipaddress
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -33,92 +32,53 @@ from masqued.host.naming import (
     RULE_PRIORITY_TABLE,
     InstanceIds,
 )
+from masqued.host.netstate import (
+    FIB_RULE_INVERT,
+    IFA_F_NODAD,
+    RT_TABLE_LOCAL,
+    RT_TABLE_MAIN,
+    IPAddress,
+    IPInterface,
+    IPNetwork,
+    NetState,
+    Route,
+    Rule,
+)
 
 log = logging.getLogger("masqued.host")
 
-IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
-IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
-IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-RT_TABLE_MAIN = 254
-RT_TABLE_LOCAL = 255
-FIB_RULE_INVERT = 0x2
-IFA_F_NODAD = 0x02
+__all__ = [
+    "FIB_RULE_INVERT",
+    "IFA_F_NODAD",
+    "RT_TABLE_LOCAL",
+    "RT_TABLE_MAIN",
+    "IPAddress",
+    "IPInterface",
+    "IPNetwork",
+    "NetState",
+    "Route",
+    "Rule",
+]
 
-
-# --------------------------------------------------------------------------- values
-
-
-@dataclass(frozen=True)
-class Route:
-    """A unicast route. ``via`` is an optional gateway (e.g. a pinned route to the relay)."""
-
-    dst: IPNetwork
-    dev: str
-    table: int = RT_TABLE_MAIN
-    via: IPAddress | None = None
-
-    @property
-    def family(self) -> int:
-        return self.dst.version
-
-    def __str__(self) -> str:
-        s = f"{self.dst}"
-        if self.via is not None:
-            s += f" via {self.via}"
-        if self.dev:
-            s += f" dev {self.dev}"
-        return s + f" table {_table_name(self.table)}"
-
-
-@dataclass(frozen=True)
-class Rule:
-    """A policy rule. ``invert`` is ``ip rule not ...``; only fwmark selectors are modelled."""
-
-    family: int  # 4 or 6
-    priority: int
-    table: int
-    fwmark: int | None = None
-    invert: bool = False
-    suppress_prefixlength: int | None = None
-
-    def __str__(self) -> str:
-        s = "not " if self.invert else ""
-        s += "from all"
-        if self.fwmark is not None:
-            s += f" fwmark {self.fwmark:#x}"
-        s += f" lookup {_table_name(self.table)}"
-        if self.suppress_prefixlength is not None:
-            s += f" suppress_prefixlength {self.suppress_prefixlength}"
-        return s
-
-
-@dataclass(frozen=True)
-class NetState:
-    """The host state one instance owns."""
-
-    addresses: frozenset[IPInterface] = frozenset()
-    routes: frozenset[Route] = frozenset()
-    rules: frozenset[Rule] = frozenset()
-
-
-def full_tunnel_rules(ids: InstanceIds, families: Iterable[int] = (4, 6)) -> frozenset[Rule]:
-    """wg-quick's loop guard for a default route into the tunnel.
+def tunnel_rules(
+    ids: InstanceIds, family: int, fwmark: int, *, full: bool
+) -> frozenset[Rule]:
+    """wg-quick's loop guard for the tunnel's routes of one family.
 
     ``not fwmark M lookup T`` sends everything but the marked QUIC socket to our table;
-    ``not fwmark M lookup main suppress_prefixlength 0`` (checked first) keeps the
-    main table's specific routes (LAN, relay host route) in force; it carries our
-    fwmark so that it is recognisably ours.
+    with a default route in it (``full``), ``not fwmark M lookup main
+    suppress_prefixlength 0`` (checked first) keeps the main table's specific routes
+    (LAN, relay host route) in force; it carries our fwmark so it is recognisably ours.
     """
-    rules: set[Rule] = set()
-    for fam in families:
-        rules.add(Rule(fam, RULE_PRIORITY_TABLE, ids.table, fwmark=ids.fwmark, invert=True))
+    rules = {Rule(family, RULE_PRIORITY_TABLE, ids.table, fwmark=fwmark, invert=True)}
+    if full:
         rules.add(
             Rule(
-                fam,
+                family,
                 RULE_PRIORITY_SUPPRESS,
                 RT_TABLE_MAIN,
-                fwmark=ids.fwmark,
+                fwmark=fwmark,
                 invert=True,
                 suppress_prefixlength=0,
             )
@@ -126,8 +86,38 @@ def full_tunnel_rules(ids: InstanceIds, families: Iterable[int] = (4, 6)) -> fro
     return frozenset(rules)
 
 
-def _table_name(table: int) -> str:
-    return {RT_TABLE_MAIN: "main", RT_TABLE_LOCAL: "local", 253: "default"}.get(table, str(table))
+def full_tunnel_rules(ids: InstanceIds, families: Iterable[int] = (4, 6)) -> frozenset[Rule]:
+    """Both of wg-quick's rules for a full tunnel in every family of ``families``."""
+    return frozenset().union(*(tunnel_rules(ids, f, ids.fwmark, full=True) for f in families))
+
+
+def client_state(
+    ids: InstanceIds,
+    routes: Iterable[IPNetwork],
+    addresses: Iterable[IPInterface],
+    fwmark: int,
+) -> NetState:
+    """What a client's host should look like once its tunnel has ``addresses``.
+
+    Routes of a family the tunnel has no address for are left out. With a fwmark
+    (the default) they live in the instance's own table, consulted for every packet
+    not carrying the mark; the QUIC socket carries it, so the relay stays reachable
+    whatever the routes cover. Without one they go into the main table.
+    """
+    addresses = frozenset(addresses)
+    families = {a.version for a in addresses}
+    usable = [r for r in routes if r.version in families]
+    table = ids.table if fwmark else RT_TABLE_MAIN
+    rules: frozenset[Rule] = frozenset()
+    if fwmark:
+        for family in sorted({r.version for r in usable}):
+            full = any(r.prefixlen == 0 for r in usable if r.version == family)
+            rules |= tunnel_rules(ids, family, fwmark, full=full)
+    return NetState(
+        addresses=addresses,
+        routes=frozenset(Route(dst=r, dev=ids.tun, table=table) for r in usable),
+        rules=rules,
+    )
 
 
 def _fam(version: int) -> str:

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from masqued.host.naming import ROUTE_PROTO
-from masqued.host.routes import (
+from masqued.host.netstate import (
     FIB_RULE_INVERT,
     IFA_F_NODAD,
     RT_TABLE_MAIN,

@@ -27,16 +27,13 @@ from masqued.gate.access import AccessControl, LeaseStore, state_dir_for
 from masqued.gate.ipam import AddressPool, pool_slice
 from masqued.host.cleanup import cleanup_instance
 from masqued.host.naming import (
-    RULE_PRIORITY_SUPPRESS,
-    RULE_PRIORITY_TABLE,
     InstanceIds,
 )
 from masqued.host.nat import NatBackend, make_nat
 from masqued.host.routes import (
     NetState,
-    Route,
     Router,
-    Rule,
+    client_state,
     default_interface,
     enable_forwarding,
 )
@@ -571,47 +568,6 @@ async def run_worker(config: RelayConfig, index: int, fds: tuple[int, int, int],
 # -- client ----------------------------------------------------------------------------
 
 
-def client_netstate(
-    ids: InstanceIds, routes: tuple[IPNetwork, ...], params: TunnelParams, fwmark: int
-) -> NetState:
-    """What the client's host should look like once the tunnel is up.
-
-    With a fwmark (default) the tunnel routes live in the instance's own table,
-    consulted for every packet not carrying the mark; the QUIC socket carries the
-    mark, so the relay stays reachable whatever the routes cover. Full-tunnel routes
-    also get wg-quick's ``suppress_prefixlength 0`` rule so that the main table's
-    specific routes keep working.
-    """
-    families = {a.version for a in params.addresses}
-    usable = tuple(r for r in routes if r.version in families)
-    table = ids.table if fwmark else MAIN_TABLE
-    route_set = frozenset(Route(dst=r, dev=ids.tun, table=table) for r in usable)
-    rules: set[Rule] = set()
-    if fwmark:
-        for family in sorted({r.version for r in usable}):
-            rules.add(
-                Rule(
-                    family=family,
-                    priority=RULE_PRIORITY_TABLE,
-                    table=ids.table,
-                    fwmark=fwmark,
-                    invert=True,
-                )
-            )
-            if any(r.prefixlen == 0 for r in usable if r.version == family):
-                rules.add(
-                    Rule(
-                        family=family,
-                        priority=RULE_PRIORITY_SUPPRESS,
-                        table=MAIN_TABLE,
-                        fwmark=fwmark,
-                        invert=True,
-                        suppress_prefixlength=0,
-                    )
-                )
-    return NetState(addresses=frozenset(params.addresses), routes=route_set, rules=frozenset(rules))
-
-
 async def run_client(config: ClientConfig, notifier: Notifier) -> int:
     inst = Instance(config, notifier)
     ids = inst.ids
@@ -646,7 +602,7 @@ async def run_client(config: ClientConfig, notifier: Notifier) -> int:
                     "relay does not advertise %s; packets there may be dropped",
                     ", ".join(map(str, missing)),
                 )
-            reached = router.set(client_netstate(ids, routes, params, fwmark))
+            reached = router.set(client_state(ids, routes, params.addresses, fwmark))
             log.debug("host state: %s", reached)
             last_params = params
 
@@ -697,7 +653,7 @@ async def run_client(config: ClientConfig, notifier: Notifier) -> int:
             if new.routes != config.routes:
                 routes = tuple(new.routes)
                 if last_params is not None:
-                    router.set(client_netstate(ids, routes, last_params, fwmark))
+                    router.set(client_state(ids, routes, last_params.addresses, fwmark))
                 log.info("reload: routes now %s", ", ".join(map(str, routes)))
             set_level(new.log_level)
             config = new

@@ -21,6 +21,7 @@ from masqued.host.routes import (
     Router,
     Rule,
     cleanup,
+    client_state,
     default_interface,
     enable_forwarding,
     forwarding_status,
@@ -123,6 +124,72 @@ def test_dump_full_tunnel() -> None:
         f"rule -6 5209: not from all fwmark {mark} lookup main suppress_prefixlength 0",
         f"rule -6 5210: not from all fwmark {mark} lookup {T}",
     ]
+
+
+V4_ONLY = frozenset({ifc("198.18.200.7/32")})
+BOTH = CLIENT.addresses
+
+
+@pytest.mark.parametrize(
+    ("routes", "addresses", "fwmark", "expected"),
+    [
+        # specific routes, marked: our table, one rule per family
+        (
+            ["198.19.0.0/24", "2001:db8:300::/48"],
+            BOTH,
+            M,
+            [
+                f"route -4 198.19.0.0/24 dev mq-t1 table {T} proto 109",
+                f"route -6 2001:db8:300::/48 dev mq-t1 table {T} proto 109",
+                f"rule -4 5210: not from all fwmark {M:#x} lookup {T}",
+                f"rule -6 5210: not from all fwmark {M:#x} lookup {T}",
+            ],
+        ),
+        # a v4-only tunnel: the v6 route and its rule are left out
+        (
+            ["198.19.0.0/24", "2001:db8:300::/48"],
+            V4_ONLY,
+            M,
+            [
+                f"route -4 198.19.0.0/24 dev mq-t1 table {T} proto 109",
+                f"rule -4 5210: not from all fwmark {M:#x} lookup {T}",
+            ],
+        ),
+        # a default route in one family: wg-quick's suppress rule there only
+        (
+            ["0.0.0.0/0", "2001:db8:300::/48"],
+            BOTH,
+            M,
+            [
+                f"route -4 0.0.0.0/0 dev mq-t1 table {T} proto 109",
+                f"route -6 2001:db8:300::/48 dev mq-t1 table {T} proto 109",
+                f"rule -4 5209: not from all fwmark {M:#x} lookup main suppress_prefixlength 0",
+                f"rule -4 5210: not from all fwmark {M:#x} lookup {T}",
+                f"rule -6 5210: not from all fwmark {M:#x} lookup {T}",
+            ],
+        ),
+        # fwmark off: the main table, no rules
+        (["198.19.0.0/24"], BOTH, 0, ["route -4 198.19.0.0/24 dev mq-t1 table main proto 109"]),
+    ],
+)
+def test_the_clients_desired_state(
+    routes: list[str],
+    addresses: frozenset[ifc],
+    fwmark: int,
+    expected: list[str],  # type: ignore[valid-type]
+) -> None:
+    nl = foreign_fake()
+    state = client_state(IDS, [net(r) for r in routes], addresses, fwmark)
+    assert Router(nl, IDS).set(state) == state
+    ours = sorted(
+        line
+        for line in nl.dump().splitlines()
+        if ("proto 109" in line or f"{M:#x}" in line) and not line.startswith("addr")
+    )
+    assert ours == sorted(expected)
+    assert {line for line in nl.dump().splitlines() if line.startswith("addr -")} >= {
+        f"addr -{a.version} {a.with_prefixlen} dev mq-t1" for a in addresses
+    }
 
 
 def test_idempotent_and_logged(caplog: pytest.LogCaptureFixture) -> None:
