@@ -32,10 +32,10 @@ from masqued.host.naming import (
     RULE_PRIORITY_TABLE,
     InstanceIds,
 )
-from masqued.host.netstate import (
-    FIB_RULE_INVERT,
-    IFA_F_NODAD,
-    RT_TABLE_LOCAL,
+from masqued.host.netstate import (  # the values are part of this module's interface
+    FIB_RULE_INVERT,  # noqa: F401
+    IFA_F_NODAD,  # noqa: F401
+    RT_TABLE_LOCAL,  # noqa: F401
     RT_TABLE_MAIN,
     IPAddress,
     IPInterface,
@@ -48,18 +48,6 @@ from masqued.host.netstate import (
 log = logging.getLogger("masqued.host")
 
 
-__all__ = [
-    "FIB_RULE_INVERT",
-    "IFA_F_NODAD",
-    "RT_TABLE_LOCAL",
-    "RT_TABLE_MAIN",
-    "IPAddress",
-    "IPInterface",
-    "IPNetwork",
-    "NetState",
-    "Route",
-    "Rule",
-]
 
 def tunnel_rules(
     ids: InstanceIds, family: int, fwmark: int, *, full: bool
