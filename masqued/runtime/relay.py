@@ -28,7 +28,8 @@ from masqued.gate.access import AccessControl, LeaseStore, state_dir_for
 from masqued.gate.ipam import AddressPool, pool_slice
 from masqued.host.naming import InstanceIds
 from masqued.host.nat import NatBackend, make_nat
-from masqued.host.routes import NetState, Router, default_interface, enable_forwarding
+from masqued.host.netstate import NetState
+from masqued.host.routes import Router, default_interface, enable_forwarding
 from masqued.host.rtnetlink import RtNetlink
 from masqued.host.tun import TunDevice, inherited_tun, open_tun
 from masqued.observe.status import StatusService
