@@ -321,13 +321,11 @@ def check_probe(result: ProbeResult, host: str, port: int) -> Finding:
     )
 
 
-def check_route_loop(route_get_output: str, tun: str, relay_ip: str) -> Finding:
-    """``ip -j route get RELAY [mark M]``: the relay must not be reached through the tunnel."""
-    try:
-        routes = json.loads(route_get_output)
-        dev = routes[0].get("dev") if routes else None
-    except (ValueError, AttributeError, IndexError):
-        return warn("routing", f"cannot read the route to {relay_ip}", "ip route get " + relay_ip)
+def check_route_loop(dev: str | None, tun: str, relay_ip: str) -> Finding:
+    """Where the kernel routes the tunnel socket's packets to the relay (``dev``, None
+    when it cannot say): never into the tunnel."""
+    if dev is None:
+        return warn("routing", f"cannot find the route to {relay_ip}", "ip route get " + relay_ip)
     if dev == tun:
         return fail(
             "routing",
@@ -443,10 +441,13 @@ def _client_checks(
     except OSError:
         relay_ip = None
     if relay_ip is not None:
-        cmd = ["ip", "-j", "route", "get", relay_ip] + (["mark", str(fwmark)] if fwmark else [])
-        res = _run(*cmd)
-        if res is not None and res.returncode == 0:
-            findings.append(check_route_loop(res.stdout, ids.tun, relay_ip))
+        from masqued.host.routes import route_get
+
+        try:
+            dev: str | None = route_get(ipaddress.ip_address(relay_ip), mark=fwmark)[0]
+        except OSError:
+            dev = None
+        findings.append(check_route_loop(dev, ids.tun, relay_ip))
     return findings
 
 

@@ -184,8 +184,9 @@ class Netlink(Protocol):
 
     def rule_del(self, rule: Rule) -> None: ...
 
-    def route_get(self, addr: IPAddress) -> tuple[str, IPAddress | None]:
-        """The kernel's route decision for ``addr``: (device, gateway or None)."""
+    def route_get(self, addr: IPAddress, mark: int = 0) -> tuple[str, IPAddress | None]:
+        """The kernel's route decision for ``addr`` from a packet with fwmark ``mark``:
+        (device, gateway or None)."""
         ...
 
     def default_interface(self, family: int) -> str | None:
@@ -301,20 +302,37 @@ class FakeNetlink:
             raise OSError(errno.ENOENT, str(rule))
         self.rule_set.discard(rule)
 
-    def route_get(self, addr: IPAddress) -> tuple[str, IPAddress | None]:
+    def route_get(self, addr: IPAddress, mark: int = 0) -> tuple[str, IPAddress | None]:
+        """The kernel's decision, modelled: rules by priority (main alone when there
+        are none), fwmark selectors (``not`` inverts them), suppress_prefixlength."""
+        rules = sorted(
+            (r for r in self.rule_set if r.family == addr.version), key=lambda r: r.priority
+        ) or [Rule(addr.version, 32766, RT_TABLE_MAIN)]
+        for rule in rules:
+            if rule.fwmark is not None and (rule.fwmark == mark) == rule.invert:
+                continue
+            best = self._lookup(rule.table, addr)
+            if best is None:
+                continue
+            if rule.suppress_prefixlength is not None and (
+                best.dst.prefixlen <= rule.suppress_prefixlength
+            ):
+                continue
+            return best.dev, best.via
+        raise OSError(errno.ENETUNREACH, str(addr))
+
+    def _lookup(self, table: int, addr: IPAddress) -> Route | None:
         best: Route | None = None
         for e in self.route_entries:
             r = e.route
             if (
-                r.table == RT_TABLE_MAIN
+                r.table == table
                 and r.family == addr.version
                 and addr in r.dst
                 and (best is None or r.dst.prefixlen > best.dst.prefixlen)
             ):
                 best = r
-        if best is None:
-            raise OSError(errno.ENETUNREACH, str(addr))
-        return best.dev, best.via
+        return best
 
     def default_interface(self, family: int) -> str | None:
         for e in self.route_entries:
@@ -452,14 +470,17 @@ def default_interface(family: int, nl: Netlink | None = None) -> str | None:
         return real.default_interface(family)
 
 
-def route_get(addr: IPAddress, nl: Netlink | None = None) -> tuple[str, IPAddress | None]:
-    """(device, gateway or None) the kernel would use to reach ``addr`` now."""
+def route_get(
+    addr: IPAddress, nl: Netlink | None = None, mark: int = 0
+) -> tuple[str, IPAddress | None]:
+    """(device, gateway or None) the kernel would use to reach ``addr`` now, for a
+    packet with fwmark ``mark`` (the client's QUIC socket carries its instance's)."""
     if nl is not None:
-        return nl.route_get(addr)
+        return nl.route_get(addr, mark)
     from masqued.host.rtnetlink import RtNetlink
 
     with RtNetlink() as real:
-        return real.route_get(addr)
+        return real.route_get(addr, mark)
 
 
 # --------------------------------------------------------------------------- forwarding

@@ -96,6 +96,7 @@ RTA_GATEWAY = 5
 RTA_PRIORITY = 6
 RTA_MULTIPATH = 9
 RTA_TABLE = 15
+RTA_MARK = 16
 
 RTEXT_FILTER_SKIP_STATS = 1 << 3
 
@@ -220,9 +221,13 @@ def route_request(route: Route, oif: int | None, proto: int, scope: int) -> byte
     return body
 
 
-def route_get_request(addr: IPAddress) -> bytes:
+def route_get_request(addr: IPAddress, mark: int = 0) -> bytes:
+    """RTM_GETROUTE for ``addr`` as a packet carrying fwmark ``mark`` would be routed."""
     body = RTMSG.pack(_af(addr.version), addr.max_prefixlen, 0, 0, 0, 0, 0, 0, 0)
-    return body + attr(RTA_DST, addr.packed)
+    out = body + attr(RTA_DST, addr.packed)
+    if mark:
+        out += attr(RTA_MARK, struct.pack("=I", mark))
+    return out
 
 
 def rule_request(rule: Rule) -> bytes:
@@ -726,8 +731,8 @@ class RtNetlink:
 
     # ----------------------------------------------------------------- lookups
 
-    def route_get(self, addr: IPAddress) -> tuple[str, IPAddress | None]:
-        for msg in self._do(RTM_GETROUTE, route_get_request(addr)):
+    def route_get(self, addr: IPAddress, mark: int = 0) -> tuple[str, IPAddress | None]:
+        for msg in self._do(RTM_GETROUTE, route_get_request(addr, mark)):
             if msg.type == RTM_NEWROUTE:
                 r = parse_route(msg.body)
                 dev = self._name(r.oif) if r.oif is not None else ""

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import ipaddress
-import json
 import socket
 from pathlib import Path
 
@@ -230,13 +229,34 @@ def test_name_matching_with_wildcards(tmp_path: Path) -> None:
     assert not doctor.name_matches(c, "vpn.example")
 
 
-def test_route_loop() -> None:
-    out = json.dumps([{"dst": "198.18.1.1", "dev": "mq-c1"}])
-    loop = check_route_loop(out, "mq-c1", "198.18.1.1")
+def test_route_loop_from_the_kernels_decision() -> None:
+    """The route the tunnel socket's packets take to the relay, decided by the rules a
+    full-tunnel client installs (FakeNetlink models rule lookup and suppression)."""
+    import ipaddress
+
+    from masqued.host.naming import InstanceIds
+    from masqued.host.routes import FakeNetlink, Route, Router, Rule, client_state, route_get
+
+    ids = InstanceIds("c1")
+    nl = FakeNetlink()
+    for link in ("lo", "eth0", ids.tun):
+        nl.add_link(link)
+    nl.seed_route(Route(ipaddress.ip_network("198.18.1.0/24"), "eth0"), proto=2)
+    nl.seed_route(
+        Route(ipaddress.ip_network("0.0.0.0/0"), "eth0", via=ipaddress.ip_address("198.18.1.254"))
+    )
+    nl.seed_rule(Rule(4, 32766, 254))
+    relay = ipaddress.ip_address("198.18.9.9")  # reached through the default route
+    addresses = [ipaddress.ip_interface("198.18.200.7/32")]
+    full = [ipaddress.ip_network("0.0.0.0/0")]
+    Router(nl, ids).set(client_state(ids, full, addresses, ids.fwmark))
+    marked = route_get(relay, nl, mark=ids.fwmark)[0]
+    assert check_route_loop(marked, ids.tun, str(relay)).level == "ok"  # outside the tunnel
+    unmarked = route_get(relay, nl)[0]
+    assert unmarked == ids.tun  # everything else does go in
+    loop = check_route_loop(unmarked, ids.tun, str(relay))
     assert loop.level == "fail" and "routing loop" in loop.message
-    fine = check_route_loop(json.dumps([{"dst": "198.18.1.1", "dev": "eth0"}]), "mq-c1", "x")
-    assert fine.level == "ok"
-    assert check_route_loop("garbage", "mq-c1", "x").level == "warn"
+    assert check_route_loop(None, ids.tun, str(relay)).level == "warn"
 
 
 def test_probe_findings() -> None:
