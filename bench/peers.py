@@ -36,6 +36,7 @@ class Peer:
     tools: tuple[str, ...]
     processes: tuple[str, ...]  # /proc/PID/comm of the VPN's processes
     tcp4: bool
+    built: bool = False  # runs the wireguard-go that bench/wgbuild.py builds, first on PATH
 
 
 PEERS: tuple[Peer, ...] = (
@@ -47,6 +48,16 @@ PEERS: tuple[Peer, ...] = (
         ("wireguard-go", "wg", "iperf3"),
         ("wireguard-go",),
         True,
+    ),
+    Peer(
+        "wireguard-go-current",
+        "bench_wireguard.sh",
+        (),
+        (("TESTS", "tcpP4"),),
+        ("wireguard-go", "wg", "iperf3"),
+        ("wireguard-go",),
+        True,
+        built=True,
     ),
     Peer(
         "openvpn-udp",
@@ -86,17 +97,22 @@ def peers_dir() -> Path:
     return Path(env) if env else REPO.parent / "shared" / "bench-peers"
 
 
-def _which(tool: str) -> bool:
+def _search_path(bin_dir: Path | None) -> str:
+    path = os.environ.get("PATH", "")
+    return f"{bin_dir}{os.pathsep}{path}" if bin_dir is not None else path
+
+
+def _which(tool: str, bin_dir: Path | None = None) -> bool:
     return any(
-        os.access(Path(d) / tool, os.X_OK) for d in os.environ.get("PATH", "").split(os.pathsep)
+        os.access(Path(d) / tool, os.X_OK) for d in _search_path(bin_dir).split(os.pathsep)
     ) or any(os.access(Path(d) / tool, os.X_OK) for d in ("/usr/sbin", "/sbin"))
 
 
-def skip_reason(peer: Peer, directory: Path) -> str | None:
-    """Why ``peer`` cannot be measured here, or None."""
+def skip_reason(peer: Peer, directory: Path, bin_dir: Path | None = None) -> str | None:
+    """Why ``peer`` cannot be measured here, or None (``bin_dir``: first on its PATH)."""
     if not (directory / peer.script).is_file() or not (directory / "topo.sh").is_file():
         return f"{directory / peer.script} not found (set ${PEERS_ENV})"
-    missing = [t for t in peer.tools if not _which(t)]
+    missing = [t for t in peer.tools if not _which(t, bin_dir)]
     if missing:
         return f"not installed: {', '.join(missing)} (make bench-deps)"
     busy = [ns for ns in PERF_NAMESPACES if Path("/run/netns", ns).exists()]
@@ -118,6 +134,7 @@ class _RssWatcher(threading.Thread):
         super().__init__(daemon=True)
         self.names = names
         self.peak_kb: dict[str, int] = {}
+        self.executables: set[str] = set()
         self.stop_event = threading.Event()
 
     def _ns_inodes(self) -> dict[int, str]:
@@ -141,8 +158,12 @@ class _RssWatcher(threading.Thread):
                 role = inodes.get(os.stat(f"/proc/{entry}/ns/net").st_ino)
             except OSError:
                 continue
-            kb = vm_kb(int(entry), "VmHWM") if role else None
-            if role and kb is not None:
+            if not role:
+                continue
+            with contextlib.suppress(OSError):
+                self.executables.add(os.readlink(f"/proc/{entry}/exe"))
+            kb = vm_kb(int(entry), "VmHWM")
+            if kb is not None:
                 self.peak_kb[role] = max(self.peak_kb.get(role, 0), kb)
 
     def run(self) -> None:
@@ -154,6 +175,7 @@ def parse_output(text: str) -> dict[str, Any]:
     """The figures in a bench-peers script's output."""
     tcp1: list[float] = []
     tcp4: list[float] = []
+    retransmits: list[float] = []
     cpu: list[float] = []
     machine: list[float] = []
     ping_min: list[float] = []
@@ -166,6 +188,7 @@ def parse_output(text: str) -> dict[str, Any]:
         if m := _TCP.match(line):
             (tcp1 if m.group(1) == "tcp1" else tcp4).append(float(m.group(2)))
             if m.group(1) == "tcp1":
+                retransmits.append(float(m.group(5)))
                 if c := _PROC_CPU.search(line):
                     cpu.append(float(c.group(1)))
                 if c2 := _MACHINE_CPU.search(line):
@@ -186,6 +209,8 @@ def parse_output(text: str) -> dict[str, Any]:
         out["tcp1_mbps"] = summary(tcp1)
     if tcp4:
         out["tcp4_mbps"] = summary(tcp4)
+    if retransmits:
+        out["tcp1_retransmits"] = summary(retransmits)
     if cpu:
         out["cpu_pct"] = summary(cpu)
     if machine:
@@ -213,10 +238,26 @@ def _teardown(directory: Path) -> None:
 
 
 def run_peer(
-    peer: Peer, directory: Path, seconds: float, runs: int, timeout: float, log: Path
+    peer: Peer,
+    directory: Path,
+    seconds: float,
+    runs: int,
+    timeout: float,
+    log: Path,
+    bin_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Run one bench-peers script; return its figures (``status`` ok or failed)."""
-    env = {**os.environ, "RUNS": str(runs), "BENCH_T": f"{seconds:g}", **dict(peer.env)}
+    """Run one bench-peers script; return its figures (``status`` ok or failed).
+
+    ``bin_dir`` goes first on the script's PATH; then every VPN process seen must have
+    been started from it, or the run counts as failed (it measured another build).
+    """
+    env = {
+        **os.environ,
+        "RUNS": str(runs),
+        "BENCH_T": f"{seconds:g}",
+        **dict(peer.env),
+        "PATH": _search_path(bin_dir),
+    }
     watcher = _RssWatcher(peer.processes)
     started = time.monotonic()
     proc = subprocess.Popen(
@@ -258,12 +299,25 @@ def run_peer(
     result["script"] = f"{peer.script} {' '.join(peer.args)}".strip()
     if watcher.peak_kb:
         result["peak_rss_mb"] = {k: v / 1024 for k, v in watcher.peak_kb.items()}
+    result["executables"] = sorted(watcher.executables)
+    foreign = _foreign(watcher.executables, bin_dir, peer.processes)
     if not clean:
         result["status"] = "failed"
         result["note"] = f"timed out after {timeout:.0f}s"
     elif "tcp1_mbps" not in result:
         result["status"] = "failed"
         result["note"] = result.get("failure") or f"no figures (exit {proc.returncode})"
+    elif foreign:
+        result["status"] = "failed"
+        result["note"] = f"ran {', '.join(foreign)}, not the binary in {bin_dir}"
     else:
         result["status"] = "ok"
     return result
+
+
+def _foreign(executables: set[str], bin_dir: Path | None, names: tuple[str, ...]) -> list[str]:
+    """The VPN executables seen that are not in ``bin_dir`` (none to check without it)."""
+    if bin_dir is None:
+        return []
+    wanted = {os.path.realpath(bin_dir / n) for n in names}
+    return sorted(e for e in executables if os.path.realpath(e) not in wanted)
