@@ -1,5 +1,7 @@
-"""The peer VPNs (wireguard-go, OpenVPN UDP/TCP), measured by calling the scripts in
-``../shared/bench-peers/`` (``$MASQUED_BENCH_PEERS``), which are not part of this project.
+"""The peer VPNs (wireguard-go: Debian's and the current release; OpenVPN UDP/TCP), measured
+by calling the scripts in ``../shared/bench-peers/`` (``$MASQUED_BENCH_PEERS``), which are
+not part of this project. The current wireguard-go is ``bench_wireguard.sh`` again, with
+the binary bench/wgbuild.py built first on its PATH.
 
 Those scripts build their own ``perf-*`` namespaces, run iperf3 TCP and ping through the
 tunnel, print one line per run and delete what they create. We parse their lines and, while

@@ -1,11 +1,11 @@
 """``python -m bench``: the whole benchmark in one go (issue 8).
 
-Order: the direct routed path, masqued stream mode, masqued datagram mode (when
-``masqued check`` accepts ``transport = "datagram"``), the relay with 1/10/50 clients,
-then the peer VPNs through the bench-peers scripts (last: their own quiet.sh may wait
-for an idle machine, which must not starve masqued's own figures of time). Prints the
-tables, writes ``bench/results/<date>-<commit>.json`` and renders them into
-``bench/README.md``.
+Order: the current wireguard-go's build (cached; before the time budget starts), the
+direct routed path, masqued stream mode, masqued datagram mode (when ``masqued check``
+accepts ``transport = "datagram"``), the peer VPNs through the bench-peers scripts
+(their own quiet.sh may wait for an idle machine), then the relay with 1/10/50 clients
+and with 1 and 2 workers. Prints the tables, writes
+``bench/results/<date>-<commit>.json`` and renders them into ``bench/README.md``.
 ``--smoke`` runs the same code with very short durations and writes nothing into the
 repository. Every section is bounded; a global time budget skips what would not fit.
 """

@@ -185,7 +185,9 @@ def ensure_built(
                 "failed",
                 version=version,
                 go_installed=GO.exists() and not had_go,
-                note=f"build.sh exit {returncode}, version {version}: {tail[0][:200]}",
+                note=f"build.sh exit {returncode}"
+                + (f", made {version!r}" if version else "")
+                + f": {tail[0][:200]}",
                 log=str(build_log),
             )
         shutil.rmtree(entry, ignore_errors=True)
