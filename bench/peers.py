@@ -14,8 +14,10 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shlex
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -247,12 +249,53 @@ def run_peer(
     timeout: float,
     log: Path,
     bin_dir: Path | None = None,
+    quiet_wait: float | None = None,
 ) -> dict[str, Any]:
     """Run one bench-peers script; return its figures (``status`` ok or failed).
 
     ``bin_dir`` goes first on the script's PATH; then every VPN process seen must have
     been started from it, or the run counts as failed (it measured another build).
+    ``quiet_wait``: the most seconds the script's quiet.sh may wait for an idle machine
+    (its own call asks for 120).
     """
+    if quiet_wait is not None:
+        with tempfile.TemporaryDirectory(prefix="masqued-bench-peers-") as tmp:
+            overlay = quiet_capped(directory, Path(tmp), quiet_wait)
+            return _run_peer(peer, overlay, directory, seconds, runs, timeout, log, bin_dir)
+    return _run_peer(peer, directory, directory, seconds, runs, timeout, log, bin_dir)
+
+
+def quiet_capped(directory: Path, into: Path, wait: float) -> Path:
+    """``into`` made a view of ``directory`` whose quiet.sh waits at most ``wait`` s.
+
+    The scripts find their helpers next to themselves (``D=$(dirname $0)``), so links to
+    every script but quiet.sh, plus a quiet.sh that runs the real one with the wait
+    capped, make them use the cap without a copy or a change of theirs.
+    """
+    for script in directory.glob("*.sh"):
+        if script.name != "quiet.sh":
+            (into / script.name).symlink_to(script)
+    real = directory / "quiet.sh"
+    (into / "quiet.sh").write_text(
+        "#!/usr/bin/env bash\n"
+        f"# {real}, waiting at most {wait:g} s (written by masqued's bench/peers.py)\n"
+        f'w=${{2:-600}}; (( w > {wait:.0f} )) && w={wait:.0f}\n'
+        f'exec bash {shlex.quote(str(real))} "${{1:-10}}" "$w"\n'
+    )
+    (into / "quiet.sh").chmod(0o755)
+    return into
+
+
+def _run_peer(
+    peer: Peer,
+    scripts: Path,
+    directory: Path,
+    seconds: float,
+    runs: int,
+    timeout: float,
+    log: Path,
+    bin_dir: Path | None,
+) -> dict[str, Any]:
     env = {
         **os.environ,
         "RUNS": str(runs),
@@ -263,7 +306,7 @@ def run_peer(
     watcher = _RssWatcher(peer.processes)
     started = time.monotonic()
     proc = subprocess.Popen(
-        ["bash", str(directory / peer.script), *peer.args],
+        ["bash", str(scripts / peer.script), *peer.args],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,

@@ -430,7 +430,13 @@ def render(result: dict[str, Any]) -> str:
         f"Medians [min-max] of {s.get('repeats')} repeats; iperf3 TCP {s.get('tcp_seconds'):g} s, "
         f"UDP {s.get('udp_seconds'):g} s with {s.get('udp_payload')}-byte payloads, "
         f"{s.get('ping_count')} pings every 10 ms, masqued tunnel MTU {s.get('mtu')}; "
-        f"peers via bench-peers scripts ({s.get('peer_seconds'):g} s runs). "
+        f"peers via bench-peers scripts ({s.get('peer_seconds'):g} s runs"
+        + (
+            f"; their quiet.sh waited at most {s['peer_quiet_wait_s']:g} s"
+            if s.get("peer_quiet_wait_s") is not None
+            else ""
+        )
+        + "). "
         "CPU % = the VPN's own processes, both ends (100 = one core).",
         *_paragraphs(peers_line(result), host_reference_line(result)),
         "",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +27,8 @@ def test_trend_table_has_a_row_per_stored_run_with_its_figures(tmp_path: Path) -
     stream = result["paths"]["masqued-stream"]["tcp1_mbps"]["median"]
     assert f"| {stream:.0f} |" in last
     met = sum(1 for t in result["targets"] if t["met"])
-    assert last.endswith(f"| {met}/{len(result['targets'])} |")
+    judged = sum(1 for t in result["targets"] if t["met"] is not None)  # not the reported
+    assert last.endswith(f"| {met}/{judged} |")
     # The README block is replaced in place, not appended again.
     readme = tmp_path / "README.md"
     readme.write_text("# bench\n")
@@ -200,3 +202,23 @@ def test_python_loop_reference_is_a_summary_in_ms() -> None:
     r = measure.python_loop_ms(repeats=3, iterations=1000)
     assert r["n"] == 3 and r["iterations"] == 1000
     assert 0 < r["min"] <= r["median"] <= r["max"]
+
+
+def test_peer_scripts_run_with_quiet_sh_wait_capped(tmp_path: Path) -> None:
+    real = tmp_path / "peers"
+    real.mkdir()
+    (real / "quiet.sh").write_text('echo "busy=3% max=$1 wait=$2"\n')
+    (real / "bench_x.sh").write_text(
+        'D=$(cd "$(dirname "$0")" && pwd); echo "pre-run $($D/quiet.sh 10 120)"\n'
+    )
+    (tmp_path / "view").mkdir()
+    view = peers.quiet_capped(real, tmp_path / "view", 20)
+    assert (view / "bench_x.sh").resolve() == real / "bench_x.sh"
+    run = subprocess.run(
+        ["bash", str(view / "bench_x.sh")], capture_output=True, text=True, check=True
+    )
+    assert run.stdout == "pre-run busy=3% max=10 wait=20\n"
+    short = subprocess.run(
+        [str(view / "quiet.sh"), "5", "3"], capture_output=True, text=True, check=True
+    )
+    assert short.stdout == "busy=3% max=5 wait=3\n"  # a shorter wait is kept
