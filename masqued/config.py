@@ -234,6 +234,10 @@ _TOML_TYPES: tuple[tuple[type, str], ...] = (
 _LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 
 
+# Characters str.splitlines() breaks at, shown escaped in error messages.
+_LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"}
+
+
 def _show(value: object) -> str:
     """A value for an error message: repr, cut short."""
     tname = next(
@@ -341,6 +345,8 @@ class _Reader:
         self.errors: list[str] = []
 
     def error(self, key: str, what: str) -> None:
+        # One line per problem, whatever a value held (a file name with a newline).
+        what = what.translate(_LINE_BREAKS)
         self.errors.append(f"{key}: {what}" if key else what)
 
     def has(self, key: str) -> bool:

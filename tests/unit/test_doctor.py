@@ -28,7 +28,7 @@ from masqued.doctor import (
 )
 from masqued.host.naming import InstanceIds
 from masqued.host.nat import iptables_rules, nft_ruleset
-from tests.unit.test_transport import Relay
+from tests.inproc import Relay
 
 IDS = InstanceIds("relay")
 POOL = (ipaddress.ip_network("198.18.200.0/24"), ipaddress.ip_network("2001:db8:200::/64"))

@@ -22,7 +22,7 @@ from masqued.host.naming import InstanceIds
 from masqued.host.nat import FakeNat
 from masqued.proto.packet import build_udp
 from masqued.status import StatusService, compute_rates, parse_nat_description, render_text
-from tests.unit.test_transport import Client, Relay, until
+from tests.inproc import Client, Relay, until
 
 REPO = Path(__file__).resolve().parents[2]
 SCHEMA = json.loads((REPO / "docs" / "status.schema.json").read_text())
