@@ -242,7 +242,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def build_peers(sections: set[str], wanted: list[str]) -> wgbuild.Build | None:
     """Build (or find cached) the binary of the peers that need one, before the clock
-    starts: a cold build takes about 40 s here and must not eat the measurements' budget."""
+    starts: a cold build (Go's install included) must not eat the measurements' budget."""
     if "peers" not in sections or not any(p.built and p.name in wanted for p in peers.PEERS):
         return None
     log("== wireguard-go-current: bench-peers' build.sh, cached per source archive")
