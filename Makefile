@@ -53,7 +53,8 @@ bench-deps:
 bench: deps venv bench-deps
 	$(PY) -m bench
 
-## bench-smoke: the same harness with very short runs (CI keeps it working; writes no results)
+## bench-smoke: the same harness with very short runs (CI keeps it working, the current
+## wireguard-go's build included: bench/README.md; writes no results)
 bench-smoke: deps venv bench-deps
 	$(PY) -m bench --smoke
 

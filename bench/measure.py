@@ -12,6 +12,7 @@ import re
 import statistics
 import subprocess
 import time
+import timeit
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -137,6 +138,33 @@ def wait_quiet(max_busy: float, max_wait: float) -> float:
         busy = machine_busy()
         if busy <= max_busy or time.monotonic() >= deadline:
             return busy
+
+
+# -- host speed reference ---------------------------------------------------------------
+
+REFERENCE_LOOP_ITERATIONS = 200_000
+
+
+def _reference_loop(iterations: int) -> int:
+    # The kind of interpreter work the daemons do per packet: slicing bytes, dict
+    # look-ups, int arithmetic. Fixed, so its time tells only how fast this host runs
+    # Python right now (CPU model, clock, other tenants), not anything of masqued.
+    table = {i: (i * 7) & 0xFF for i in range(256)}
+    data = bytes(range(256)) * 8
+    total = 0
+    for i in range(iterations):
+        off = i & 1023
+        chunk = data[off : off + 16]
+        total = (total + table[chunk[0]] + len(chunk)) & 0xFFFFFFFF
+    return total
+
+
+def python_loop_ms(repeats: int = 7, iterations: int = REFERENCE_LOOP_ITERATIONS) -> dict[str, Any]:
+    """Wall time in ms of one fixed pure-Python loop, ``repeats`` times (garbage collector
+    off, as ``timeit`` does). Its min is the host-speed reference of a run: lower = a
+    faster host state; the spread shows how disturbed the host was."""
+    times = timeit.repeat(lambda: _reference_loop(iterations), number=1, repeat=repeats)
+    return {**summary([t * 1000 for t in times]), "iterations": iterations}
 
 
 # -- traffic ----------------------------------------------------------------------------

@@ -1,5 +1,7 @@
-"""The peer VPNs (wireguard-go, OpenVPN UDP/TCP), measured by calling the scripts in
-``../shared/bench-peers/`` (``$MASQUED_BENCH_PEERS``), which are not part of this project.
+"""The peer VPNs (wireguard-go: Debian's and the current release; OpenVPN UDP/TCP), measured
+by calling the scripts in ``../shared/bench-peers/`` (``$MASQUED_BENCH_PEERS``), which are
+not part of this project. The current wireguard-go is ``bench_wireguard.sh`` again, with
+the binary bench/wgbuild.py built first on its PATH.
 
 Those scripts build their own ``perf-*`` namespaces, run iperf3 TCP and ping through the
 tunnel, print one line per run and delete what they create. We parse their lines and, while
@@ -12,8 +14,10 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shlex
 import signal
 import subprocess
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -36,6 +40,7 @@ class Peer:
     tools: tuple[str, ...]
     processes: tuple[str, ...]  # /proc/PID/comm of the VPN's processes
     tcp4: bool
+    built: bool = False  # runs the wireguard-go that bench/wgbuild.py builds, first on PATH
 
 
 PEERS: tuple[Peer, ...] = (
@@ -47,6 +52,16 @@ PEERS: tuple[Peer, ...] = (
         ("wireguard-go", "wg", "iperf3"),
         ("wireguard-go",),
         True,
+    ),
+    Peer(
+        "wireguard-go-current",
+        "bench_wireguard.sh",
+        (),
+        (("TESTS", "tcpP4"),),
+        ("wireguard-go", "wg", "iperf3"),
+        ("wireguard-go",),
+        True,
+        built=True,
     ),
     Peer(
         "openvpn-udp",
@@ -86,17 +101,22 @@ def peers_dir() -> Path:
     return Path(env) if env else REPO.parent / "shared" / "bench-peers"
 
 
-def _which(tool: str) -> bool:
+def _search_path(bin_dir: Path | None) -> str:
+    path = os.environ.get("PATH", "")
+    return f"{bin_dir}{os.pathsep}{path}" if bin_dir is not None else path
+
+
+def _which(tool: str, bin_dir: Path | None = None) -> bool:
     return any(
-        os.access(Path(d) / tool, os.X_OK) for d in os.environ.get("PATH", "").split(os.pathsep)
+        os.access(Path(d) / tool, os.X_OK) for d in _search_path(bin_dir).split(os.pathsep)
     ) or any(os.access(Path(d) / tool, os.X_OK) for d in ("/usr/sbin", "/sbin"))
 
 
-def skip_reason(peer: Peer, directory: Path) -> str | None:
-    """Why ``peer`` cannot be measured here, or None."""
+def skip_reason(peer: Peer, directory: Path, bin_dir: Path | None = None) -> str | None:
+    """Why ``peer`` cannot be measured here, or None (``bin_dir``: first on its PATH)."""
     if not (directory / peer.script).is_file() or not (directory / "topo.sh").is_file():
         return f"{directory / peer.script} not found (set ${PEERS_ENV})"
-    missing = [t for t in peer.tools if not _which(t)]
+    missing = [t for t in peer.tools if not _which(t, bin_dir)]
     if missing:
         return f"not installed: {', '.join(missing)} (make bench-deps)"
     busy = [ns for ns in PERF_NAMESPACES if Path("/run/netns", ns).exists()]
@@ -118,6 +138,7 @@ class _RssWatcher(threading.Thread):
         super().__init__(daemon=True)
         self.names = names
         self.peak_kb: dict[str, int] = {}
+        self.executables: set[str] = set()
         self.stop_event = threading.Event()
 
     def _ns_inodes(self) -> dict[int, str]:
@@ -141,8 +162,12 @@ class _RssWatcher(threading.Thread):
                 role = inodes.get(os.stat(f"/proc/{entry}/ns/net").st_ino)
             except OSError:
                 continue
-            kb = vm_kb(int(entry), "VmHWM") if role else None
-            if role and kb is not None:
+            if not role:
+                continue
+            with contextlib.suppress(OSError):
+                self.executables.add(os.readlink(f"/proc/{entry}/exe"))
+            kb = vm_kb(int(entry), "VmHWM")
+            if kb is not None:
                 self.peak_kb[role] = max(self.peak_kb.get(role, 0), kb)
 
     def run(self) -> None:
@@ -154,6 +179,7 @@ def parse_output(text: str) -> dict[str, Any]:
     """The figures in a bench-peers script's output."""
     tcp1: list[float] = []
     tcp4: list[float] = []
+    retransmits: list[float] = []
     cpu: list[float] = []
     machine: list[float] = []
     ping_min: list[float] = []
@@ -166,6 +192,7 @@ def parse_output(text: str) -> dict[str, Any]:
         if m := _TCP.match(line):
             (tcp1 if m.group(1) == "tcp1" else tcp4).append(float(m.group(2)))
             if m.group(1) == "tcp1":
+                retransmits.append(float(m.group(5)))
                 if c := _PROC_CPU.search(line):
                     cpu.append(float(c.group(1)))
                 if c2 := _MACHINE_CPU.search(line):
@@ -186,6 +213,8 @@ def parse_output(text: str) -> dict[str, Any]:
         out["tcp1_mbps"] = summary(tcp1)
     if tcp4:
         out["tcp4_mbps"] = summary(tcp4)
+    if retransmits:
+        out["tcp1_retransmits"] = summary(retransmits)
     if cpu:
         out["cpu_pct"] = summary(cpu)
     if machine:
@@ -213,14 +242,71 @@ def _teardown(directory: Path) -> None:
 
 
 def run_peer(
-    peer: Peer, directory: Path, seconds: float, runs: int, timeout: float, log: Path
+    peer: Peer,
+    directory: Path,
+    seconds: float,
+    runs: int,
+    timeout: float,
+    log: Path,
+    bin_dir: Path | None = None,
+    quiet_wait: float | None = None,
 ) -> dict[str, Any]:
-    """Run one bench-peers script; return its figures (``status`` ok or failed)."""
-    env = {**os.environ, "RUNS": str(runs), "BENCH_T": f"{seconds:g}", **dict(peer.env)}
+    """Run one bench-peers script; return its figures (``status`` ok or failed).
+
+    ``bin_dir`` goes first on the script's PATH; then every VPN process seen must have
+    been started from it, or the run counts as failed (it measured another build).
+    ``quiet_wait``: the most seconds the script's quiet.sh may wait for an idle machine
+    (its own call asks for 120).
+    """
+    if quiet_wait is not None:
+        with tempfile.TemporaryDirectory(prefix="masqued-bench-peers-") as tmp:
+            overlay = quiet_capped(directory, Path(tmp), quiet_wait)
+            return _run_peer(peer, overlay, directory, seconds, runs, timeout, log, bin_dir)
+    return _run_peer(peer, directory, directory, seconds, runs, timeout, log, bin_dir)
+
+
+def quiet_capped(directory: Path, into: Path, wait: float) -> Path:
+    """``into`` made a view of ``directory`` whose quiet.sh waits at most ``wait`` s.
+
+    The scripts find their helpers next to themselves (``D=$(dirname $0)``), so links to
+    every script but quiet.sh, plus a quiet.sh that runs the real one with the wait
+    capped, make them use the cap without a copy or a change of theirs.
+    """
+    for script in directory.glob("*.sh"):
+        if script.name != "quiet.sh":
+            (into / script.name).symlink_to(script)
+    real = directory / "quiet.sh"
+    (into / "quiet.sh").write_text(
+        "#!/usr/bin/env bash\n"
+        f"# {real}, waiting at most {wait:g} s (written by masqued's bench/peers.py)\n"
+        f'w=${{2:-600}}; (( w > {wait:.0f} )) && w={wait:.0f}\n'
+        f'exec bash {shlex.quote(str(real))} "${{1:-10}}" "$w"\n'
+    )
+    (into / "quiet.sh").chmod(0o755)
+    return into
+
+
+def _run_peer(
+    peer: Peer,
+    scripts: Path,
+    directory: Path,
+    seconds: float,
+    runs: int,
+    timeout: float,
+    log: Path,
+    bin_dir: Path | None,
+) -> dict[str, Any]:
+    env = {
+        **os.environ,
+        "RUNS": str(runs),
+        "BENCH_T": f"{seconds:g}",
+        **dict(peer.env),
+        "PATH": _search_path(bin_dir),
+    }
     watcher = _RssWatcher(peer.processes)
     started = time.monotonic()
     proc = subprocess.Popen(
-        ["bash", str(directory / peer.script), *peer.args],
+        ["bash", str(scripts / peer.script), *peer.args],
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -258,12 +344,25 @@ def run_peer(
     result["script"] = f"{peer.script} {' '.join(peer.args)}".strip()
     if watcher.peak_kb:
         result["peak_rss_mb"] = {k: v / 1024 for k, v in watcher.peak_kb.items()}
+    result["executables"] = sorted(watcher.executables)
+    foreign = _foreign(watcher.executables, bin_dir, peer.processes)
     if not clean:
         result["status"] = "failed"
         result["note"] = f"timed out after {timeout:.0f}s"
     elif "tcp1_mbps" not in result:
         result["status"] = "failed"
         result["note"] = result.get("failure") or f"no figures (exit {proc.returncode})"
+    elif foreign:
+        result["status"] = "failed"
+        result["note"] = f"ran {', '.join(foreign)}, not the binary in {bin_dir}"
     else:
         result["status"] = "ok"
     return result
+
+
+def _foreign(executables: set[str], bin_dir: Path | None, names: tuple[str, ...]) -> list[str]:
+    """The VPN executables seen that are not in ``bin_dir`` (none to check without it)."""
+    if bin_dir is None:
+        return []
+    wanted = {os.path.realpath(bin_dir / n) for n in names}
+    return sorted(e for e in executables if os.path.realpath(e) not in wanted)

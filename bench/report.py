@@ -11,8 +11,13 @@ README_BEGIN = "<!-- bench:latest:begin -->"
 README_END = "<!-- bench:latest:end -->"
 
 MASQUED_PATHS = ("masqued-stream", "masqued-datagram")
-REFERENCE_PATHS = ("direct", "wireguard-go", "openvpn-udp", "openvpn-tcp")
-PATH_ORDER = ("direct", *MASQUED_PATHS, "wireguard-go", "openvpn-udp", "openvpn-tcp")
+PEER_PATHS = ("wireguard-go", "wireguard-go-current", "openvpn-udp", "openvpn-tcp")
+REFERENCE_PATHS = ("direct", *PEER_PATHS)
+PATH_ORDER = ("direct", *MASQUED_PATHS, *PEER_PATHS)
+# The userspace VPN a user would pick today (issue 22): its ratios are reported among
+# the targets, not judged.
+CURRENT_WG = "wireguard-go-current"
+REPORTED = "reported (issue 22)"
 
 
 def _med(s: Any) -> float | None:
@@ -27,6 +32,11 @@ def _get(d: Any, *keys: str) -> Any:
             return None
         d = d.get(k)
     return d
+
+
+def median_of(d: Any, *keys: str) -> float | None:
+    """The median of the summary at ``d[keys...]``, or None."""
+    return _med(_get(d, *keys))
 
 
 def _num(v: float, digits: int) -> str:
@@ -131,6 +141,13 @@ def check_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
             t = row.get("connect_all_s")
             ok = None if t is None else (t <= 10 and row.get("connected") == 50)
             add("50 clients connect at once, s", t, "<= 10", ok)
+    for m in MASQUED_PATHS:
+        row = ratios.get(f"{m} vs {CURRENT_WG}")
+        if row is None:
+            continue
+        short = m.removeprefix("masqued-")
+        add(f"{short} TCP 1 stream / {CURRENT_WG}", row.get("tcp1"), REPORTED, None)
+        add(f"{short} CPU per Mbit/s / {CURRENT_WG}", row.get("cpu_per_mbit"), REPORTED, None)
     return rows
 
 
@@ -347,6 +364,56 @@ def targets_table(targets: list[dict[str, Any]]) -> str:
     return _table(["target (issue 8)", "this run", "goal", "met"], rows)
 
 
+def host_reference_line(result: dict[str, Any]) -> str:
+    """The host-speed reference of a run, in one sentence (or "" for runs without one)."""
+    loop = _get(result, "host_reference", "python_loop_ms") or {}
+    start, end = loop.get("start"), loop.get("end")
+    if not isinstance(start, dict) or not start.get("n"):
+        return ""
+    text = (
+        f"Host speed reference: a fixed pure-Python loop ({start.get('iterations', 0):,}"
+        f" iterations) took {start['min']:.1f} ms at the start"
+    )
+    if isinstance(end, dict) and end.get("n"):
+        text += f", {end['min']:.1f} ms at the end"
+    text += f" (best of {start['n']}; lower = a faster host state)"
+    direct = _get(result, "host_reference", "direct_tcp1_mbps")
+    if direct is not None:
+        text += f"; direct path TCP 1 stream {direct:.0f} Mbit/s"
+    return text + "."
+
+
+def peers_line(result: dict[str, Any]) -> str:
+    """Which builds of the peers were measured."""
+    v = result.get("versions") or {}
+    parts = []
+    if v.get("wireguard-go"):
+        parts.append(f"wireguard-go is Debian's package ({v['wireguard-go']})")
+    build = _get(result, "builds", CURRENT_WG)
+    if isinstance(build, dict):
+        if build.get("status") in ("cached", "built"):
+            how = (
+                f"built in {build.get('seconds', 0):.0f} s"
+                if build["status"] == "built"
+                else "cached"
+            )
+            parts.append(
+                f"{CURRENT_WG} is {build.get('version')}, built by bench-peers' build.sh"
+                f" from {build.get('archive')} (sha256 {str(build.get('archive_sha256'))[:16]};"
+                f" {how})"
+            )
+        else:
+            parts.append(f"{CURRENT_WG}: build failed ({build.get('note')})")
+    if v.get("openvpn"):
+        parts.append(" ".join(str(v["openvpn"]).split()[:2]))
+    return ("Peers: " + "; ".join(parts) + ".") if parts else ""
+
+
+def _paragraphs(*lines: str) -> list[str]:
+    """Each non-empty line after a blank one."""
+    return [x for line in lines if line for x in ("", line)]
+
+
 def render(result: dict[str, Any]) -> str:
     """The whole report as Markdown."""
     s = result.get("settings", {})
@@ -363,8 +430,15 @@ def render(result: dict[str, Any]) -> str:
         f"Medians [min-max] of {s.get('repeats')} repeats; iperf3 TCP {s.get('tcp_seconds'):g} s, "
         f"UDP {s.get('udp_seconds'):g} s with {s.get('udp_payload')}-byte payloads, "
         f"{s.get('ping_count')} pings every 10 ms, masqued tunnel MTU {s.get('mtu')}; "
-        f"peers via bench-peers scripts ({s.get('peer_seconds'):g} s runs). "
+        f"peers via bench-peers scripts ({s.get('peer_seconds'):g} s runs"
+        + (
+            f"; their quiet.sh waited at most {s['peer_quiet_wait_s']:g} s"
+            if s.get("peer_quiet_wait_s") is not None
+            else ""
+        )
+        + "). "
         "CPU % = the VPN's own processes, both ends (100 = one core).",
+        *_paragraphs(peers_line(result), host_reference_line(result)),
         "",
         "**Paths**",
         "",
@@ -433,17 +507,23 @@ def trend_table(results: list[tuple[str, dict[str, Any]]]) -> str:
         met = sum(1 for t in targets if t.get("met"))
         judged = sum(1 for t in targets if t.get("met") is not None)
         kernel = str(r.get("machine", {}).get("kernel", ""))
+        loop = _get(r, "host_reference", "python_loop_ms") or {}
+        best = [_get(loop, k, "min") for k in ("start", "end")]
         rows.append(
             [
                 f"[{str(r.get('date', ''))[:16]}](results/{name})",
                 str(r.get("commit_short", "")),
                 kernel.rsplit("-", 1)[-1] if kernel else "—",
+                " / ".join(num(b, 1) for b in best if b is not None) or "—",
                 num(med("direct", "tcp1_mbps", data=paths)),
                 num(med("masqued-stream", "tcp1_mbps", data=paths)),
                 num(med("masqued-datagram", "tcp1_mbps", data=paths)),
                 num(med("wireguard-go", "tcp1_mbps", data=paths)),
+                num(med(CURRENT_WG, "tcp1_mbps", data=paths)),
                 num(med("openvpn-udp", "tcp1_mbps", data=paths)),
                 num(_get(ratios, "masqued-stream vs openvpn-udp", "tcp1"), 2),
+                num(_get(ratios, f"masqued-stream vs {CURRENT_WG}", "tcp1"), 2),
+                num(_get(ratios, f"masqued-datagram vs {CURRENT_WG}", "tcp1"), 2),
                 num(_get(ratios, "masqued-stream vs direct", "added_rtt_ms"), 2),
                 num(_get(ratios, "masqued-datagram vs direct", "added_rtt_ms"), 2),
                 num(med("masqued-stream", "ping_loaded", "p99_ms", data=paths), 1),
@@ -455,12 +535,16 @@ def trend_table(results: list[tuple[str, dict[str, Any]]]) -> str:
         "run",
         "commit",
         "host kernel",
+        "Python loop, ms (start / end)",
         "direct",
         "stream",
         "datagram",
-        "wireguard-go",
+        "wireguard-go (Debian)",
+        "wireguard-go-current",
         "OpenVPN-UDP",
         "stream / OpenVPN-UDP",
+        "stream / wireguard-go-current",
+        "datagram / wireguard-go-current",
         "added RTT stream, ms",
         "added RTT datagram, ms",
         "stream p99 under load, ms",
@@ -480,7 +564,9 @@ def update_trend(readme: Path, results_dir: Path) -> None:
             continue
     block = (
         f"{TREND_BEGIN}\nTCP single stream medians in Mbit/s; every run stored in `results/`"
-        " (`python -m bench --render` re-renders this table).\n\n"
+        " (`python -m bench --render` re-renders this table). Host speed reference: the"
+        " fixed pure-Python loop's best time at the run's start and end (lower = a faster"
+        " host state; runs before it was recorded show —) and the direct path.\n\n"
         f"{trend_table(runs)}\n{TREND_END}"
     )
     _replace_block(readme, TREND_BEGIN, TREND_END, block, "All runs")

@@ -1,11 +1,11 @@
 """``python -m bench``: the whole benchmark in one go (issue 8).
 
-Order: the direct routed path, masqued stream mode, masqued datagram mode (when
-``masqued check`` accepts ``transport = "datagram"``), the relay with 1/10/50 clients,
-then the peer VPNs through the bench-peers scripts (last: their own quiet.sh may wait
-for an idle machine, which must not starve masqued's own figures of time). Prints the
-tables, writes ``bench/results/<date>-<commit>.json`` and renders them into
-``bench/README.md``.
+Order: the current wireguard-go's build (cached; before the time budget starts), the
+direct routed path, masqued stream mode, masqued datagram mode (when ``masqued check``
+accepts ``transport = "datagram"``), the peer VPNs through the bench-peers scripts
+(their own quiet.sh may wait for an idle machine), then the relay with 1/10/50 clients
+and with 1 and 2 workers. Prints the tables, writes
+``bench/results/<date>-<commit>.json`` and renders them into ``bench/README.md``.
 ``--smoke`` runs the same code with very short durations and writes nothing into the
 repository. Every section is bounded; a global time budget skips what would not fit.
 """
@@ -32,15 +32,17 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
-from bench import cores, peers, report, scale
+from bench import cores, peers, report, scale, wgbuild
 from bench.lab import REPO, sh, sweep_stale
-from bench.measure import NCPU, wait_quiet
+from bench.measure import NCPU, python_loop_ms, wait_quiet
 from bench.paths import Settings, datagram_supported, measure_path
 
 RESULTS = REPO / "bench" / "results"
 README = REPO / "bench" / "README.md"
 LOCK = Path("/run/lock/masqued-bench.lock")
 QUIET_BUSY_PCT = 15.0
+# CI runs the smoke: both wireguard-go builds, so the current one's build cannot rot.
+SMOKE_PEERS = ("wireguard-go", "wireguard-go-current")
 
 FULL = Settings(
     tcp_seconds=5,
@@ -55,6 +57,7 @@ FULL = Settings(
     scale_seconds=5,
     cores_clients=8,
     peer_seconds=5,
+    peer_quiet_wait_s=20,
     budget_s=570,  # + make's own checks and the 60 s quiet wait stay inside 10 minutes
 )
 SMOKE = Settings(
@@ -70,6 +73,7 @@ SMOKE = Settings(
     scale_seconds=1,
     cores_clients=2,
     peer_seconds=1,
+    peer_quiet_wait_s=5,
     budget_s=170,
 )
 
@@ -143,13 +147,15 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def versions() -> dict[str, Any]:
+def versions(build: wgbuild.Build | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"python": platform.python_version()}
     for dist in ("aioquic", "cryptography", "uvloop"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             out[dist] = importlib.metadata.version(dist)
     out["iperf3"] = _first_line("iperf3", "--version")
     out["wireguard-go"] = _first_line("wireguard-go", "--version")
+    if build is not None and build.ok:
+        out["wireguard-go-current"] = build.version
     out["openvpn"] = _first_line("openvpn", "--version")
     return out
 
@@ -175,7 +181,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--peers",
         help=f"comma list of {','.join(peers.PEER_NAMES)} or 'none' "
-        "(default all; smoke: wireguard-go)",
+        "(default all; smoke: wireguard-go,wireguard-go-current)",
     )
     p.add_argument("--scale", help="client counts, e.g. 1,10,50")
     p.add_argument(
@@ -224,7 +230,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.peers:
         wanted = [] if args.peers == "none" else args.peers.split(",")
     else:
-        wanted = ["wireguard-go"] if args.smoke else list(peers.PEER_NAMES)
+        wanted = list(SMOKE_PEERS) if args.smoke else list(peers.PEER_NAMES)
     unknown = set(wanted) - set(peers.PEER_NAMES)
     if unknown:
         log(f"bench: unknown peer(s): {', '.join(sorted(unknown))}")
@@ -234,9 +240,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _run(args, settings, sections, wanted)
 
 
+def build_peers(sections: set[str], wanted: list[str]) -> wgbuild.Build | None:
+    """Build (or find cached) the binary of the peers that need one, before the clock
+    starts: a cold build (Go's install included) must not eat the measurements' budget."""
+    if "peers" not in sections or not any(p.built and p.name in wanted for p in peers.PEERS):
+        return None
+    log("== wireguard-go-current: bench-peers' build.sh, cached per source archive")
+    build = wgbuild.ensure_built(peers.peers_dir(), log)
+    log(
+        f"   {build.status} in {build.seconds:.1f} s: {build.binary or build.note}"
+        + (" (installed Go 1.23 first)" if build.go_installed else "")
+    )
+    return build
+
+
 def _run(
     args: argparse.Namespace, settings: Settings, sections: set[str], wanted: list[str]
 ) -> int:
+    build = build_peers(sections, wanted)
     started = time.monotonic()
     deadline = started + settings.budget_s
 
@@ -266,13 +287,18 @@ def _run(
         "date": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         **git_info(),
         "machine": machine_info(),
-        "versions": versions(),
+        "versions": versions(build),
         "smoke": bool(args.smoke),
         "settings": {**asdict(settings), "udp_payload": settings.udp_payload},
         "pre_run_busy_pct": round(busy, 1),
+        # How fast the host runs Python at the start and the end of the run, beside the
+        # direct path's figure: tells runs on a slow host state from slow code.
+        "host_reference": {"python_loop_ms": {"start": python_loop_ms()}},
         "paths": {},
         "notes": notes,
     }
+    if build is not None:
+        result["builds"] = {"wireguard-go-current": build.as_json()}
     workdir = Path(tempfile.mkdtemp(prefix="masqued-bench-"))
     keep_workdir = False
     interrupted = False
@@ -305,7 +331,7 @@ def _run(
                 log(f"   {name} FAILED: {r['errors'][-1][:300] if r['errors'] else ''}")
         # Peers before scale: the ratios to them are the headline figures.
         if "peers" in sections:
-            _run_peers(result, settings, wanted, workdir, time_left, notes)
+            _run_peers(result, settings, wanted, workdir, time_left, notes, build)
         sections_after = (
             (
                 "scale",
@@ -340,12 +366,16 @@ def _run(
         sweep_stale()
     result["wall_s"] = round(time.monotonic() - started, 1)
     if not interrupted:
+        result["host_reference"]["python_loop_ms"]["end"] = python_loop_ms()
         after = wait_quiet(100, 0)
         result["post_run_busy_pct"] = round(after, 1)
         if after > QUIET_BUSY_PCT:
             notes.append(
                 f"machine was {after:.0f}% busy right after the run: other work overlapped it"
             )
+    result["host_reference"]["direct_tcp1_mbps"] = report.median_of(
+        result["paths"], "direct", "tcp1_mbps"
+    )
     result["ratios"] = report.compute_ratios(result["paths"])
     result["targets"] = report.check_targets(result)
     if result.get("dirty"):
@@ -385,15 +415,24 @@ def _run_peers(
     workdir: Path,
     time_left: Any,
     notes: list[str],
+    build: wgbuild.Build | None,
 ) -> None:
     directory = peers.peers_dir()
     runs = settings.repeats
     for peer in peers.PEERS:
         if peer.name not in wanted:
             continue
-        why = peers.skip_reason(peer, directory)
+        bin_dir: Path | None = None
+        if not peer.built:
+            why = peers.skip_reason(peer, directory)
+        elif build is None or not build.ok or build.binary is None:
+            why = f"build failed: {build.note if build else 'not built'}"
+        else:
+            bin_dir = Path(build.binary).parent
+            why = peers.skip_reason(peer, directory, bin_dir)
         est = peers.estimate_seconds(peer, settings.peer_seconds, runs)
-        if why is None and time_left() < est + 10:
+        quiet = settings.peer_quiet_wait_s
+        if why is None and time_left() < est + quiet + 10:
             why = "time budget"
         if why is not None:
             result["paths"][peer.name] = {"status": "skipped", "note": why}
@@ -401,10 +440,17 @@ def _run_peers(
             log(f"== {peer.name}: skipped ({why})")
             continue
         log(f"== {peer.name} ({directory / peer.script})")
-        # the script may wait up to 120 s for a quiet machine first (quiet.sh 10 120)
-        timeout = min(est + 130, max(time_left() - 5, est + 10))
+        # its quiet.sh waits up to `quiet` s first; a busy machine also slows the runs
+        timeout = min(est + quiet + 60, max(time_left() - 5, est + quiet + 10))
         r = peers.run_peer(
-            peer, directory, settings.peer_seconds, runs, timeout, workdir / f"{peer.name}.log"
+            peer,
+            directory,
+            settings.peer_seconds,
+            runs,
+            timeout,
+            workdir / f"{peer.name}.log",
+            bin_dir,
+            quiet,
         )
         r["source"] = "bench-peers"
         result["paths"][peer.name] = r
