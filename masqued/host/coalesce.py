@@ -4,7 +4,8 @@ A TUN opened with IFF_VNET_HDR takes a ``virtio_net_hdr`` before every packet. W
 it, consecutive segments of one TCP flow can be written as one "super-packet" that
 the kernel treats like a GRO packet: it is routed, NATed and forwarded once and only
 cut back into MTU-sized segments if a device on the way needs that (GSO). Per
-packet, the kernel's forwarding path was the largest single cost of the relay.
+packet, the kernel's forwarding path was the largest single cost of the relay;
+coalescing gave 1.14x throughput in an interleaved A/B (README, Performance).
 
 ``coalesce`` plans the writes for a batch of IP packets: each entry is the iovec for
 one ``writev`` (the virtio header first) and how many packets it carries. Segments

@@ -5,7 +5,8 @@ may hold the variables ``target`` and ``ipproto``; it sends the expansion as :sc
 :authority and :path. The proxy serves the template it chose: a request matches when
 its :path is an expansion of that template, and the variables' values are read back
 from it. Only the expansions RFC 9484 allows exist here: simple ``{var}``, form-style
-query ``{?var,...}`` and query continuation ``{&var,...}``.
+query ``{?var,...}`` and query continuation ``{&var,...}``. Written here because
+uritemplate (python-hyper) only expands: it neither matches a path nor knows §3's rules.
 """
 
 from __future__ import annotations

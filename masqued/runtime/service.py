@@ -375,8 +375,8 @@ def freeze_startup_objects() -> None:
     """Keep what start-up made (modules, config, TLS context: ~35k objects) out of
     every later cyclic garbage collection.
 
-    A full collection walks every tracked object; with these in it, it took 8-11 ms
-    in the relay, a stall in which the client's data went unacknowledged and its
+    A full collection walks every tracked object; with these in it, it stalled the
+    relay (README, Performance), a stall in which the client's data went unacknowledged and its
     queue bound dropped packets of a flow at half the tunnel's capacity. Frozen
     objects are still freed by reference counting; only cycles among them would
     stay, and start-up state lives as long as the process. Call once, after

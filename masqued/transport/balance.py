@@ -1,9 +1,8 @@
 """Relay workers: new clients go to the least busy worker, by QUIC Retry.
 
 A client's first Initial reaches a worker picked by its own random DCID
-(masqued.transport.steering), so with few clients the spread can be lopsided: with
-8 clients and 2 workers, 6 + 2 moved 1.10x what one worker did and 4 + 4 1.30x
-(bench "Cores"). When the worker that got the first Initial serves more clients than
+(masqued.transport.steering), so with few clients the spread can be lopsided (README,
+Performance). When the worker that got the first Initial serves more clients than
 the least busy one, it answers with a Retry (RFC 9000 §8.1.2) whose source
 connection ID starts with that worker's index: the client's next Initial, carrying
 the token, is steered there, and that worker takes it. It costs the redirected
