@@ -188,7 +188,7 @@ class ClientConfig:
     server_name: str
     ca: Path
     routes: tuple[Network, ...]
-    transport: Transport = "stream"
+    transport: Transport = "auto"
     address_request: bool = False  # datagram mode: send ADDRESS_REQUEST (RFC 9484 §4.7.2)
     mtu: int = DEFAULT_MTU
     fwmark: int | None = None  # None: the instance default; 0: no mark ("off")
@@ -693,7 +693,7 @@ def _load_client(r: _Reader, name: str) -> ClientConfig:
     ca = r.certificates("ca")
     routes = r.networks("routes", required=True)
 
-    transport = r.choice("transport", TRANSPORTS, "stream")
+    transport = r.choice("transport", TRANSPORTS, "auto")
     address_request = r.boolean("address_request", False)
 
     mtu = r.integer("mtu", DEFAULT_MTU, MIN_MTU, MAX_MTU)

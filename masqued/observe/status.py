@@ -115,7 +115,7 @@ class StatusService:
             doc |= {
                 "listen": _hostport(config.listen_host, config.listen_port),
                 "relay": None,
-                "transports": ["stream"],
+                "transports": ["stream", "datagram"],  # every relay serves both
                 "routes": [str(r) for r in config.routes],
                 "pool_networks": [str(n) for n in config.pool],
                 "egress": config.egress,
@@ -141,6 +141,12 @@ class StatusService:
         doc |= self.snapshot()
         if self.extra is not None:
             doc |= self.extra()
+        # The data planes actually carrying traffic, summed over the sessions.
+        in_use: dict[str, int] = {}
+        for session in doc.get("sessions", []):
+            if session.get("state") == "connected" and session.get("transport"):
+                in_use[session["transport"]] = in_use.get(session["transport"], 0) + 1
+        doc["transports_in_use"] = in_use
         doc.setdefault("results", {})
         doc.setdefault("connects", 0)
         doc.setdefault("last_error", None)
@@ -269,12 +275,22 @@ def render_text(doc: dict[str, Any], rates: Rates | None = None) -> str:
 
     kv("role", f"{role}, pid {doc.get('pid')}, up {human_duration(doc.get('uptime', 0))}")
     if role == "relay":
-        kv("listening", f"{doc.get('listen')} (udp), transports: {', '.join(doc['transports'])}")
+        in_use = doc.get("transports_in_use") or {}
+        used = ", ".join(f"{mode} {n}" for mode, n in sorted(in_use.items())) or "none"
+        kv(
+            "listening",
+            f"{doc.get('listen')} (udp), serves {' and '.join(doc['transports'])}, "
+            f"sessions by transport: {used}",
+        )
     else:
         state = doc.get("state", "?")
         err = f" (last error: {doc['last_error']})" if doc.get("last_error") else ""
         kv("relay", f"{doc.get('relay')} ({doc.get('server_name', '')}), {state}{err}")
-        kv("transport", ", ".join(doc.get("transports", [])))
+        wanted = ", ".join(doc.get("transports", []))
+        sessions = doc.get("sessions") or [{}]
+        now_mode, http = sessions[0].get("transport"), sessions[0].get("http")
+        in_use = f" -> {now_mode} over {http}" if state == "connected" and http else ""
+        kv("transport", f"{wanted}{in_use}")
     tun = doc.get("tun", {})
     kv("tun", f"{tun.get('name')}, mtu {tun.get('mtu')}")
     if role == "relay":

@@ -11,6 +11,8 @@ DROP_OVERSIZED = "oversized"  # larger than the tunnel carries (Packet Too Big s
 DROP_DISCONNECTED = "disconnected"  # client: no tunnel at the moment
 DROP_ACL = "acl"  # the client's ACL denies it (ICMP prohibited sent)
 DROP_OUT_OF_SCOPE = "out_of_scope"  # outside a scoped request's target or protocol
+DROP_NOT_ROUTED = "not_routed"  # outside the relay's routes (for that protocol)
+DROP_RELAY_ADDRESS = "relay_address"  # to one of the relay's own addresses
 DROP_LINK_LOCAL = "link_local"  # link-local destination: never forwarded (RFC 9484 §7)
 DROP_TTL_EXPIRED = "ttl_expired"  # TTL / hop limit would reach 0 on encapsulation
 DROP_UNKNOWN_CONTEXT = "unknown_context"  # an HTTP Datagram context we never registered
@@ -23,6 +25,8 @@ DROP_REASONS = (
     DROP_OVERSIZED,
     DROP_MALFORMED,
     DROP_OUT_OF_SCOPE,
+    DROP_NOT_ROUTED,
+    DROP_RELAY_ADDRESS,
     DROP_NO_SESSION,
     DROP_QUEUE_FULL,
     DROP_TUN_WRITE,

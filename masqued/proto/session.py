@@ -14,6 +14,7 @@ Two framings of the request stream (DESIGN.md §3): ``stream`` (masqued's own: o
 
 from __future__ import annotations
 
+import bisect
 import enum
 import ipaddress
 from collections import Counter
@@ -47,6 +48,7 @@ from masqued.proto.drops import (
     DROP_ACL,
     DROP_LINK_LOCAL,
     DROP_MALFORMED,
+    DROP_NOT_ROUTED,
     DROP_OUT_OF_SCOPE,
     DROP_OVERSIZED,
     DROP_SPOOFED,
@@ -221,6 +223,48 @@ class IcmpBudget:
         return True
 
 
+class RouteFilter:
+    """Which packets a peer said it routes (ROUTE_ADVERTISEMENT, RFC 9484 §4.7.3): the
+    destination in a range whose IP protocol is 0 or the packet's own. ICMP always
+    passes (errors about a flow must reach it)."""
+
+    def __init__(self, ranges: Iterable[IPRange]) -> None:
+        spans: dict[tuple[int, int], list[tuple[int, int]]] = {}
+        for r in ranges:
+            spans.setdefault((r.version, r.ipproto), []).append((int(r.start), int(r.end)))
+        self._starts = {k: [a for a, _ in sorted(v)] for k, v in spans.items()}
+        self._ends = {k: [b for _, b in sorted(v)] for k, v in spans.items()}
+
+    def _covers(self, version: int, proto: int, addr: int) -> bool:
+        starts = self._starts.get((version, proto))
+        if not starts:
+            return False
+        i = bisect.bisect_right(starts, addr) - 1
+        return i >= 0 and self._ends[(version, proto)][i] >= addr
+
+    def covers_network(self, net: IPNetwork) -> bool:
+        """``net`` lies inside one all-protocol range."""
+        lo, hi = int(net.network_address), int(net.broadcast_address)
+        starts = self._starts.get((net.version, 0))
+        if not starts:
+            return False
+        i = bisect.bisect_right(starts, lo) - 1
+        return i >= 0 and self._ends[(net.version, 0)][i] >= hi
+
+    def allows(self, pkt: bytes) -> bool:
+        """May ``pkt`` go to this peer? (Malformed packets: no.)"""
+        try:
+            info = parse_packet(pkt)
+        except PacketError:
+            return False
+        addr = int(info.dst)
+        if self._covers(info.version, 0, addr):
+            return True
+        if info.proto == (PROTO_ICMP if info.version == 4 else PROTO_ICMPV6):
+            return any(self._covers(v, p, addr) for v, p in self._starts if v == info.version)
+        return self._covers(info.version, info.proto, addr)
+
+
 class ProxySession:
     """The relay's side of one admitted tunnel.
 
@@ -364,12 +408,15 @@ class ProxySession:
             except PacketError:
                 drops[DROP_MALFORMED] += 1
                 continue
+            # RFC 9484 §7: link-local traffic belongs to the tunnel link (a peer's
+            # kernel sends router solicitations from fe80::); never forwarded, and a
+            # link-local source is not a spoofed one.
+            if is_link_local(version, dst) or is_link_local(version, src):
+                drops[DROP_LINK_LOCAL] += 1
+                continue
             if src not in keys:
                 drops[DROP_SPOOFED] += 1
                 self.spoofed_from = src
-                continue
-            if is_link_local(version, dst):
-                drops[DROP_LINK_LOCAL] += 1
                 continue
             if len(pkt) > mtu:
                 # Too big for our TUN: tell the sender the tunnel's MTU (§7.2.1).
@@ -460,8 +507,10 @@ class ClientSession:
 
     ``request`` picks the mode from the peer's SETTINGS and returns the headers;
     ``receive_headers`` reads the response; then ``receive_data`` and
-    ``receive_datagram`` yield packets and control events until the stream ends.
-    ``params`` is the tunnel's state once TunnelOpened was returned.
+    ``receive_datagram`` yield packets and control events until the stream ends;
+    ``uplink`` keeps what the relay does not route (for that protocol) out of the
+    tunnel. ``routes``: what the client sends into the tunnel. ``params`` is the
+    tunnel's state once TunnelOpened was returned.
     """
 
     def __init__(
@@ -474,6 +523,7 @@ class ClientSession:
         request_versions: Sequence[int] = (),
         extra_headers: Sequence[tuple[bytes, bytes]] = (),
         template: UriTemplate | None = None,
+        routes: Sequence[IPNetwork] = (),
     ) -> None:
         if wanted not in ("stream", "datagram", "auto"):
             raise ValueError(f"unknown transport {wanted!r}")
@@ -484,6 +534,10 @@ class ClientSession:
         self.request_versions = tuple(request_versions)
         self.extra_headers = tuple(extra_headers)
         self.template = template
+        self.routes = tuple(routes)
+        self.route_filter: RouteFilter | None = None
+        self._ranges: tuple[IPRange, ...] | None = None
+        self.icmp = IcmpBudget()
         self.mode: Mode | None = None
         self.framing: Framing | None = None
         self.responded = False
@@ -528,6 +582,7 @@ class ClientSession:
         out = b""
         if self.mode is Mode.STREAM:
             self.params = parse_stream_response(headers)
+            self._set_filter(ranges_for(self.params.routes))
             events.append(TunnelOpened(self.params))
         else:
             fields = [v.decode("latin-1") for n, v in headers if n.lower() == b"capsule-protocol"]
@@ -573,6 +628,7 @@ class ClientSession:
         elif kind == ROUTE_ADVERTISEMENT:
             advert = decode_route_advertisement(capsule.value)
             self._routes = advert.networks()
+            self._set_filter(advert.ranges)
             events.append(RoutesAdvertised(advert.ranges))
         elif kind == ADDRESS_REQUEST:
             # The relay asking us for addresses: checked (a malformed one aborts), but
@@ -600,6 +656,49 @@ class ClientSession:
             raise ResponseError("relay assigned no address")
         self.params = params
         return [TunnelOpened(params) if first else TunnelChanged(params)]
+
+    def set_routes(self, routes: Sequence[IPNetwork]) -> None:
+        """What the client sends into the tunnel changed (reload)."""
+        self.routes = tuple(routes)
+        if self._ranges is not None:
+            self._set_filter(self._ranges)
+
+    def _set_filter(self, ranges: Sequence[IPRange]) -> None:
+        """Check packets against the relay's routes only where the routes we send into
+        the tunnel are not all inside all-protocol ranges (the common case costs
+        nothing per packet)."""
+        self._ranges = tuple(ranges)
+        route_filter = RouteFilter(ranges)
+        if all(route_filter.covers_network(r) for r in self.routes):
+            self.route_filter = None
+        else:
+            self.route_filter = route_filter
+
+    def uplink(self, packets: list[bytes], now: float) -> tuple[list[bytes], list[bytes]]:
+        """TUN -> relay: (packets the relay routes, ICMP errors for our own stack).
+
+        A packet the relay did not advertise a route for (for its protocol) would be
+        dropped there without a word; it is answered here with ICMP administratively
+        prohibited instead (RFC 9484 §8), within a rate limit."""
+        route_filter = self.route_filter
+        if route_filter is None:
+            return packets, []
+        allowed: list[bytes] = []
+        replies: list[bytes] = []
+        for pkt in packets:
+            if route_filter.allows(pkt):
+                allowed.append(pkt)
+                continue
+            self.drops[DROP_NOT_ROUTED] += 1
+            if self.icmp.take(now):
+                try:
+                    dst = parse_packet(pkt).dst
+                except PacketError:
+                    continue
+                icmp = icmp_admin_prohibited(pkt, dst)
+                if icmp is not None:
+                    replies.append(icmp)
+        return allowed, replies
 
     def receive_datagram(self, payload: bytes) -> bytes | None:
         """An HTTP Datagram of this tunnel: its IP packet, or None (dropped, counted)."""

@@ -57,6 +57,7 @@ def client_settings(config: ClientConfig, fwmark: int) -> ClientSettings:
         private_key=str(config.private_key) if config.private_key else None,
         token_file=str(config.token_file) if config.token_file else None,
         request_versions=tuple(sorted({r.version for r in config.routes})),
+        routes=tuple(config.routes),
     )
 
 
@@ -143,6 +144,8 @@ class ClientInstance(Instance):
         if new.routes != self.config.routes:
             self.routes = tuple(new.routes)
             self.set_routes()
+            if self.tunnel is not None:
+                self.tunnel.set_routes(self.routes)
             log.info("reload: routes now %s", ", ".join(map(str, self.routes)))
         set_level(new.log_level)
         self.config = new

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
+import ipaddress
 import logging
 import random
 import socket
@@ -42,6 +44,8 @@ from masqued.transport.dataplane import DataPlane, plane_for
 from masqued.transport.h3link import H3Link, format_addr, monotonic
 from masqued.transport.link import Headers, Link
 from masqued.transport.udp import Address, UdpSocket, tune_socket
+
+IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 log = logging.getLogger("masqued.client")
 
@@ -75,7 +79,7 @@ class ClientSettings:
     reconnect_max: float = 4.0
     # "stream", "datagram" (RFC 9484 HTTP Datagrams) or "auto" (datagram when the
     # relay's SETTINGS offer H3 datagrams, else stream).
-    transport: str = "stream"
+    transport: str = "auto"
     # Datagram mode: send ADDRESS_REQUEST (some proxies reject it; RFC 9484 lets the
     # proxy assign unprompted).
     address_request: bool = False
@@ -86,6 +90,7 @@ class ClientSettings:
     private_key: str | None = None
     token_file: str | None = None
     template: UriTemplate | None = None  # the relay's URI template (RFC 9484 §3)
+    routes: tuple[IPNetwork, ...] = ()  # what the host routes into the tunnel
 
     def token(self) -> str | None:
         """The bearer token, read at each attempt (so a replaced file takes effect)."""
@@ -143,6 +148,7 @@ class Attempt:
             request_versions=settings.request_versions if settings.address_request else (),
             extra_headers=extra,
             template=settings.template,
+            routes=settings.routes,
         )
         self.stream_id: int | None = None
         self.plane: DataPlane | None = None
@@ -526,6 +532,9 @@ class ClientTunnel:
             counters.drops[DROP_DISCONNECTED] += len(packets)
             return None
         plane = attempt.plane
+        packets, refused = attempt.session.uplink(packets, time.monotonic())
+        if refused:
+            self.tun.write_batch(refused)  # ICMP prohibited, to our own stack
         if plane.mode is Mode.DATAGRAM:
             room = plane.room()
             try:
@@ -550,6 +559,13 @@ class ClientTunnel:
             attempt.fail(f"tunnel stream unusable: {exc}")
             return None
         return attempt if sent else None
+
+    def set_routes(self, routes: tuple[IPNetwork, ...]) -> None:
+        """The host routes other CIDRs into the tunnel now (reload)."""
+        self.settings = dataclasses.replace(self.settings, routes=routes)
+        for attempt in (self.current, self.attempt):
+            if attempt is not None:
+                attempt.session.set_routes(routes)
 
     def params_changed(self, attempt: Attempt, params: TunnelParams) -> None:
         """The relay sent new ADDRESS_ASSIGN / ROUTE_ADVERTISEMENT on a live tunnel."""

@@ -192,7 +192,7 @@ def test_client_defaults(client: Callable[..., ClientConfig], pkidir: Path, tmp_
         server_name="relay.example",
         ca=pkidir / "ca.pem",
         routes=(net("198.19.0.0/24"),),
-        transport="stream",
+        transport="auto",
         mtu=1300,
         fwmark=None,
         log_level="info",

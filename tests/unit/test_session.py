@@ -19,6 +19,7 @@ from masqued.proto.capsule import (
 )
 from masqued.proto.connect_ip import (
     AssignedAddress,
+    IPRange,
     RequestedAddress,
     decode_address_assign,
     decode_route_advertisement,
@@ -29,6 +30,7 @@ from masqued.proto.connect_ip import (
 from masqued.proto.drops import (
     DROP_ACL,
     DROP_LINK_LOCAL,
+    DROP_NOT_ROUTED,
     DROP_OUT_OF_SCOPE,
     DROP_OVERSIZED,
     DROP_SPOOFED,
@@ -53,6 +55,7 @@ from masqued.proto.session import (
     ClientSession,
     Mode,
     ProxySession,
+    RouteFilter,
 )
 
 LEASE = (ipaddress.ip_interface("198.18.200.7/24"), ipaddress.ip_interface("2001:db8:200::7/64"))
@@ -425,3 +428,71 @@ def test_any_bytes_either_parse_or_raise_a_protocol_error(
     for receive in (lambda: p.receive_data(data, end), lambda: c.receive_data(data, end)):
         with contextlib.suppress(ProtocolError):
             receive()
+
+
+def test_link_local_traffic_is_the_tunnel_links_own_not_spoofed() -> None:
+    """RFC 9484 §7: a peer's router solicitation (fe80:: to ff02::2) is counted as
+    link-local and never forwarded; it is not a spoofed source."""
+    p = proxy()
+    solicitation = build_icmp_echo("fe80::1", "ff02::2", 1, 1)
+    v4_link_local = build_udp("169.254.1.1", "198.19.0.2", 1, 2, b"x")
+    accepted, replies = _uplink(p, solicitation, v4_link_local)
+    assert accepted == [] and replies == []
+    assert p.drops == Counter({DROP_LINK_LOCAL: 2})
+    assert p.spoofed_from is None
+
+
+def _advertise(c: ClientSession, ranges: list[IPRange]) -> None:
+    c.request(extended_connect=True, datagrams=True)
+    c.receive_headers([(b":status", b"200"), (b"capsule-protocol", b"?1")], False)
+    assign = encode_capsule(
+        ADDRESS_ASSIGN,
+        b"\x00\x04" + ipaddress.ip_address(ME4).packed + b"\x20",
+    )
+    body = b"".join(
+        bytes((r.version,)) + r.start.packed + r.end.packed + bytes((r.ipproto,)) for r in ranges
+    )
+    c.receive_data(assign + encode_capsule(ROUTE_ADVERTISEMENT, body), False)
+
+
+def test_a_route_for_one_protocol_keeps_the_others_out_with_icmp() -> None:
+    """RFC 9484 §4.7.3: a range advertised for TCP only; UDP there is answered locally
+    with ICMP administratively prohibited (§8) instead of vanishing at the relay, ICMP
+    always passes, and a range for every protocol costs no check at all."""
+    net = ipaddress.ip_network("198.19.0.0/24")
+    tcp_only = [IPRange(net[0], net[-1], 6)]
+    c = ClientSession(
+        authority="relay.example:443", wanted="datagram", mtu=1300, drops=Counter(), routes=[net]
+    )
+    _advertise(c, tcp_only)
+    assert c.route_filter is not None
+    tcp = build_tcp(ME4, "198.19.0.2", 1000, 80, b"")
+    udp = build_udp(ME4, "198.19.0.2", 1000, 53, b"q")
+    ping = build_icmp_echo(ME4, "198.19.0.2", 1, 1)
+    allowed, replies = c.uplink([tcp, udp, ping], now=1.0)
+    assert allowed == [tcp, ping]
+    (icmp,) = replies
+    info = parse_packet(icmp)
+    assert (str(info.src), str(info.dst), info.icmp_type, info.icmp_code) == (
+        "198.19.0.2",
+        ME4,
+        3,
+        13,
+    )
+    assert c.drops[DROP_NOT_ROUTED] == 1
+    every = ClientSession(
+        authority="relay.example:443", wanted="datagram", mtu=1300, drops=Counter(), routes=[net]
+    )
+    _advertise(every, [IPRange(net[0], net[-1], 0)])
+    assert every.route_filter is None  # nothing to check per packet
+
+
+def test_the_route_filter_by_range_and_protocol() -> None:
+    a, b = ipaddress.ip_network("198.19.0.0/24"), ipaddress.ip_network("2001:db8:19::/64")
+    f = RouteFilter([IPRange(a[0], a[-1], 0), IPRange(b[0], b[-1], 17)])
+    assert f.allows(build_tcp(ME4, "198.19.0.9", 1, 2, b""))
+    assert not f.allows(build_tcp(ME4, "198.19.1.9", 1, 2, b""))
+    assert f.allows(build_udp(ME6, "2001:db8:19::5", 1, 2, b"x"))
+    assert not f.allows(build_tcp(ME6, "2001:db8:19::5", 1, 2, b""))
+    assert f.covers_network(ipaddress.ip_network("198.19.0.128/25"))
+    assert not f.covers_network(b)  # only for UDP
