@@ -145,7 +145,11 @@ class Attempt:
             wanted=settings.transport,
             mtu=settings.mtu,
             drops=tunnel.status.counters.drops,
-            request_versions=settings.request_versions if settings.address_request else (),
+            request_versions=(
+                settings.request_versions
+                if settings.address_request and not tunnel.without_address_request
+                else ()
+            ),
             extra_headers=extra,
             template=settings.template,
             routes=settings.routes,
@@ -160,6 +164,7 @@ class Attempt:
         self.last_rx = monotonic()
         self._ping_uid = 0
         self.closed = False
+        self.asked = False
 
     # -- the link's input ----------------------------------------------------------------
 
@@ -219,6 +224,7 @@ class Attempt:
             return
         if out:
             link.send_data(stream_id, out)
+            self.asked = True  # an ADDRESS_REQUEST went out
         self._events(events)
 
     def link_data(self, link: Link, stream_id: int, data: bytes, ended: bool) -> None:
@@ -252,7 +258,14 @@ class Attempt:
 
     def link_reset(self, link: Link, stream_id: int, code: int) -> None:
         if stream_id == self.stream_id:
+            self._refused_request()
             self.finish(f"relay reset the tunnel stream (code {code:#x})")
+
+    def _refused_request(self) -> None:
+        """The relay ended the tunnel right after our ADDRESS_REQUEST, before any
+        tunnel: some proxies do (against RFC 9484 §4.7.2, which wants an answer)."""
+        if self.asked and not self.ready.done():
+            self.tunnel.address_request_refused()
 
     def link_closed(self, link: Link, code: int, reason: str) -> None:
         self.finish(f"connection closed by relay or timeout ({reason})")
@@ -277,6 +290,7 @@ class Attempt:
                 if event.declined:
                     log.warning("relay declined address request(s) %s", list(event.declined))
             elif kind is StreamEnded:
+                self._refused_request()
                 self.finish("relay closed the tunnel stream")
 
     # -- lifecycle ----------------------------------------------------------------------
@@ -343,6 +357,9 @@ class ClientTunnel:
         self._ratelog = RateLimitedLog(log)
         self._stopping = False
         self._stop_event = asyncio.Event()
+        # Set once the relay ended a tunnel in answer to an ADDRESS_REQUEST: later
+        # attempts let it assign addresses unprompted (RFC 9484 allows either).
+        self.without_address_request = False
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -559,6 +576,15 @@ class ClientTunnel:
             attempt.fail(f"tunnel stream unusable: {exc}")
             return None
         return attempt if sent else None
+
+    def address_request_refused(self) -> None:
+        if not self.without_address_request:
+            self.without_address_request = True
+            log.warning(
+                "the relay closed the tunnel right after our ADDRESS_REQUEST (some proxies "
+                "do, though RFC 9484 §4.7.2 wants an answer): retrying without it; set "
+                "address_request = false to skip it from the start"
+            )
 
     def set_routes(self, routes: tuple[IPNetwork, ...]) -> None:
         """The host routes other CIDRs into the tunnel now (reload)."""

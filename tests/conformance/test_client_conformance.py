@@ -258,3 +258,69 @@ async def test_auto_uses_datagrams_when_offered(certs: Path) -> None:
         assert dict(proxies[0].streams[sid].headers[0])[b"capsule-protocol"] == b"?1"
         assert client.tunnel.snapshot()["sessions"][0]["transport"] == "datagram"
         await client.close()
+
+
+async def test_a_proxy_that_closes_on_address_request_is_retried_without_it(
+    certs: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Some proxies end the stream when they get an ADDRESS_REQUEST (RFC 9484 §4.7.2
+    wants an answer). Our client says so once and tries again without asking."""
+
+    def script(proxy: StrictProxy, sid: int, headers: Headers) -> None:
+        proxy.respond(sid, 200, [(b"capsule-protocol", b"?1")])
+
+        def later() -> None:
+            if proxy.stream(sid).capsules:  # it asked: this proxy hangs up
+                proxy.send_raw(sid, b"", end=True)
+            else:
+                accept_capsules(proxy, sid)
+
+        asyncio.get_running_loop().call_later(0.3, later)
+
+    async with strict_proxy(certs, script) as (port, proxies):
+        client = OurClient(certs, port, address_request=True, request_versions=(4,))
+        await asyncio.wait_for(client.up, 10)
+        assert len(proxies) == 2
+        first, second = (p.streams[min(p.streams)] for p in proxies)
+        assert [kind for kind, _ in first.capsules] == [ADDRESS_REQUEST]
+        assert second.capsules == []
+        assert client.tunnel.without_address_request
+        assert sum("right after our ADDRESS_REQUEST" in r.message for r in caplog.records) == 1
+        await client.close()
+
+
+def accept_capsules(proxy: StrictProxy, sid: int) -> None:
+    proxy.send_capsule(sid, ADDRESS_ASSIGN, assign_value([Entry(0, V4_PREFIX)]))
+    proxy.send_capsule(sid, ROUTE_ADVERTISEMENT, routes_value([ALL_V4]))
+
+
+async def test_a_route_for_tcp_only_keeps_udp_out_with_icmp_from_our_side(certs: Path) -> None:
+    """RFC 9484 §4.7.3 scopes each range to its protocol: with 198.51.100.0/24 for TCP
+    only, our client sends TCP there, and answers UDP itself with ICMP prohibited."""
+    net = ipaddress.ip_network("198.51.100.0/24")
+    tcp_range = Range(4, int(net[0]), int(net[-1]), 6)
+
+    def script(proxy: StrictProxy, sid: int, headers: Headers) -> None:
+        proxy.respond(sid, 200, [(b"capsule-protocol", b"?1")])
+        proxy.send_capsule(sid, ADDRESS_ASSIGN, assign_value([Entry(0, V4_PREFIX)]))
+        proxy.send_capsule(sid, ROUTE_ADVERTISEMENT, routes_value([tcp_range]))
+
+    from masqued.proto.packet import build_tcp, parse_packet
+
+    async with strict_proxy(certs, script) as (port, proxies):
+        client = OurClient(certs, port, routes=(net,))
+        await asyncio.wait_for(client.up, 5)
+        me = str(client.params[-1].addresses[0].ip)
+        tcp = build_tcp(me, "198.51.100.7", 40000, 80, b"")
+        udp = build_udp(me, "198.51.100.7", 40000, 53, b"q")
+        client.tun.inject(tcp, udp)
+        proxy = proxies[0]
+        (sid,) = proxy.streams
+        await until(lambda: bool(proxy.streams[sid].datagrams) and bool(client.tun.written))
+        await asyncio.sleep(0.1)
+        assert [split_datagram(d)[1] for d in proxy.streams[sid].datagrams] == [tcp]
+        (icmp,) = client.tun.written
+        info = parse_packet(icmp)
+        assert (info.icmp_type, info.icmp_code, str(info.dst)) == (3, 13, me)
+        assert client.tunnel.status.counters.drops["not_routed"] == 1
+        await client.close()
