@@ -41,6 +41,7 @@ from masqued.host.routes import (
     enable_forwarding,
 )
 from masqued.host.rtnetlink import RtNetlink
+from masqued.host.sysctl import SysctlRecord
 from masqued.host.tun import TunDevice, inherited_tun, open_tun
 from masqued.ipam import AddressPool, pool_slice
 from masqued.metrics import TrafficCounters
@@ -228,7 +229,9 @@ async def run_relay(config: RelayConfig, notifier: Notifier) -> int:
                     'set egress = "IFNAME" in the config'
                 )
             egress = found
-        enable_forwarding([t.name for t in tuns] + [egress], v4=v4, v6=v6)
+        # Recorded, so that stop (and `masqued cleanup`) switches them back.
+        record = SysctlRecord(ids.name)
+        enable_forwarding([t.name for t in tuns] + [egress], v4=v4, v6=v6, record=record)
         nat = make_nat(config.nat, ids)
         if nat is not None:
             nat.apply(list(config.pool), egress)
@@ -419,7 +422,9 @@ def _grow_pool(
         NetState(addresses=frozenset(pool.gateways()), routes=frozenset(), rules=frozenset())
     )
     families = {n.version for n in networks}
-    enable_forwarding([tun, egress], v4=4 in families, v6=6 in families)
+    enable_forwarding(
+        [tun, egress], v4=4 in families, v6=6 in families, record=SysctlRecord(router.ids.name)
+    )
     if nat is not None:
         nat.apply(list(networks), egress)
     log.info("reload: pool grown by %s", ", ".join(map(str, added)))
