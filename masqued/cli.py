@@ -387,7 +387,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("run", help="run an instance in the foreground")
     _add_target(p)
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
+    p.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], help="instead of log_level"
+    )
     p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("check", help="validate a config file")
@@ -396,11 +398,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cleanup", help="remove every TUN, route, rule and NAT rule of an instance")
     _add_target(p)
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="say nothing if nothing was left")
     p.set_defaults(func=cmd_cleanup)
 
     p = sub.add_parser("reload", help="make a running instance re-read its config and wait")
-    _add_target(p)
+    p.add_argument("name", nargs="?", help="instance name")
     p.add_argument("--pid", type=int, help="signal this process (default: the instance's own)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
     p.set_defaults(func=cmd_reload)
@@ -421,26 +423,26 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pki", help="make a CA and relay/client certificates")
     pki_sub = p.add_subparsers(dest="pki_command", required=True)
     q = pki_sub.add_parser("init", help="create DIR/ca.pem and DIR/ca.key")
-    q.add_argument("dir", type=Path)
+    q.add_argument("dir", type=Path, help="the CA's directory (e.g. /etc/masque/pki)")
     q.add_argument("--name", help="CA common name")
     q.add_argument(
         "--force", action="store_true", help="replace an existing CA (and so its certificates)"
     )
     for kind in ("relay", "client"):
         q = pki_sub.add_parser(kind, help=f"issue DIR/NAME.pem and DIR/NAME.key for a {kind}")
-        q.add_argument("dir", type=Path)
-        q.add_argument("--name", required=True)
+        q.add_argument("dir", type=Path, help="the CA's directory")
+        q.add_argument("--name", required=True, help=f"the {kind}'s name (certificate CN)")
         q.add_argument("--san", action="append", help="extra DNS name or IP (repeatable)")
         q.add_argument("--force", action="store_true", help="overwrite existing files")
     q = pki_sub.add_parser("revoke", help="add DIR/NAME.pem to DIR/crl.pem (re-signed)")
-    q.add_argument("dir", type=Path)
-    q.add_argument("--name", required=True)
+    q.add_argument("dir", type=Path, help="the CA's directory")
+    q.add_argument("--name", required=True, help="whose certificate to revoke")
     p.set_defaults(func=cmd_pki)
 
     p = sub.add_parser("token", help="make bearer tokens for auth = token")
     token_sub = p.add_subparsers(dest="token_command", required=True)
     q = token_sub.add_parser("new", help="print a new token for NAME; append its hash to FILE")
-    q.add_argument("name")
+    q.add_argument("name", help="the client's identity")
     q.add_argument("--file", type=Path, help="the relay's tokens_file (created 0600)")
     p.set_defaults(func=cmd_token)
     return parser

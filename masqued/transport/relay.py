@@ -227,11 +227,12 @@ class RelaySession:
 
 
 def session_log_fields(session: RelaySession) -> dict[str, str]:
-    """Journal fields of a session's log lines (MASQUED_CLIENT, MASQUED_ADDRESS)."""
+    """Journal fields of a session's log lines (masqued.service.client_fields)."""
     return client_fields(
         session.peer,
         ",".join(str(a.ip) for a in session.lease.addresses),
         session.identity.name,
+        session.owner,
     )
 
 
@@ -973,7 +974,7 @@ class RelayServer:
         self._packets_from_client(session, [packet])
 
     def _packets_from_client(self, session: RelaySession, packets: list[bytes]) -> None:
-        """Checks of RFC 9484 §7.2 and DESIGN.md §4, then the TUN."""
+        """Checks of RFC 9484 §7.2 and docs/architecture.md §4, then the TUN."""
         counters = session.counters
         counters.last_rx = time.time()
         keys = session.addr_keys
