@@ -314,7 +314,7 @@ def cmd_pki(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
         return EXIT_USAGE
-    except pki.PkiError as exc:
+    except (pki.PkiError, ValueError) as exc:
         print(f"masqued: pki {args.pki_command}: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as exc:
