@@ -10,7 +10,7 @@ BENCH_APT_PACKAGES := iperf3 wireguard-go wireguard-tools openvpn openssl syssta
 # Vagrant and its libvirt provider, to check the Vagrantfile (README "Testing in VMs").
 VAGRANT_APT_PACKAGES := vagrant vagrant-libvirt rsync
 
-.PHONY: deps venv demo test unit lint clean deb docs lock systest bench-deps bench bench-smoke vagrant-deps vagrant-validate
+.PHONY: deps venv demo test unit abuse lint clean deb docs lock systest bench-deps bench bench-smoke vagrant-deps vagrant-validate
 
 deps:
 	@if [ "$$(id -u)" != 0 ]; then echo "make deps: run as root"; exit 1; fi
@@ -39,6 +39,10 @@ test: deps venv
 
 unit: venv
 	$(PY) -m pytest -q tests/unit
+
+## abuse: the abuse suite with ten times CI's counts (a few minutes; needs root)
+abuse: deps venv
+	MASQUED_ABUSE_SCALE=10 $(PY) -m pytest -q tests/abuse
 
 lint: venv
 	$(VENV)/bin/ruff check masqued tests bench

@@ -1,5 +1,5 @@
 """Relay workers: the same clients, each pushing one TCP stream at once, through a
-relay with ``workers = 1`` and then ``workers = 2`` (masqued.workers).
+relay with ``workers = 1`` and then ``workers = 2`` (masqued.runtime.workers).
 
 Issue 8 asks for a relay that uses both cores when clients are many, kept only if
 the benchmark shows it helps. On a 2-core machine the clients, iperf3 and the

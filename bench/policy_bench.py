@@ -1,4 +1,4 @@
-"""Packets per second through the per-client ACL check (masqued.policy).
+"""Packets per second through the per-client ACL check (masqued.gate.policy).
 
     .venv/bin/python bench/policy_bench.py [--seconds 2]
 
@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from masqued.policy import Acl
+from masqued.gate.policy import Acl
 from masqued.proto.packet import build_icmp_echo, build_tcp, build_udp
 
 

@@ -155,7 +155,7 @@ def versions() -> dict[str, Any]:
 
 
 def make_pki(d: Path) -> Path:
-    from masqued import pki
+    from masqued.gate import pki
 
     pki.init_ca(d)
     pki.issue(d, "relay.example", "relay", sans=["198.18.1.1"])

@@ -74,8 +74,8 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from masqued import daemon
-    from masqued.service import setup_logging
+    from masqued.runtime import daemon
+    from masqued.runtime.service import setup_logging
 
     try:
         config = _load(args)
@@ -93,15 +93,15 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """A relay worker process, started by ``masqued run`` with ``workers`` > 1
-    (masqued.workers); not for direct use (it is not in ``--help``)."""
+    (masqued.runtime.workers); not for direct use (it is not in ``--help``)."""
     import asyncio
     import dataclasses
     import ipaddress
     import signal
 
-    from masqued import daemon
-    from masqued.service import setup_logging
-    from masqued.workers import worker_env_fds
+    from masqued.runtime import daemon
+    from masqued.runtime.service import setup_logging
+    from masqued.runtime.workers import worker_env_fds
 
     # A reload may come before the event loop handles SIGHUP: not fatal meanwhile.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
@@ -179,8 +179,8 @@ def cmd_reload(args: argparse.Namespace) -> int:
     import signal
     import time
 
-    from masqued import control
-    from masqued.service import read_reload_result, runtime_dir
+    from masqued.observe import control
+    from masqued.runtime.service import read_reload_result, runtime_dir
 
     if not args.name:
         raise UsageError("reload: give an instance NAME")
@@ -224,7 +224,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     """``masqued status [NAME] [--json] [--watch]``: ask running instances over their socket."""
     import json
 
-    from masqued import control, status
+    from masqued.observe import control, status
 
     if args.name:
         names = [check_instance_name(args.name)]
@@ -258,7 +258,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _status_error(name: str, exc: Exception) -> int:
-    from masqued.control import socket_path
+    from masqued.observe.control import socket_path
 
     path = socket_path(name)
     if isinstance(exc, PermissionError):
@@ -282,7 +282,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 
 def cmd_pki(args: argparse.Namespace) -> int:
-    from masqued import pki
+    from masqued.gate import pki
 
     directory: Path = args.dir
     try:
@@ -327,7 +327,7 @@ def cmd_pki(args: argparse.Namespace) -> int:
 
 def cmd_token(args: argparse.Namespace) -> int:
     """``masqued token new NAME [--file TOKENS]``: print a new token, store its hash."""
-    from masqued.auth import TokenFileError, TokenStore, new_token
+    from masqued.gate.auth import TokenFileError, TokenStore, new_token
 
     try:
         token, line = new_token(args.name)

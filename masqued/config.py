@@ -24,8 +24,8 @@ from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
-from masqued.auth import TokenFileError, TokenStore
-from masqued.clients import ClientPolicy, check_addresses, load_clients_dir, parse_client
+from masqued.gate.auth import TokenFileError, TokenStore
+from masqued.gate.clients import ClientPolicy, check_addresses, load_clients_dir, parse_client
 from masqued.host.naming import InvalidInstanceName, check_instance_name
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -460,6 +460,10 @@ _TOML_TYPES: tuple[tuple[type, str], ...] = (
 _LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 
 
+# Characters str.splitlines() breaks at, shown escaped in error messages.
+_LINE_BREAKS = {ord(c): repr(c)[1:-1] for c in "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"}
+
+
 def _show(value: object) -> str:
     """A value for an error message: repr, cut short."""
     tname = next(
@@ -567,6 +571,8 @@ class _Reader:
         self.errors: list[str] = []
 
     def error(self, key: str, what: str) -> None:
+        # One line per problem, whatever a value held (a file name with a newline).
+        what = what.translate(_LINE_BREAKS)
         self.errors.append(f"{key}: {what}" if key else what)
 
     def has(self, key: str) -> bool:
@@ -871,7 +877,7 @@ def _load_relay(r: _Reader, name: str) -> RelayConfig:
 def _load_workers(r: _Reader, pool: tuple[Network, ...] | None) -> int:
     """``workers``: an integer 1..MAX_WORKERS, or "auto" (one per CPU the process may
     use). Every worker needs its own share of each pool network."""
-    from masqued.ipam import MAX_WORKERS, pool_slice
+    from masqued.gate.ipam import MAX_WORKERS, pool_slice
 
     value = r.data.get("workers", 1)
     if value == "auto":

@@ -428,7 +428,7 @@ def _run(*cmd: str) -> subprocess.CompletedProcess[str] | None:
 
 
 def check_daemon(name: str) -> tuple[Finding, dict[str, Any] | None]:
-    from masqued import control
+    from masqued.observe import control
 
     path = control.socket_path(name)
     try:

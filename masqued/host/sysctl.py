@@ -77,11 +77,11 @@ def _pid_alive(pid: int) -> bool:
 
 
 class SysctlRecord:
-    """``RUN_DIR/NAME/sysctl.json`` of one instance (``run_dir`` as in masqued.control)."""
+    """``RUN_DIR/NAME/sysctl.json`` of one instance (``run_dir`` as in masqued.observe.control)."""
 
     def __init__(self, name: str, run_dir: Path | None = None, root: Path = PROC_SYS) -> None:
         if run_dir is None:
-            from masqued.control import run_dir as default_run_dir
+            from masqued.observe.control import run_dir as default_run_dir
 
             run_dir = default_run_dir()
         self.name = name

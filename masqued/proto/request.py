@@ -26,6 +26,7 @@ from types import MappingProxyType
 from typing import Literal
 
 from masqued.proto.errors import RequestError, ResponseError
+from masqued.proto.template import UriTemplate
 
 Headers = list[tuple[bytes, bytes]]
 IPNetwork = IPv4Network | IPv6Network
@@ -137,7 +138,7 @@ def _parse_ipproto(raw: str) -> int | None:
     return int(text)
 
 
-def _capsule_protocol_true(values: list[str]) -> bool:
+def capsule_protocol_true(values: list[str]) -> bool:
     """RFC 9297 §3.4: a Boolean item; anything else (or repeats) counts as absent."""
     if len(values) != 1:
         return False
@@ -147,12 +148,41 @@ def _capsule_protocol_true(values: list[str]) -> bool:
     return not params or _SF_PARAMS_RE.match(";" + params) is not None
 
 
-def parse_connect_request(headers: Sequence[tuple[bytes, bytes]]) -> ConnectIpRequest:
+def _match_path(
+    path: str, templates: Sequence[UriTemplate]
+) -> tuple[tuple[IPNetwork, ...] | None, int | None]:
+    """(target, ipproto) of a request path: the first configured template it expands,
+    else the default one (RFC 9484 §3); a variable the template lacks means ``*``."""
+    for template in templates:
+        values = template.match(path)
+        if values is not None:
+            target = values.get("target")
+            ipproto = values.get("ipproto")
+            return (
+                None if target is None else _parse_target(target),
+                None if ipproto is None else _parse_ipproto(ipproto),
+            )
+    resource = path.partition("?")[0]
+    served = ", ".join(
+        [*(t.text for t in templates), f"{WELL_KNOWN_PREFIX}{{target}}/{{ipproto}}/"]
+    )
+    if not resource.startswith(WELL_KNOWN_PREFIX):
+        raise _err(404, f"path {path!r} matches none of the templates served: {served}")
+    parts = resource[len(WELL_KNOWN_PREFIX) :].split("/")
+    if len(parts) != 3 or parts[2] or not parts[0] or not parts[1]:
+        raise _err(404, f"path {path!r} matches none of the templates served: {served}")
+    return _parse_target(parts[0]), _parse_ipproto(parts[1])
+
+
+def parse_connect_request(
+    headers: Sequence[tuple[bytes, bytes]], templates: Sequence[UriTemplate] = ()
+) -> ConnectIpRequest:
     """Validate an extended CONNECT request for CONNECT-IP.
 
+    ``templates``: URI templates this proxy serves besides the default one.
     Raises RequestError with the status to answer: 405 for another method, 501 for
-    another :protocol or a hostname target, 404 for a path outside the CONNECT-IP
-    URI template, 400 for anything else that is wrong.
+    another :protocol or a hostname target, 404 for a path that expands none of the
+    templates, 400 for anything else that is wrong.
     """
     pseudo: dict[bytes, str] = {}
     regular: dict[str, list[str]] = {}
@@ -194,14 +224,7 @@ def parse_connect_request(headers: Sequence[tuple[bytes, bytes]]) -> ConnectIpRe
     if _BAD_AUTHORITY_RE.search(authority):
         raise _err(400, f"bad :authority {authority!r}")
 
-    resource = path.partition("?")[0]
-    if not resource.startswith(WELL_KNOWN_PREFIX):
-        raise _err(404, f"no such resource {resource!r}")
-    parts = resource[len(WELL_KNOWN_PREFIX) :].split("/")
-    if len(parts) != 3 or parts[2] or not parts[0] or not parts[1]:
-        raise _err(404, f"{resource!r} does not match {WELL_KNOWN_PREFIX}{{target}}/{{ipproto}}/")
-    target = _parse_target(parts[0])
-    ipproto = _parse_ipproto(parts[1])
+    target, ipproto = _match_path(path, templates)
 
     transport_values = regular.get(TRANSPORT_HEADER, [])
     if len(transport_values) > 1:
@@ -211,7 +234,7 @@ def parse_connect_request(headers: Sequence[tuple[bytes, bytes]]) -> ConnectIpRe
         if transport_values[0].strip(" \t") != "stream":
             raise _err(400, f"unknown {TRANSPORT_HEADER} {transport_values[0]!r}")
         wants_stream = True
-    wants_datagram = _capsule_protocol_true(regular.get(CAPSULE_PROTOCOL_HEADER, []))
+    wants_datagram = capsule_protocol_true(regular.get(CAPSULE_PROTOCOL_HEADER, []))
     if wants_stream and wants_datagram:
         raise _err(400, f"both {TRANSPORT_HEADER} and {CAPSULE_PROTOCOL_HEADER}")
     if not wants_stream and not wants_datagram:
@@ -243,6 +266,20 @@ def request_path(target: IPNetwork | None = None, ipproto: int | None = None) ->
     return f"{WELL_KNOWN_PREFIX}{_encode_target(target)}/{proto}/"
 
 
+def _path(template: UriTemplate | None, target: IPNetwork | None, ipproto: int | None) -> str:
+    if template is None:
+        return request_path(target, ipproto)
+    if target is None:
+        target_text = "*"
+    elif target.prefixlen == target.max_prefixlen:
+        target_text = str(target.network_address)
+    else:
+        target_text = str(target)
+    return template.expand(
+        {"target": target_text, "ipproto": "*" if ipproto is None else str(ipproto)}
+    )
+
+
 def build_connect_request(
     authority: str,
     *,
@@ -250,8 +287,13 @@ def build_connect_request(
     target: IPNetwork | None = None,
     ipproto: int | None = None,
     extra: Sequence[tuple[bytes, bytes]] = (),
+    template: UriTemplate | None = None,
 ) -> Headers:
-    """Build the request headers ``parse_connect_request`` accepts (its inverse)."""
+    """Build the request headers ``parse_connect_request`` accepts (its inverse).
+
+    With ``template`` the :authority and :path are its expansion (RFC 9484 §3);
+    else ``authority`` and the default template's path.
+    """
     if transport == "stream":
         transport_header = (TRANSPORT_HEADER.encode(), b"stream")
     elif transport == "datagram":
@@ -262,8 +304,8 @@ def build_connect_request(
         (b":method", b"CONNECT"),
         (b":protocol", PROTOCOL.encode()),
         (b":scheme", b"https"),
-        (b":authority", authority.encode("ascii")),
-        (b":path", request_path(target, ipproto).encode("ascii")),
+        (b":authority", (template.authority if template else authority).encode("ascii")),
+        (b":path", _path(template, target, ipproto).encode("ascii")),
         transport_header,
         *extra,
     ]

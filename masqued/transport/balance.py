@@ -95,6 +95,8 @@ class Balancer:
         self.redirects += 1
         return best
 
-    def retry_cid(self, target: int) -> bytes:
-        """A connection ID that the steering program sends to ``target``."""
-        return bytes((target,)) + os.urandom(CID_LENGTH - 1)
+
+
+def retry_cid(target: int) -> bytes:
+    """A connection ID that the steering program sends to worker ``target``."""
+    return bytes((target,)) + os.urandom(CID_LENGTH - 1)

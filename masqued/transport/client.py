@@ -22,7 +22,6 @@ from typing import Any
 from aioquic.h3.connection import ErrorCode as H3ErrorCode
 from aioquic.h3.connection import H3Connection, Setting
 from aioquic.h3.events import DatagramReceived, DataReceived, H3Event, HeadersReceived
-from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import (
     ConnectionTerminated,
     HandshakeCompleted,
@@ -31,7 +30,7 @@ from aioquic.quic.events import (
 )
 
 from masqued.logutil import RateLimitedLog
-from masqued.metrics import (
+from masqued.observe.metrics import (
     DROP_DISCONNECTED,
     DROP_MALFORMED,
     DROP_OVERSIZED,
@@ -67,8 +66,8 @@ from masqued.proto.packet import addresses
 from masqued.proto.request import (
     IPV6_MIN_MTU,
     TunnelParams,
-    _capsule_protocol_true,
     build_connect_request,
+    capsule_protocol_true,
     parse_stream_response,
 )
 from masqued.transport.datagrams import (
@@ -81,10 +80,12 @@ from masqued.transport.datagrams import (
 from masqued.transport.quic import (
     Address,
     BacklogBound,
+    GuardedConnection,
     QuicPeer,
     UdpSocket,
     bytes_in_flight,
     congestion_window,
+    h3_held,
     merged_events,
     monotonic,
     quic_configuration,
@@ -184,7 +185,7 @@ class ClientConnection(QuicPeer):
     def __init__(
         self,
         tunnel: ClientTunnel,
-        quic: QuicConnection,
+        quic: GuardedConnection,
         udp: UdpSocket,
     ) -> None:
         super().__init__(tunnel.loop, quic, udp.send)
@@ -276,6 +277,7 @@ class ClientConnection(QuicPeer):
                 self.transport,
             )
         self.stream_id = self.quic.get_next_available_stream_id()
+        self.quic.open_tunnel(self.stream_id)
         extra: list[tuple[bytes, bytes]] = []
         if self.token is not None:
             extra.append((b"authorization", b"Bearer " + self.token.encode()))
@@ -373,7 +375,7 @@ class ClientConnection(QuicPeer):
         if status >= 300:
             self.fail(TunnelRefused(status, f"relay refused the tunnel: status {status}"))
             return
-        if not _capsule_protocol_true(fields.get(b"capsule-protocol", [])):
+        if not capsule_protocol_true(fields.get(b"capsule-protocol", [])):
             self.fail(f"relay answered {status} without capsule-protocol: ?1")
             return
         self.responded = True
@@ -433,6 +435,12 @@ class ClientConnection(QuicPeer):
                 self.ready.set_result(params)
         else:
             self.tunnel.params_changed(self, params)
+
+    def flush(self) -> None:
+        # Receive credit as consumed, and a relay whose messages stay incomplete past
+        # the limit is closed (settle queues the close; the attempt then ends).
+        self.quic.settle(h3_held(self.h3))
+        super().flush()
 
     def keepalive(self) -> None:
         """Ping when idle; declare the tunnel dead when the relay stays silent."""
@@ -581,7 +589,7 @@ class ClientTunnel:
         if settings.certificate is not None:
             config.load_cert_chain(settings.certificate, settings.private_key)
         token = settings.token()
-        quic = QuicConnection(configuration=config)
+        quic = GuardedConnection(configuration=config)
         use_burst_pacer(quic)
         conn: ClientConnection | None = None
 

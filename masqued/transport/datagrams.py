@@ -14,7 +14,7 @@ from __future__ import annotations
 from aioquic.h3.connection import H3Connection, Setting
 from aioquic.quic.connection import QuicConnection
 
-from masqued.metrics import DROP_OVERSIZED, DROP_QUEUE_FULL
+from masqued.observe.metrics import DROP_OVERSIZED, DROP_QUEUE_FULL
 from masqued.proto.capsule import varint_size
 from masqued.transport.quic import BacklogBound, bytes_in_flight, delivered_bytes
 

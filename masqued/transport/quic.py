@@ -23,13 +23,20 @@ from aioquic.h3.connection import H3_ALPN, H3Connection
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.congestion.base import register_congestion_control
 from aioquic.quic.congestion.cubic import CubicCongestionControl
-from aioquic.quic.connection import QuicConnection
+from aioquic.quic.connection import (
+    CONNECTION_LIMIT_FRAME_CAPACITY,
+    MAX_STREAM_DATA_FRAME_CAPACITY,
+    QuicConnection,
+    QuicConnectionError,
+)
 from aioquic.quic.events import QuicEvent, StreamDataReceived
-from aioquic.quic.packet_builder import QuicSentPacket
+from aioquic.quic.packet import QuicErrorCode, QuicFrameType
+from aioquic.quic.packet_builder import QuicPacketBuilder, QuicSentPacket
 from aioquic.quic.recovery import QuicPacketPacer
 
-from masqued.metrics import DROP_OVERSIZED, DROP_QUEUE_FULL, TrafficCounters
+from masqued.observe.metrics import DROP_OVERSIZED, DROP_QUEUE_FULL, TrafficCounters
 from masqued.proto.framing import encode_frames
+from masqued.transport.limits import ReceiveLimits
 
 log = logging.getLogger("masqued.transport")
 
@@ -319,7 +326,7 @@ class QuicPeer:
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
-        quic: QuicConnection,
+        quic: GuardedConnection,
         send: Callable[[Iterable[tuple[bytes, Address]]], None],
     ) -> None:
         self.loop = loop
@@ -555,7 +562,161 @@ def stream_send_backlog(quic: QuicConnection, stream_id: int) -> int:
     return len(stream.sender._buffer)
 
 
-class ClientCertRequestingConnection(QuicConnection):
+# HTTP/3 error code for a peer that makes us hold too much (RFC 9114 §8.1).
+H3_EXCESSIVE_LOAD = 0x107
+# Error codes of the closes GuardedConnection makes (or aioquic makes on its behalf),
+# with what each means for the log.
+LIMIT_ERRORS: dict[int, str] = {
+    QuicErrorCode.FLOW_CONTROL_ERROR: "sent past its flow-control credit",
+    QuicErrorCode.STREAM_LIMIT_ERROR: "opened more streams than allowed",
+    QuicErrorCode.CRYPTO_BUFFER_EXCEEDED: "sent a handshake message too large",
+    H3_EXCESSIVE_LOAD: "left too much in incomplete messages",
+}
+
+
+class GuardedConnection(QuicConnection):
+    """A QuicConnection whose receive credit follows what our side consumed.
+
+    aioquic doubles a stream's window once the peer's highest offset passes half of
+    it, and the connection's once the bytes counted against it do, and zero-fills the
+    receive buffer up to that offset: 1-byte STREAM frames at the end of each window
+    make it allocate the whole window, then twice that. Here the windows start small
+    (``ReceiveLimits``), an admitted tunnel stream gets a large one
+    (``open_tunnel``), and ``settle`` (before each send) grants credit only as
+    consumed bytes + window, where bytes still held above QUIC (an incomplete HTTP/3
+    frame) are not consumed. A peer that sends past its credit gets aioquic's own
+    FLOW_CONTROL_ERROR; one that opens more streams than allowed STREAM_LIMIT_ERROR;
+    one whose TLS or HTTP/3 messages stay incomplete past ``max_held`` is closed too.
+    """
+
+    def __init__(
+        self, *args: Any, receive_limits: ReceiveLimits | None = None, **kwargs: Any
+    ) -> None:
+        super().__init__(*args, **kwargs)
+        self.receive_limits = limits = receive_limits or ReceiveLimits()
+        self._windows: dict[int, int] = {}  # stream ID -> window of an admitted tunnel
+        self._connection_window = limits.connection_window
+        # Set before the transport parameters are sent (at the first handshake step).
+        self._local_max_data.value = self._local_max_data.sent = limits.connection_window
+        self._local_max_stream_data_bidi_local = limits.stream_window
+        self._local_max_stream_data_bidi_remote = limits.stream_window
+        self._local_max_stream_data_uni = limits.stream_window
+        for limit, count in (
+            (self._local_max_streams_bidi, limits.bidi_streams),
+            (self._local_max_streams_uni, limits.uni_streams),
+        ):
+            limit.value = limit.sent = count
+        self.exceeded: str | None = None  # why settle() closed the connection
+
+    def local_close_code(self) -> int | None:
+        """The error code of a close this side started (a limit aioquic enforces
+        itself, such as flow control, ends up here), None while open."""
+        event = self._close_event
+        return None if event is None else event.error_code
+
+    def open_tunnel(self, stream_id: int) -> None:
+        """``stream_id`` carries an admitted tunnel: give it (and the connection) the
+        tunnel's windows from the next send on."""
+        limits = self.receive_limits
+        self._windows[stream_id] = limits.tunnel_window
+        self._connection_window = max(self._connection_window, limits.tunnel_connection_window)
+
+    def settle(self, held: dict[int, int]) -> int:
+        """Grant credit for what was consumed; returns the bytes held for this peer.
+
+        ``held``: bytes an upper layer keeps per stream (incomplete HTTP/3 frames).
+        """
+        limits = self.receive_limits
+        tls = getattr(self, "tls", None)
+        upper = sum(held.values()) + (len(tls._receive_buffer) if tls is not None else 0)
+        if upper > limits.max_held and self.exceeded is None:
+            self.exceeded = f"{upper} bytes held in incomplete HTTP/3 or TLS messages"
+            self.close(error_code=H3_EXCESSIVE_LOAD, reason_phrase="excessive load")
+        windows = self._windows
+        buffered = 0
+        for stream_id, stream in self._streams.items():
+            limit = stream.max_stream_data_local
+            if not limit:  # our own unidirectional streams receive nothing
+                continue
+            receiver = stream.receiver
+            buffered += len(receiver._buffer)  # out of order, or a gap the peer left
+            window = windows.get(stream_id, limits.stream_window)
+            credit = receiver._buffer_start - held.get(stream_id, 0) + window
+            if credit - limit >= window >> 1:
+                stream.max_stream_data_local = credit
+        if len(windows) > limits.bidi_streams:
+            for stream_id in [s for s in windows if s not in self._streams]:
+                del windows[stream_id]
+        max_data = self._local_max_data
+        window = self._connection_window
+        credit = max_data.used - buffered - upper + window
+        if credit - max_data.value >= window >> 1:
+            max_data.value = credit
+        return buffered + upper
+
+    # The two writers below send what settle() granted; aioquic's own versions would
+    # first double the windows from the highest offsets received.
+
+    def _write_connection_limits(self, builder: QuicPacketBuilder, space: Any) -> None:
+        for limit in (
+            self._local_max_data,
+            self._local_max_streams_bidi,
+            self._local_max_streams_uni,
+        ):
+            if limit.value == limit.sent:
+                continue
+            if limit is not self._local_max_data and (
+                limit.sent - limit.used >= limit.value - limit.sent
+            ):
+                continue  # batch MAX_STREAMS until the peer is short of streams
+            buf = builder.start_frame(
+                limit.frame_type,
+                capacity=CONNECTION_LIMIT_FRAME_CAPACITY,
+                handler=self._on_connection_limit_delivery,
+                handler_args=(limit,),
+            )
+            buf.push_uint_var(limit.value)
+            limit.sent = limit.value
+
+    def _write_stream_limits(self, builder: QuicPacketBuilder, space: Any, stream: Any) -> None:
+        if stream.max_stream_data_local_sent == stream.max_stream_data_local:
+            return
+        buf = builder.start_frame(
+            QuicFrameType.MAX_STREAM_DATA,
+            capacity=MAX_STREAM_DATA_FRAME_CAPACITY,
+            handler=self._on_max_stream_data_delivery,
+            handler_args=(stream,),
+        )
+        buf.push_uint_var(stream.stream_id)
+        buf.push_uint_var(stream.max_stream_data_local)
+        stream.max_stream_data_local_sent = stream.max_stream_data_local
+
+    def _handle_crypto_frame(self, context: Any, frame_type: int, buf: Any) -> None:
+        # aioquic's TLS layer buffers a handshake message until all of it arrived, and a
+        # message may claim 16 MiB: bound what waits there (RFC 9000 §7.5).
+        start = buf.tell()
+        offset = buf.pull_uint_var()
+        length = buf.pull_uint_var()
+        buf.seek(start)
+        stream = self._crypto_streams.get(context.epoch)
+        tls = getattr(self, "tls", None)
+        if stream is not None and tls is not None:
+            pending = offset + length - stream.receiver.starting_offset()
+            if pending + len(tls._receive_buffer) > self.receive_limits.max_held:
+                raise QuicConnectionError(
+                    error_code=QuicErrorCode.CRYPTO_BUFFER_EXCEEDED,
+                    frame_type=frame_type,
+                    reason_phrase="handshake message too large",
+                )
+        super()._handle_crypto_frame(context, frame_type, buf)
+
+
+def h3_held(h3: H3Connection) -> dict[int, int]:
+    """Bytes aioquic's HTTP/3 layer keeps per stream while a frame is incomplete."""
+    return {sid: len(s.buffer) for sid, s in h3._stream.items() if s.buffer}
+
+
+class ClientCertRequestingConnection(GuardedConnection):
     """A server connection whose TLS handshake asks the client for a certificate.
 
     aioquic only has a private switch for this; it then checks the client's proof of

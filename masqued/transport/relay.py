@@ -9,9 +9,11 @@ from the TUN are sent to the session that owns their destination address.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import ipaddress
 import logging
+import os
 import socket
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -23,11 +25,11 @@ from aioquic.h3.connection import ErrorCode as H3ErrorCode
 from aioquic.h3.connection import H3Connection
 from aioquic.h3.events import DatagramReceived, DataReceived, H3Event, HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
-from aioquic.quic.connection import QuicConnection
 from aioquic.quic.events import (
     ConnectionIdIssued,
     ConnectionIdRetired,
     ConnectionTerminated,
+    HandshakeCompleted,
     StreamReset,
 )
 from aioquic.quic.packet import (
@@ -37,11 +39,12 @@ from aioquic.quic.packet import (
     pull_quic_header,
 )
 
-from masqued.access import AccessControl, Identity, LeaseStore
-from masqued.auth import AuthError
-from masqued.ipam import AddressPool, Lease, PoolExhausted
+from masqued.gate.access import AccessControl, Identity, LeaseStore
+from masqued.gate.auth import AuthError
+from masqued.gate.ipam import AddressPool, Lease, PoolExhausted
+from masqued.gate.policy import CompiledAcl
 from masqued.logutil import RateLimitedLog
-from masqued.metrics import (
+from masqued.observe.metrics import (
     DROP_MALFORMED,
     DROP_NO_SESSION,
     DROP_OVERSIZED,
@@ -51,7 +54,6 @@ from masqued.metrics import (
     LatencyHistogram,
     TrafficCounters,
 )
-from masqued.policy import CompiledAcl
 from masqued.proto.capsule import (
     ADDRESS_ASSIGN,
     ADDRESS_REQUEST,
@@ -98,8 +100,8 @@ from masqued.proto.request import (
     build_response_headers,
     parse_connect_request,
 )
-from masqued.service import client_fields
-from masqued.transport.balance import Balancer, InvalidToken
+from masqued.runtime.service import client_fields
+from masqued.transport.balance import Balancer, InvalidToken, RetryTokens, retry_cid
 from masqued.transport.datagrams import (
     MAX_DATAGRAM_FRAME_SIZE,
     DatagramBound,
@@ -108,14 +110,19 @@ from masqued.transport.datagrams import (
     peer_accepts_datagrams,
     queue_datagram,
 )
+from masqued.transport.limits import DEFAULT_ENDPOINT_LIMITS, BufferLedger, EndpointLimits
 from masqued.transport.quic import (
+    H3_EXCESSIVE_LOAD,
+    LIMIT_ERRORS,
     Address,
     BacklogBound,
     ClientCertRequestingConnection,
+    GuardedConnection,
     QuicPeer,
     UdpSocket,
     bytes_in_flight,
     congestion_window,
+    h3_held,
     merged_events,
     monotonic,
     peer_certificate,
@@ -136,10 +143,12 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 MAX_SESSIONS_PER_CONNECTION = 4
 # Smallest UDP payload that may open a connection (RFC 9000 §14.1).
 MIN_INITIAL_SIZE = 1200
+# How often pending connections are checked against their timeouts.
+SWEEP_INTERVAL = 1.0
 TUN_READ_BATCH = 256
 # Datagram mode: largest control capsule we accept (a few hundred addresses/routes).
 MAX_CONTROL_CAPSULE = 16384
-# Datagram mode drop reasons (besides the shared ones in masqued.metrics).
+# Datagram mode drop reasons (besides the shared ones in masqued.observe.metrics).
 DROP_LINK_LOCAL = "link_local"
 DROP_TTL_EXPIRED = "ttl_expired"
 DROP_UNKNOWN_CONTEXT = "unknown_context"
@@ -173,10 +182,11 @@ class RelaySettings:
     certificate: str
     private_key: str
     max_clients: int | None = None
-    # Relay workers (masqued.workers): this one's index and how many share the port;
+    # Relay workers (masqued.runtime.workers): this one's index and how many share the port;
     # with more than one, every connection ID this worker issues starts with its index.
     worker: int = 0
     workers: int = 1
+    limits: EndpointLimits = DEFAULT_ENDPOINT_LIMITS
 
 
 @dataclass(eq=False)
@@ -227,7 +237,7 @@ class RelaySession:
 
 
 def session_log_fields(session: RelaySession) -> dict[str, str]:
-    """Journal fields of a session's log lines (masqued.service.client_fields)."""
+    """Journal fields of a session's log lines (masqued.runtime.service.client_fields)."""
     return client_fields(
         session.peer,
         ",".join(str(a.ip) for a in session.lease.addresses),
@@ -240,7 +250,7 @@ class RelayConnection(QuicPeer):
     def __init__(
         self,
         server: RelayServer,
-        quic: QuicConnection,
+        quic: GuardedConnection,
         peer_addr: Address,
         send: Callable[[Iterable[tuple[bytes, Address]]], None],
     ) -> None:
@@ -252,13 +262,18 @@ class RelayConnection(QuicPeer):
         self.sessions: dict[int, RelaySession] = {}
         self.cids: set[bytes] = set()
         self.datagram_bound = DatagramBound()  # its datagram queue (datagram mode)
+        self.handshake_done = False
+        self.admitted = False  # a CONNECT was admitted on it (it left the pending set)
+        self.over_limit = False  # closed for exceeding a receive limit (counted once)
 
     def process_events(self) -> None:
         quic = self.quic
         h3 = self.h3
         assert h3 is not None
         for event in merged_events(quic):
-            if isinstance(event, ConnectionIdIssued):
+            if isinstance(event, HandshakeCompleted):
+                self.handshake_done = True
+            elif isinstance(event, ConnectionIdIssued):
                 self.server._register_cid(event.connection_id, self)
             elif isinstance(event, ConnectionIdRetired):
                 self.server._unregister_cid(event.connection_id)
@@ -272,6 +287,9 @@ class RelayConnection(QuicPeer):
                 continue
             for h3_event in h3.handle_event(event):
                 self._h3_event(h3_event)
+        code = quic.local_close_code()
+        if code in LIMIT_ERRORS:
+            self.server.limit_exceeded(self, f"{LIMIT_ERRORS[code]} (code {code:#x})")
 
     def _h3_event(self, event: H3Event) -> None:
         if isinstance(event, DataReceived):
@@ -287,8 +305,28 @@ class RelayConnection(QuicPeer):
         elif isinstance(event, HeadersReceived):
             self.server.handle_request(self, event)
 
+    def flush(self) -> None:
+        """Grant receive credit, account what this peer makes us hold, then send."""
+        quic = self.quic
+        held = quic.settle(h3_held(self.h3))
+        if quic.exceeded is not None:
+            self.server.limit_exceeded(self, quic.exceeded)
+        elif not self.server.ledger.update(id(self), held):
+            quic.exceeded = f"{held} bytes held while the relay's total is over its limit"
+            quic.close(error_code=H3_EXCESSIVE_LOAD, reason_phrase="excessive load")
+            self.server.limit_exceeded(self, quic.exceeded)
+        super().flush()
+
+    def _on_timer(self) -> None:
+        try:
+            super()._on_timer()
+        except Exception as exc:
+            self.server.connection_failed(self, exc)
+
     def _terminated(self, event: ConnectionTerminated) -> None:
         reason = event.reason_phrase or f"code {event.error_code:#x}"
+        if event.error_code in LIMIT_ERRORS:
+            self.server.limit_exceeded(self, f"{LIMIT_ERRORS[event.error_code]} ({reason})")
         for session in list(self.sessions.values()):
             self.server.end_session(session, f"connection closed ({reason})")
         self.closed = True
@@ -321,6 +359,14 @@ class RelayServer:
         self.loop = loop
         # With workers: sends new clients to the least busy worker (Retry).
         self.balancer = balancer
+        # Retry tokens: shared by the workers (balancing), else this process's own.
+        self.tokens = balancer.tokens if balancer is not None else RetryTokens(os.urandom(16))
+        self.limits = settings.limits
+        self.ledger = BufferLedger(settings.limits.max_buffered_total)
+        # Connections without an admitted CONNECT yet, oldest first, and per source IP.
+        self._pending: dict[RelayConnection, None] = {}
+        self._pending_by_ip: collections.Counter[str] = collections.Counter()
+        self._sweeper: asyncio.TimerHandle | None = None
         self.tun = tun
         self.pool = pool
         self.settings = settings
@@ -361,6 +407,7 @@ class RelayServer:
         tune_socket(self.udp.sock)
         self.udp.start()
         self.loop.add_reader(self.tun.fileno(), self._tun_ready)
+        self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
 
     def update_settings(self, settings: RelaySettings) -> None:
         """Apply settings that can change live (routes for new sessions, certificates)."""
@@ -371,6 +418,9 @@ class RelayServer:
         """Close every connection (CONNECTION_CLOSE, H3_NO_ERROR) and stop reading."""
         with contextlib.suppress(ValueError, OSError):
             self.loop.remove_reader(self.tun.fileno())
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         conns = {id(c): c for c in self.connections.values()}
         for conn in conns.values():
             for session in list(conn.sessions.values()):
@@ -393,18 +443,65 @@ class RelayServer:
                 conn = self._new_connection(data, addr)
                 if conn is None:
                     continue
-            conn.quic.receive_datagram(data, addr, now)
+            try:
+                conn.quic.receive_datagram(data, addr, now)
+            except Exception as exc:
+                self.connection_failed(conn, exc)
+                continue
             dirty.add(conn)
         self._batching = True
         try:
-            for conn in dirty:
-                if not conn.closed:
+            # A copy: handling one connection may touch another (a client replacing
+            # its old session marks the old connection dirty).
+            for conn in list(dirty):
+                if conn.closed:
+                    continue
+                try:
                     conn.process_events()
+                except Exception as exc:
+                    self.connection_failed(conn, exc)
         finally:
             self._batching = False
             self._write_tun()
         self._pump_tun()
         self._flush()
+
+    def connection_failed(self, conn: RelayConnection, exc: BaseException) -> None:
+        """A bug met by one connection's input: it ends there (H3_INTERNAL_ERROR),
+        logged once per kind, and the other connections of the batch go on."""
+        self._count("internal_error")
+        kind = f"{type(exc).__name__}:{exc}"[:120]
+        self._ratelog.log(
+            logging.ERROR,
+            f"internal:{kind}",
+            "%s: internal error while handling this connection: closing it",
+            conn.peer,
+            exc_info=(type(exc), exc, exc.__traceback__),
+        )
+        with contextlib.suppress(Exception):
+            conn.quic.close(
+                error_code=H3ErrorCode.H3_INTERNAL_ERROR, reason_phrase="internal error"
+            )
+            QuicPeer.flush(conn)
+        try:
+            self._drop(conn, "internal error")
+        except Exception:  # its sessions' state is suspect too: at least forget it
+            conn.closed = True
+            conn.cancel_timer()
+            self._forget_connection(conn)
+
+    def limit_exceeded(self, conn: RelayConnection, reason: str) -> None:
+        """A peer went past a receive limit (its connection is closing): count, log once."""
+        if conn.over_limit:
+            return
+        conn.over_limit = True
+        self._count("limit_exceeded")
+        self._ratelog.warning(
+            f"limit:{_peer_ip(conn.peer_addr)}",
+            "%s: closing the connection: %s",
+            conn.peer,
+            reason,
+        )
 
     def _write_tun(self) -> None:
         """Write what the clients sent in this batch, one TUN batch per session."""
@@ -419,8 +516,24 @@ class RelayServer:
         dirty = self._dirty
         while dirty:
             conn = dirty.pop()
-            if not conn.closed:
+            if conn.closed:
+                continue
+            try:
                 conn.flush()
+            except Exception as exc:
+                self.connection_failed(conn, exc)
+                continue
+            if conn.over_limit:
+                # Its CONNECTION_CLOSE is out: drop its state now rather than keep
+                # what it made us hold through the closing period (RFC 9000 §10.2).
+                self._drop(conn, "closed for exceeding a limit")
+
+    def _drop(self, conn: RelayConnection, reason: str) -> None:
+        for session in list(conn.sessions.values()):
+            self.end_session(session, reason)
+        conn.closed = True
+        conn.cancel_timer()
+        self._forget_connection(conn)
 
     def _new_connection(self, data: bytes, addr: Address) -> RelayConnection | None:
         config = self._quic_config
@@ -454,33 +567,53 @@ class RelayServer:
             return conn
         if header.packet_type != QuicPacketType.INITIAL or len(data) < MIN_INITIAL_SIZE:
             return None
+        limits = self.limits
+        ip = _peer_ip(addr)
+        if len(self._pending) >= limits.max_pending or (
+            self._pending_by_ip[ip] >= limits.max_pending_per_address
+        ):
+            self._count("initial_dropped")
+            self._ratelog.warning(
+                "pending_full",
+                "%s: new connection dropped: %d connections wait for a handshake or a "
+                "CONNECT (%d from this address)",
+                _format_addr(addr),
+                len(self._pending),
+                self._pending_by_ip[ip],
+            )
+            return None
         odcid, retry_scid = header.destination_cid, None
-        balancer = self.balancer
-        if balancer is not None:
-            if header.token:
-                # The second Initial of a client this or another worker redirected.
-                try:
-                    odcid, retry_scid = balancer.tokens.open(
-                        _format_addr(addr), header.token, header.destination_cid
-                    )
-                except InvalidToken as exc:
-                    self._count("retry_invalid")
-                    self._ratelog.info(
-                        f"token:{_peer_ip(addr)}",
-                        "%s: Initial with an unusable Retry token (%s): dropped",
-                        _format_addr(addr),
-                        exc,
-                    )
-                    return None
-            else:
-                target = balancer.target(self._load())
-                if target is not None:
-                    self._send_retry(header, addr, target)
-                    return None
-        connection_class: type[QuicConnection] = (
+        if header.token:
+            # The second Initial of a client we (or another worker) sent a Retry.
+            try:
+                odcid, retry_scid = self.tokens.open(
+                    _format_addr(addr), header.token, header.destination_cid
+                )
+            except InvalidToken as exc:
+                self._count("retry_invalid")
+                self._ratelog.info(
+                    f"token:{ip}",
+                    "%s: Initial with an unusable Retry token (%s): dropped",
+                    _format_addr(addr),
+                    exc,
+                )
+                return None
+        else:
+            target = self.balancer.target(self._load()) if self.balancer is not None else None
+            if target is not None:
+                self._count("redirected")
+                self._send_retry(header, addr, target)
+                return None
+            if len(self._pending) >= limits.retry_threshold:
+                # Many handshakes at once (perhaps from spoofed sources): the client
+                # proves its address with a Retry before we spend a handshake on it.
+                self._count("address_validation")
+                self._send_retry(header, addr, self.settings.worker)
+                return None
+        connection_class: type[GuardedConnection] = (
             ClientCertRequestingConnection
             if self.access is not None and self.access.requests_client_certificate
-            else QuicConnection
+            else GuardedConnection
         )
         if self.settings.workers > 1:
             connection_class = steered(connection_class, self.settings.worker)
@@ -488,11 +621,14 @@ class RelayServer:
             configuration=config,
             original_destination_connection_id=odcid,
             retry_source_connection_id=retry_scid,
+            receive_limits=limits.receive,
         )
         use_burst_pacer(quic)
         conn = RelayConnection(self, quic, addr, self.udp.send)
         self._register_cid(header.destination_cid, conn)
         self._register_cid(quic.host_cid, conn)
+        self._pending[conn] = None
+        self._pending_by_ip[ip] += 1
         return conn
 
     def _load(self) -> int:
@@ -500,11 +636,11 @@ class RelayServer:
         return len({id(conn) for conn in self.connections.values()})
 
     def _send_retry(self, header: Any, addr: Address, target: int) -> None:
-        """Send the client to worker ``target``: a Retry with a connection ID that
-        the steering program maps there, and a token that worker accepts."""
-        assert self.balancer is not None
-        scid = self.balancer.retry_cid(target)
-        token = self.balancer.tokens.seal(_format_addr(addr), header.destination_cid, scid)
+        """Send the client to worker ``target`` (this one, to validate its address): a
+        Retry with a connection ID that the steering program maps there, and a token
+        that worker accepts."""
+        scid = retry_cid(target)
+        token = self.tokens.seal(_format_addr(addr), header.destination_cid, scid)
         retry = encode_quic_retry(
             version=header.version,
             source_cid=scid,
@@ -512,8 +648,52 @@ class RelayServer:
             original_destination_cid=header.destination_cid,
             retry_token=token,
         )
-        self._count("redirected")
         self.udp.send([(retry, addr)])
+
+    def _admitted(self, conn: RelayConnection) -> None:
+        """A CONNECT was admitted on ``conn``: it no longer counts as pending."""
+        if not conn.admitted:
+            conn.admitted = True
+            self._unpend(conn)
+
+    def _unpend(self, conn: RelayConnection) -> None:
+        if conn in self._pending:
+            del self._pending[conn]
+            ip = _peer_ip(conn.peer_addr)
+            self._pending_by_ip[ip] -= 1
+            if self._pending_by_ip[ip] <= 0:
+                del self._pending_by_ip[ip]
+
+    def _sweep(self) -> None:
+        """Every SWEEP_INTERVAL: end connections that waited too long for their
+        handshake (dropped silently: the source may be spoofed) or for an admitted
+        CONNECT (closed)."""
+        self._sweeper = self.loop.call_later(SWEEP_INTERVAL, self._sweep)
+        now = monotonic()
+        limits = self.limits
+        expired: list[RelayConnection] = []
+        for conn in self._pending:  # oldest first
+            age = now - conn.created
+            if age < min(limits.handshake_timeout, limits.admission_timeout):
+                break
+            if (not conn.handshake_done and age >= limits.handshake_timeout) or (
+                conn.handshake_done and age >= limits.admission_timeout
+            ):
+                expired.append(conn)
+        for conn in expired:
+            try:
+                if conn.handshake_done:
+                    self._count("admission_timeout")
+                    conn.quic.close(
+                        error_code=H3ErrorCode.H3_NO_ERROR,
+                        reason_phrase="no CONNECT-IP tunnel requested",
+                    )
+                    QuicPeer.flush(conn)
+                else:
+                    self._count("handshake_timeout")
+                self._drop(conn, "no tunnel admitted in time")
+            except Exception as exc:
+                self.connection_failed(conn, exc)
 
     def _register_cid(self, cid: bytes, conn: RelayConnection) -> None:
         self.connections[cid] = conn
@@ -530,6 +710,8 @@ class RelayServer:
                 del self.connections[cid]
         conn.cids.clear()
         self._dirty.discard(conn)
+        self._unpend(conn)
+        self.ledger.forget(id(conn))
 
     # -- requests ----------------------------------------------------------------
 
@@ -638,6 +820,8 @@ class RelayServer:
         self.sessions.add(session)
         for key in session.addr_keys:
             self.by_addr[key] = session
+        conn.quic.open_tunnel(stream_id)
+        self._admitted(conn)
         self._count("accepted")
         self.handshakes.observe(monotonic() - conn.created)
         log.info(
@@ -835,7 +1019,11 @@ class RelayServer:
             session.out.append(pkt)
         mtu = self.settings.mtu
         for session in touched:
-            self._send_packets(session, mtu)
+            try:
+                self._send_packets(session, mtu)
+            except Exception as exc:
+                session.out = []
+                self.connection_failed(session.conn, exc)
 
     def _send_packets(self, session: RelaySession, mtu: int) -> None:
         if session.transport == "datagram":

@@ -19,11 +19,11 @@ from __future__ import annotations
 import ctypes
 import socket
 import struct
-from typing import Any
+from typing import Any, TypeVar
 
 from aioquic.quic.connection import QuicConnection
 
-from masqued.ipam import MAX_WORKERS
+from masqued.gate.ipam import MAX_WORKERS
 
 SO_ATTACH_REUSEPORT_CBPF = 51  # asm-generic/socket.h
 
@@ -127,13 +127,14 @@ class SteeredCids(QuicConnection):
                 entry.cid = self._mark(entry.cid)
 
 
+_C = TypeVar("_C", bound=QuicConnection)
 _steered: dict[tuple[type[QuicConnection], int], type[QuicConnection]] = {}
 
 
-def steered(base: type[QuicConnection], worker: int) -> type[QuicConnection]:
+def steered(base: type[_C], worker: int) -> type[_C]:
     """``base`` with its connection IDs marked for ``worker`` (one class per pair)."""
     cls = _steered.get((base, worker))
     if cls is None:
         cls = type(f"Steered{base.__name__}", (SteeredCids, base), {"worker": worker})
         _steered[(base, worker)] = cls
-    return cls
+    return cls  # type: ignore[return-value]

@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from masqued.gate.ipam import AddressPool
 from masqued.host.tun import FakeTun
-from masqued.ipam import AddressPool
 from masqued.transport.relay import RelayServer, RelaySettings
 
 ROUTES = (ipaddress.ip_network("198.19.0.0/24"), ipaddress.ip_network("2001:db8:19::/64"))

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from masqued import pki
+from masqued.gate import pki
 from tests.integration import vagrant_lab
 from tests.integration.lab import Lab, lab
 

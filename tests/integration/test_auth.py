@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from masqued import pki
-from masqued.auth import new_token
+from masqued.gate import pki
+from masqued.gate.auth import new_token
 from tests.integration.lab import EGRESS_V4, TARGET_V4, Daemon, NamespaceLab
 
 MB = 1024 * 1024

@@ -14,7 +14,7 @@ from typing import Any
 import jsonschema
 from prometheus_client.parser import text_string_to_metric_families
 
-from masqued import pki
+from masqued.gate import pki
 from tests.integration.lab import PYTHON, REPO, TARGET_V4, NamespaceLab
 
 MB = 1024 * 1024
@@ -37,7 +37,7 @@ def link_stats(lab: NamespaceLab, ns: str, dev: str) -> dict[str, Any]:
 
 
 def scrape(lab: NamespaceLab, ns: str, address: str) -> dict[tuple[str, str], float]:
-    code = f"from masqued.exposition import scrape; print(scrape({address!r}), end='')"
+    code = f"from masqued.observe.exposition import scrape; print(scrape({address!r}), end='')"
     res = lab.run(ns, PYTHON, "-c", code, timeout=30)
     values: dict[tuple[str, str], float] = {}
     for family in text_string_to_metric_families(res.stdout):

@@ -14,7 +14,7 @@ from typing import Any
 
 import jsonschema
 
-from masqued.auth import new_token
+from masqued.gate.auth import new_token
 from tests.integration.lab import (
     EGRESS_V4,
     EGRESS_V6,
@@ -237,7 +237,7 @@ def test_reload_reaches_every_worker(lab3: NamespaceLab) -> None:
 def test_a_stuck_worker_is_killed_and_started_again(lab1: NamespaceLab) -> None:
     """A worker whose event loop stops (SIGSTOP here) falls silent on its socket pair;
     after WATCHDOG seconds the main process kills it and starts it again."""
-    from masqued.workers import WATCHDOG
+    from masqued.runtime.workers import WATCHDOG
 
     lab = lab1
     lab.start_servers()

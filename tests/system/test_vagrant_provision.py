@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from masqued import pki
+from masqued.gate import pki
 from tests.integration import test_tunnel, vagrant_lab
 from tests.integration.lab import REPO, TARGET_V4, LabProcess, NamespaceLab
 from tests.system.machine import Container, ensure_rootfs

@@ -10,12 +10,12 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from masqued import pki
-from masqued.access import AccessControl, FailureLimiter, Identity, LeaseStore
-from masqued.auth import AuthError, new_token
-from masqued.clients import ClientPolicy
 from masqued.config import RelayConfig
-from masqued.policy import Acl
+from masqued.gate import pki
+from masqued.gate.access import AccessControl, FailureLimiter, Identity, LeaseStore
+from masqued.gate.auth import AuthError, new_token
+from masqued.gate.clients import ClientPolicy
+from masqued.gate.policy import Acl
 from masqued.proto.packet import build_tcp, build_udp
 
 

@@ -1,4 +1,4 @@
-"""Tokens and client-certificate checks (masqued.auth)."""
+"""Tokens and client-certificate checks (masqued.gate.auth)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from cryptography import x509
 from hypothesis import given
 from hypothesis import strategies as st
 
-from masqued import pki
-from masqued.auth import (
+from masqued.gate import pki
+from masqued.gate.auth import (
     AuthError,
     CertPolicy,
     TokenFileError,

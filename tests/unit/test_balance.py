@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from masqued.gate.ipam import AddressPool, pool_slice
 from masqued.host.tun import FakeTun
-from masqued.ipam import AddressPool, pool_slice
-from masqued.transport.balance import TOKEN_LIFETIME, Balancer, InvalidToken, RetryTokens
+from masqued.transport.balance import TOKEN_LIFETIME, Balancer, InvalidToken, RetryTokens, retry_cid
 from masqued.transport.relay import RelayServer, RelaySettings
 from masqued.transport.steering import reuseport_group, worker_for
-from tests.unit.test_transport import ROUTES, Client, until
+from tests.inproc import ROUTES, Client, until
 
 ADDR = "198.18.1.11:50000"
 
@@ -53,7 +53,7 @@ def test_the_balancer_sends_new_clients_to_the_least_busy_worker() -> None:
     assert b.target(own=3) is None
     assert b.target(own=4) == 1
     assert b.redirects == 5
-    cid = b.retry_cid(2)
+    cid = retry_cid(2)
     assert len(cid) == 8 and worker_for(bytes([0x40]) + cid, 3) == 2
 
 

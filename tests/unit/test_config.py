@@ -18,8 +18,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from masqued import config, pki
-from masqued.auth import new_token
+from masqued import config
 from masqued.config import (
     CLIENT_KEYS,
     RELAY_KEYS,
@@ -33,6 +32,8 @@ from masqued.config import (
     parse_host_port,
     parse_network,
 )
+from masqued.gate import pki
+from masqued.gate.auth import new_token
 from masqued.host.naming import InvalidInstanceName
 
 REPO = Path(__file__).resolve().parents[2]

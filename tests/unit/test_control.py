@@ -1,4 +1,4 @@
-"""masqued.control: the control socket's protocol, permissions and robustness."""
+"""masqued.observe.control: the control socket's protocol, permissions and robustness."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from typing import Any
 
 import pytest
 
-from masqued import control
-from masqued.control import (
+from masqued.observe import control
+from masqued.observe.control import (
     MAX_REQUEST,
     ControlClient,
     ControlError,

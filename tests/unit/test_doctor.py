@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from masqued import doctor, pki
+from masqued import doctor
 from masqued.doctor import (
     Finding,
     check_certificate_dates,
@@ -26,9 +26,10 @@ from masqued.doctor import (
     check_tun_device,
     probe_relay,
 )
+from masqued.gate import pki
 from masqued.host.naming import InstanceIds
 from masqued.host.nat import iptables_rules, nft_ruleset
-from tests.unit.test_transport import Relay
+from tests.inproc import Relay
 
 IDS = InstanceIds("relay")
 POOL = (ipaddress.ip_network("198.18.200.0/24"), ipaddress.ip_network("2001:db8:200::/64"))

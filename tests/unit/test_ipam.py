@@ -18,7 +18,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from masqued.ipam import AddressPool, Lease, PoolExhausted
+from masqued.gate.ipam import AddressPool, Lease, PoolExhausted
 
 Net = IPv4Network | IPv6Network
 Iface = IPv4Interface | IPv6Interface
@@ -255,7 +255,7 @@ def test_ipv6_interface_typing() -> None:
 
 @pytest.mark.parametrize("count", [1, 2, 3, 4, 6, 8])
 def test_pool_slices_are_disjoint_cover_the_pool_and_serve_every_family(count: int) -> None:
-    from masqued.ipam import pool_slice
+    from masqued.gate.ipam import pool_slice
 
     pool = [V4, V6, IPv4Network("198.19.128.0/22")]
     slices = [pool_slice(pool, k, count) for k in range(count)]
@@ -278,7 +278,7 @@ def test_pool_slices_are_disjoint_cover_the_pool_and_serve_every_family(count: i
 
 
 def test_pool_slices_refuse_what_cannot_be_split() -> None:
-    from masqued.ipam import pool_slice
+    from masqued.gate.ipam import pool_slice
 
     with pytest.raises(ValueError, match=r"no client addresses|cannot be split"):
         pool_slice([IPv4Network("198.18.200.0/29")], 0, 4)  # /31 shares

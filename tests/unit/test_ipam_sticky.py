@@ -9,7 +9,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, rule
 
-from masqued.ipam import AddressPool, PoolExhausted
+from masqued.gate.ipam import AddressPool, PoolExhausted
 
 NETS = [
     ip_network("198.18.200.0/29"),

@@ -1,4 +1,4 @@
-"""masqued.metrics (cheap counters) and masqued.exposition (snapshot collector, /metrics)."""
+"""masqued.observe.metrics (cheap counters) and .exposition (snapshot collector, /metrics)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import CollectorRegistry
 
-from masqued.exposition import MetricsServer, make_registry, scrape
-from masqued.metrics import (
+from masqued.observe.exposition import MetricsServer, make_registry, scrape
+from masqued.observe.metrics import (
     HANDSHAKE_BUCKETS,
     MAX_CLIENT_SERIES,
     LatencyHistogram,

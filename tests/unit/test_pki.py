@@ -1,4 +1,4 @@
-"""masqued.pki: the CA helper writes certificates that verify and keys nobody else reads."""
+"""masqued.gate.pki: the CA helper writes certificates that verify and keys nobody else reads."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from cryptography.x509.verification import PolicyBuilder, Store, VerificationError
 
-from masqued import pki
+from masqued.gate import pki
 
 
 def load(path: Path) -> x509.Certificate:

@@ -9,7 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from masqued.policy import Acl, PolicyError, Rule, parse_rule
+from masqued.gate.policy import Acl, PolicyError, Rule, parse_rule
 from masqued.proto.errors import PacketError
 from masqued.proto.packet import (
     build_icmp_echo,

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from masqued import service
-from masqued.service import (
+from masqued.runtime import service
+from masqued.runtime.service import (
     Notifier,
     StatusReporter,
     Watchdog,
@@ -383,7 +383,7 @@ def test_notify_never_blocks_when_nobody_reads(tmp_path: Path) -> None:
 def test_freeze_startup_objects_takes_them_out_of_later_collections() -> None:
     import gc
 
-    from masqued.service import freeze_startup_objects
+    from masqued.runtime.service import freeze_startup_objects
 
     made_at_startup = [[i] for i in range(1000)]
     try:

@@ -1,4 +1,4 @@
-"""masqued.status: the status document of a live relay and client (loopback QUIC, fake
+"""masqued.observe.status: the status document of a live relay and client (loopback QUIC, fake
 TUNs, no root), its JSON schema, the text rendering and --watch rates."""
 
 from __future__ import annotations
@@ -14,15 +14,15 @@ import jsonschema
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from masqued import status
 from masqued.config import ClientConfig, MetricsEndpoint, RelayConfig
-from masqued.control import socket_path
-from masqued.exposition import scrape
 from masqued.host.naming import InstanceIds
 from masqued.host.nat import FakeNat
+from masqued.observe import status
+from masqued.observe.control import socket_path
+from masqued.observe.exposition import scrape
+from masqued.observe.status import StatusService, compute_rates, parse_nat_description, render_text
 from masqued.proto.packet import build_udp
-from masqued.status import StatusService, compute_rates, parse_nat_description, render_text
-from tests.unit.test_transport import Client, Relay, until
+from tests.inproc import Client, Relay, until
 
 REPO = Path(__file__).resolve().parents[2]
 SCHEMA = json.loads((REPO / "docs" / "status.schema.json").read_text())

@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from masqued.metrics import LatencyHistogram, TrafficCounters
-from masqued.workers import Uplink, WorkerProcess, mark_worker, merge_snapshots
+from masqued.observe.metrics import LatencyHistogram, TrafficCounters
+from masqued.runtime.workers import Uplink, WorkerProcess, mark_worker, merge_snapshots
 
 
 def snapshot(
@@ -122,7 +122,7 @@ async def test_worker_process_supervises_and_restarts_a_child(tmp_path: Any) -> 
         on_change=lambda: changes.append(1),
     )
     proc.argv = lambda ipc_fd: [sys.executable, str(script), "--ipc-fd", str(ipc_fd)]  # type: ignore[method-assign]
-    import masqued.workers as w
+    import masqued.runtime.workers as w
 
     old = w.RESTART_INITIAL
     w.RESTART_INITIAL = 0.1
@@ -149,7 +149,7 @@ async def test_worker_process_supervises_and_restarts_a_child(tmp_path: Any) -> 
 async def test_uplink_says_alive_when_there_is_nothing_else_to_say(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import masqued.workers as w
+    import masqued.runtime.workers as w
 
     monkeypatch.setattr(w, "SNAPSHOT_INTERVAL", 0.01)
     monkeypatch.setattr(w, "HEARTBEAT", 0.05)

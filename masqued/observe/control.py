@@ -35,7 +35,7 @@ from typing import Any
 
 from masqued.logutil import RateLimitedLog
 
-log = logging.getLogger("masqued.control")
+log = logging.getLogger("masqued.observe.control")
 
 PROTOCOL_VERSION = 1
 DEFAULT_RUN_DIR = Path("/run/masqued")

@@ -198,9 +198,28 @@ def verify_client_certificate(
     policy: CertPolicy,
     now: dt.datetime | None = None,
 ) -> str:
-    """Verify a client certificate; return its identity or raise AuthError."""
+    """Verify a client certificate; return its identity or raise AuthError.
+
+    A certificate the TLS layer accepted may still hold fields cryptography refuses
+    to parse (a malformed or duplicated extension): that is a 403 like any other
+    bad credential, never an exception for the caller.
+    """
     if leaf is None:
         raise AuthError(401, "no client certificate")
+    try:
+        return _verify(leaf, chain, policy, now)
+    except AuthError:
+        raise
+    except Exception as exc:
+        raise AuthError(403, f"malformed client certificate ({type(exc).__name__})") from None
+
+
+def _verify(
+    leaf: x509.Certificate,
+    chain: Sequence[x509.Certificate],
+    policy: CertPolicy,
+    now: dt.datetime | None,
+) -> str:
     now = now or dt.datetime.now(dt.UTC)
     not_after = leaf.not_valid_after_utc
     not_before = leaf.not_valid_before_utc

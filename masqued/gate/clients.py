@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from masqued.policy import Acl, PolicyError
+from masqued.gate.policy import Acl, PolicyError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 CLIENT_KEYS = ("address", "acl", "acl_default")

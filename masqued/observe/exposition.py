@@ -27,9 +27,9 @@ from prometheus_client.metrics_core import (
     Metric,
 )
 
-from masqued.metrics import DROP_REASONS, MAX_CLIENT_SERIES, MAX_LABEL_LEN, SESSION_RESULTS
+from masqued.observe.metrics import DROP_REASONS, MAX_CLIENT_SERIES, MAX_LABEL_LEN, SESSION_RESULTS
 
-log = logging.getLogger("masqued.metrics")
+log = logging.getLogger("masqued.observe.metrics")
 
 
 def _label(value: object) -> str:

@@ -21,12 +21,18 @@ from pathlib import Path
 
 from cryptography import x509
 
-from masqued.auth import AuthError, CertPolicy, TokenStore, bearer_token, verify_client_certificate
-from masqued.clients import ClientPolicy
 from masqued.config import RelayConfig
-from masqued.policy import Acl, CompiledAcl
+from masqued.gate.auth import (
+    AuthError,
+    CertPolicy,
+    TokenStore,
+    bearer_token,
+    verify_client_certificate,
+)
+from masqued.gate.clients import ClientPolicy
+from masqued.gate.policy import Acl, CompiledAcl
 
-log = logging.getLogger("masqued.access")
+log = logging.getLogger("masqued.gate.access")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 

@@ -1,4 +1,4 @@
-"""Counters kept by the data path (their Prometheus exposition is masqued.exposition).
+"""Counters kept by the data path (their Prometheus exposition is masqued.observe.exposition).
 
 The data path only bumps plain integers (``TrafficCounters``) and a fixed-bucket
 ``LatencyHistogram``; nothing here touches a prometheus object per packet, and this
@@ -19,7 +19,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
-log = logging.getLogger("masqued.metrics")
+log = logging.getLogger("masqued.observe.metrics")
 
 # Drop reasons (label values; a bounded set).
 DROP_SPOOFED = "spoofed_source"

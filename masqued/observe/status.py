@@ -23,12 +23,12 @@ from typing import TYPE_CHECKING, Any
 
 from masqued import __version__
 from masqued.config import ClientConfig, Config, RelayConfig
-from masqued.control import ControlServer, server_socket_path, socket_path
 from masqued.host.naming import InstanceIds
 from masqued.host.nat import NatBackend
+from masqued.observe.control import ControlServer, server_socket_path, socket_path
 
 if TYPE_CHECKING:
-    from masqued.exposition import MetricsServer
+    from masqued.observe.exposition import MetricsServer
 
 
 log = logging.getLogger("masqued")
@@ -78,7 +78,7 @@ class StatusService:
         await self.control.start()
         endpoint = self.get_config().metrics
         if endpoint is not None:
-            from masqued.exposition import MetricsServer, make_registry
+            from masqued.observe.exposition import MetricsServer, make_registry
 
             per_client = getattr(self.get_config(), "metrics_per_client", False)
             registry = make_registry(self.document, per_client)
@@ -365,7 +365,7 @@ def render_text(doc: dict[str, Any], rates: Rates | None = None) -> str:
 
 def fetch(name: str, nat: bool = True, timeout: float = 10.0) -> dict[str, Any]:
     """The status document of a running instance (raises OSError / ControlError)."""
-    from masqued.control import request
+    from masqued.observe.control import request
 
     return request(name, "status", {"nat": nat}, timeout=timeout)
 
@@ -384,7 +384,7 @@ def watch(
     """
     import sys
 
-    from masqued.control import ControlClient
+    from masqued.observe.control import ControlClient
 
     out = write or sys.stdout.write
     interval = max(0.1, interval)

@@ -365,6 +365,9 @@ def set_level(level: str) -> None:
     # Libraries stay quiet even at debug level: their per-message chatter is noise.
     for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    # aioquic warns once per connection a peer breaks: anyone could flood the journal
+    # with those; the relay logs what matters itself, rate-limited.
+    logging.getLogger("quic").setLevel(logging.ERROR)
 
 
 NOISY_LOGGERS = ("quic", "aioquic", "asyncio")

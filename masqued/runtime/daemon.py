@@ -22,9 +22,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from masqued.access import AccessControl, LeaseStore, state_dir_for
 from masqued.config import ClientConfig, ConfigError, RelayConfig, load_config
-from masqued.control import ControlSocketBusy
+from masqued.gate.access import AccessControl, LeaseStore, state_dir_for
+from masqued.gate.ipam import AddressPool, pool_slice
 from masqued.host.cleanup import cleanup_instance
 from masqued.host.naming import (
     RULE_PRIORITY_SUPPRESS,
@@ -43,10 +43,11 @@ from masqued.host.routes import (
 from masqued.host.rtnetlink import RtNetlink
 from masqued.host.sysctl import SysctlRecord
 from masqued.host.tun import TunDevice, inherited_tun, open_tun
-from masqued.ipam import AddressPool, pool_slice
-from masqued.metrics import TrafficCounters
+from masqued.observe.control import ControlSocketBusy
+from masqued.observe.metrics import TrafficCounters
+from masqued.observe.status import StatusService
 from masqued.proto.request import TunnelParams
-from masqued.service import (
+from masqued.runtime.service import (
     Notifier,
     StatusReporter,
     Watchdog,
@@ -57,12 +58,17 @@ from masqued.service import (
     watchdog_interval,
     write_reload_result,
 )
-from masqued.status import StatusService
+from masqued.runtime.workers import (
+    READY_TIMEOUT,
+    Uplink,
+    WorkerProcess,
+    mark_worker,
+    merge_snapshots,
+)
 from masqued.transport.balance import Balancer, RetryTokens
 from masqued.transport.client import ClientSettings, ClientStatus, ClientTunnel
 from masqued.transport.relay import RelayServer, RelaySettings
 from masqued.transport.steering import reuseport_group
-from masqued.workers import READY_TIMEOUT, Uplink, WorkerProcess, mark_worker, merge_snapshots
 
 log = logging.getLogger("masqued")
 
@@ -207,7 +213,7 @@ async def run_relay(config: RelayConfig, notifier: Notifier) -> int:
     inst.cleanup()  # leftovers of a crashed earlier run
     try:
         count = config.workers
-        # Worker k serves its share of the pool on its own TUN (masqued.workers).
+        # Worker k serves its share of the pool on its own TUN (masqued.runtime.workers).
         shares.extend(pool_slice(config.pool, k, count) for k in range(count))
         pool = AddressPool(shares[0])
         for k in range(count):
@@ -480,7 +486,7 @@ def _lease_file(config: RelayConfig, worker: int) -> Path | None:
 
 async def run_worker(config: RelayConfig, index: int, fds: tuple[int, int, int], vnet: bool) -> int:
     """``masqued worker``: relay worker ``index`` of ``config.workers`` on the TUN and
-    UDP socket its parent made (masqued.workers); reports over the ``ipc`` fd."""
+    UDP socket its parent made (masqued.runtime.workers); reports over the ``ipc`` fd."""
     loop = asyncio.get_running_loop()
     tun_fd, udp_fd, ipc_fd = fds
     count = config.workers

@@ -32,7 +32,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-log = logging.getLogger("masqued.workers")
+log = logging.getLogger("masqued.runtime.workers")
 
 SNAPSHOT_INTERVAL = 0.5  # seconds between a worker's status pushes, at most
 # A worker says something at least every HEARTBEAT seconds (a snapshot or "alive"),

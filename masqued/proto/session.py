@@ -1,0 +1,629 @@
+"""One CONNECT-IP tunnel's protocol state, for both roles, without I/O (RFC 9484).
+
+Shaped like h11: a transport adapter feeds a session the request or response headers,
+the bytes of the request stream and the HTTP Datagram payloads of the tunnel; the
+session answers with the headers and bytes to send, the IP packets that arrived, and
+past-tense events (masqued.proto.events). It knows nothing of QUIC or HTTP/2 beyond
+"a stream of bytes" and "datagrams with a context ID". A peer's violation raises a
+ProtocolError carrying the code to abort the stream with; nothing else escapes.
+
+Two framings of the request stream (docs/architecture.md §3): ``stream`` (masqued's own: only
+``u16 length || packet`` records, tunnel parameters in the response headers) and
+``datagram`` (RFC 9484: capsules, packets in HTTP Datagrams or DATAGRAM capsules).
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+
+from masqued.proto.capsule import (
+    ADDRESS_ASSIGN,
+    ADDRESS_REQUEST,
+    DATAGRAM,
+    ROUTE_ADVERTISEMENT,
+    Capsule,
+    CapsuleDecoder,
+    encode_datagram_capsule,
+)
+from masqued.proto.connect_ip import (
+    AssignedAddress,
+    IPRange,
+    RequestedAddress,
+    decode_address_assign,
+    decode_address_request,
+    decode_datagram_payload,
+    decode_route_advertisement,
+    encode_address_assign,
+    encode_address_request,
+    encode_ip_datagram,
+    encode_route_advertisement,
+    ranges_for,
+    rejection,
+)
+from masqued.proto.drops import (
+    DROP_ACL,
+    DROP_LINK_LOCAL,
+    DROP_MALFORMED,
+    DROP_OUT_OF_SCOPE,
+    DROP_OVERSIZED,
+    DROP_SPOOFED,
+    DROP_TTL_EXPIRED,
+    DROP_UNKNOWN_CONTEXT,
+)
+from masqued.proto.errors import CapsuleError, PacketError, ProtocolError, ResponseError
+from masqued.proto.events import (
+    AddressesAssigned,
+    AddressesRequested,
+    Event,
+    RoutesAdvertised,
+    StreamEnded,
+    TunnelChanged,
+    TunnelOpened,
+    TunnelRefused,
+)
+from masqued.proto.framing import FrameDecoder, encode_frames
+from masqued.proto.packet import (
+    PROTO_ICMP,
+    PROTO_ICMPV6,
+    addresses,
+    decrement_ttl,
+    icmp_admin_prohibited,
+    icmp_error,
+    icmp_packet_too_big,
+    parse_packet,
+)
+from masqued.proto.request import (
+    CAPSULE_PROTOCOL_HEADER,
+    IPV6_MIN_MTU,
+    ConnectIpRequest,
+    Headers,
+    IPInterface,
+    IPNetwork,
+    TunnelParams,
+    build_connect_request,
+    build_response_headers,
+    capsule_protocol_true,
+    parse_stream_response,
+)
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+# Largest control capsule either side accepts (a few hundred addresses or ranges);
+# a longer one aborts the stream without being buffered.
+MAX_CONTROL_CAPSULE = 16384
+# Request IDs one ADDRESS_REQUEST stream may use in all (RFC 9484 §4.7.2 forbids
+# reuse, so the set of used IDs must be kept; this bounds it).
+MAX_REQUEST_IDS = 256
+# ICMP errors (Packet Too Big, prohibited) sent to one client: burst, then per second.
+ICMP_BURST = 10.0
+ICMP_RATE = 10.0
+# ICMP Time Exceeded (RFC 792) / ICMPv6 Time Exceeded (RFC 4443 §3.3), code 0.
+ICMPV4_TIME_EXCEEDED = 11
+ICMPV6_TIME_EXCEEDED = 3
+
+
+class Mode(enum.Enum):
+    """How packets and control share the request stream."""
+
+    STREAM = "stream"  # u16-length records; parameters in response headers
+    DATAGRAM = "datagram"  # RFC 9484 capsules; packets in HTTP Datagrams
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class Framing:
+    """The request stream's framing for one tunnel: what arrives, what we write."""
+
+    def decode(self, data: bytes) -> tuple[list[bytes], list[Capsule]]:
+        """Packets and control capsules that ``data`` completes; ProtocolError if bad."""
+        raise NotImplementedError
+
+    def end(self) -> None:
+        """The peer finished the stream; ProtocolError if it stopped mid-record."""
+        raise NotImplementedError
+
+    def encode_packets(self, packets: Iterable[bytes]) -> bytes:
+        """``packets`` as bytes for the request stream."""
+        raise NotImplementedError
+
+
+class RecordFraming(Framing):
+    """Stream mode: nothing but ``u16 length || packet`` records (masqued.proto.framing)."""
+
+    def __init__(self, mtu: int) -> None:
+        self._decoder = FrameDecoder(mtu)
+
+    def decode(self, data: bytes) -> tuple[list[bytes], list[Capsule]]:
+        return self._decoder.feed(data), []
+
+    def end(self) -> None:
+        if self._decoder.buffered:
+            raise ProtocolError("stream ended inside a record")
+
+    def encode_packets(self, packets: Iterable[bytes]) -> bytes:
+        return encode_frames(packets)
+
+
+class CapsuleFraming(Framing):
+    """Datagram mode: capsules (RFC 9297 §3); IP packets may come in DATAGRAM capsules
+    (§3.5, context ID 0), which a peer without QUIC datagrams sends."""
+
+    def __init__(self, mtu: int, drops: Counter[str]) -> None:
+        # A DATAGRAM capsule holds a context ID (≤ 8 bytes) and one packet.
+        self._decoder = CapsuleDecoder(max_value=MAX_CONTROL_CAPSULE, max_datagram=mtu + 8)
+        self._drops = drops
+
+    def decode(self, data: bytes) -> tuple[list[bytes], list[Capsule]]:
+        packets: list[bytes] = []
+        control: list[Capsule] = []
+        for capsule in self._decoder.feed(data):
+            if capsule.type != DATAGRAM:
+                control.append(capsule)
+                continue
+            context_id, payload = decode_datagram_payload(capsule.value)
+            if context_id == 0:
+                packets.append(payload)
+            else:
+                self._drops[DROP_UNKNOWN_CONTEXT] += 1  # RFC 9484 §6
+        return packets, control
+
+    def end(self) -> None:
+        self._decoder.end()
+
+    def encode_packets(self, packets: Iterable[bytes]) -> bytes:
+        return b"".join(encode_datagram_capsule(encode_ip_datagram(p)) for p in packets)
+
+
+def datagram_packet(payload: bytes, drops: Counter[str]) -> bytes | None:
+    """The IP packet of an HTTP Datagram payload (RFC 9484 §6), None if dropped."""
+    try:
+        context_id, packet = decode_datagram_payload(payload)
+    except CapsuleError:
+        drops[DROP_MALFORMED] += 1
+        return None
+    if context_id != 0:
+        drops[DROP_UNKNOWN_CONTEXT] += 1
+        return None
+    return packet
+
+
+def is_link_local(version: int, addr: bytes) -> bool:
+    """Link-local unicast or link-scope multicast (RFC 9484 §7: never forwarded)."""
+    if version == 4:
+        return (addr[0] == 169 and addr[1] == 254) or (
+            addr[0] == 224 and addr[1] == 0 and addr[2] == 0
+        )
+    return (addr[0] == 0xFE and addr[1] & 0xC0 == 0x80) or (
+        addr[0] == 0xFF and addr[1] & 0x0F == 0x02
+    )
+
+
+class IcmpBudget:
+    """Token bucket for the ICMP errors sent to one peer (RFC 1812 §4.3.2.8)."""
+
+    __slots__ = ("_at", "_tokens")
+
+    def __init__(self) -> None:
+        self._tokens = ICMP_BURST
+        self._at = 0.0
+
+    def take(self, now: float) -> bool:
+        self._tokens = min(ICMP_BURST, self._tokens + (now - self._at) * ICMP_RATE)
+        self._at = now
+        if self._tokens < 1.0:
+            return False
+        self._tokens -= 1.0
+        return True
+
+
+class ProxySession:
+    """The relay's side of one admitted tunnel.
+
+    Built once admission gave the client its addresses; ``response`` is what to send
+    first. Then ``receive_data`` / ``receive_datagram`` turn what the client sent into
+    IP packets, ``uplink`` decides which of them may reach the TUN (and which ICMP
+    errors go back to the client), and ``downlink`` prepares packets from the TUN.
+    """
+
+    def __init__(
+        self,
+        request: ConnectIpRequest,
+        *,
+        addresses: Sequence[IPInterface],
+        routes: Sequence[IPNetwork],
+        mtu: int,
+        gateways: dict[int, IPAddress],
+        drops: Counter[str],
+        acl: Callable[[bytes], bool] | None = None,
+    ) -> None:
+        self.request = request
+        self.mode = Mode(request.transport)
+        self.addresses = tuple(addresses)
+        self.routes = tuple(routes)
+        self.mtu = mtu
+        self.gateways = gateways
+        self.drops = drops
+        self.acl = acl
+        self.addr_keys = frozenset(a.ip.packed for a in self.addresses)
+        self.framing: Framing = (
+            RecordFraming(mtu) if self.mode is Mode.STREAM else CapsuleFraming(mtu, drops)
+        )
+        self.icmp = IcmpBudget()
+        self._request_ids: set[int] = set()
+        self.peer_routes: tuple[IPRange, ...] | None = None
+        # Set by uplink() when it dropped a spoofed packet or an ACL-denied one, for
+        # the adapter's rate-limited log line; the adapter resets them.
+        self.spoofed_from: bytes | None = None
+        self.denied_to: bytes | None = None
+        self.ended = False
+
+    @property
+    def scoped(self) -> bool:
+        return self.request.target is not None or self.request.ipproto is not None
+
+    def response(self) -> tuple[Headers, bytes]:
+        """The 2xx headers and the first bytes of the stream: stream mode puts the
+        tunnel parameters in headers; datagram mode sends ADDRESS_ASSIGN (request ID
+        0, unprompted) and ROUTE_ADVERTISEMENT (RFC 9484 §4.7) after a capsule-protocol
+        2xx. A scoped ipproto narrows the routes to that protocol (§4.7.3)."""
+        if self.mode is Mode.STREAM:
+            params = TunnelParams(addresses=self.addresses, routes=self.routes, mtu=self.mtu)
+            return build_response_headers(200, params), b""
+        headers = build_response_headers(200, extra=[(CAPSULE_PROTOCOL_HEADER.encode(), b"?1")])
+        proto = self.request.ipproto or 0
+        control = encode_address_assign(
+            AssignedAddress(0, a.network) for a in self.addresses
+        ) + encode_route_advertisement(ranges_for(self.routes, proto))
+        return headers, control
+
+    def receive_data(self, data: bytes, ended: bool) -> tuple[list[bytes], bytes, list[Event]]:
+        """Bytes of the request stream: (packets, bytes to send back, events)."""
+        packets, control = self.framing.decode(data) if data else ([], [])
+        reply = b""
+        events: list[Event] = []
+        for capsule in control:
+            answer, event = self._capsule(capsule)
+            reply += answer
+            if event is not None:
+                events.append(event)
+        if ended:
+            self.framing.end()
+            self.ended = True
+            events.append(StreamEnded())
+        return packets, reply, events
+
+    def _capsule(self, capsule: Capsule) -> tuple[bytes, Event | None]:
+        kind = capsule.type
+        if kind == ADDRESS_REQUEST:
+            requests = decode_address_request(capsule.value).requests
+            ids = {r.request_id for r in requests}
+            reused = self._request_ids & ids
+            if reused:
+                raise CapsuleError(f"ADDRESS_REQUEST reuses request ID {min(reused)}")
+            if len(self._request_ids) + len(ids) > MAX_REQUEST_IDS:
+                raise CapsuleError(f"more than {MAX_REQUEST_IDS} address requests")
+            self._request_ids |= ids
+            return self._answer(requests), AddressesRequested(requests)
+        if kind == ADDRESS_ASSIGN:
+            # The client assigning us addresses (site-to-site) is not something we
+            # use; it is still checked, as a malformed one must abort the stream.
+            decode_address_assign(capsule.value)
+            return b"", None
+        if kind == ROUTE_ADVERTISEMENT:
+            self.peer_routes = decode_route_advertisement(capsule.value).ranges
+            return b"", RoutesAdvertised(self.peer_routes)
+        return b"", None
+
+    def _answer(self, requests: Iterable[RequestedAddress]) -> bytes:
+        """RFC 9484 §4.7.2: one Assigned Address per request (the lease address of that
+        family when the request allows it, else the all-zero rejection) plus the rest
+        of the lease with request ID 0; the capsule lists every assigned address."""
+        lease = {a.version: a.network for a in self.addresses}
+        answered: dict[int, int] = {}  # IP version -> request ID that got the address
+        entries: list[AssignedAddress] = []
+        for req in requests:
+            mine = lease.get(req.prefix.version)
+            wanted = req.prefix
+            any_address = int(wanted.network_address) == 0
+            if (
+                mine is not None
+                and mine.version not in answered
+                and (any_address or mine.subnet_of(wanted))  # type: ignore[arg-type]
+            ):
+                answered[mine.version] = req.request_id
+                entries.append(AssignedAddress(req.request_id, mine))
+            else:
+                entries.append(rejection(req.request_id, wanted.version))
+        for version, net in lease.items():
+            if version not in answered:
+                entries.append(AssignedAddress(0, net))
+        return encode_address_assign(entries)
+
+    def receive_datagram(self, payload: bytes) -> bytes | None:
+        """An HTTP Datagram of this tunnel: its IP packet, or None (dropped, counted)."""
+        return datagram_packet(payload, self.drops)
+
+    def uplink(self, packets: Iterable[bytes], now: float) -> tuple[list[bytes], list[bytes]]:
+        """Client -> TUN checks of RFC 9484 §7 and docs/architecture.md §4: (packets that may go to
+        the TUN, ICMP errors to send back to the client)."""
+        drops = self.drops
+        keys = self.addr_keys
+        mtu = self.mtu
+        scoped = self.scoped
+        acl = self.acl
+        accepted: list[bytes] = []
+        replies: list[bytes] = []
+        for pkt in packets:
+            try:
+                version, src, dst = addresses(pkt)
+            except PacketError:
+                drops[DROP_MALFORMED] += 1
+                continue
+            if src not in keys:
+                drops[DROP_SPOOFED] += 1
+                self.spoofed_from = src
+                continue
+            if is_link_local(version, dst):
+                drops[DROP_LINK_LOCAL] += 1
+                continue
+            if len(pkt) > mtu:
+                # Too big for our TUN: tell the sender the tunnel's MTU (§7.2.1).
+                drops[DROP_OVERSIZED] += 1
+                gateway = self.gateways.get(version)
+                icmp = icmp_packet_too_big(pkt, mtu, gateway) if gateway is not None else None
+                if icmp is not None:
+                    replies.append(icmp)
+                continue
+            if scoped and not self._in_scope(pkt):
+                continue
+            if acl is not None and not acl(pkt):
+                drops[DROP_ACL] += 1
+                self.denied_to = dst
+                gateway = self.gateways.get(version)
+                if gateway is not None and self.icmp.take(now):
+                    icmp = icmp_admin_prohibited(pkt, gateway)
+                    if icmp is not None:
+                        replies.append(icmp)
+                continue
+            accepted.append(pkt)
+        return accepted, replies
+
+    def _in_scope(self, pkt: bytes) -> bool:
+        """Scoped requests (RFC 9484 §4.6): only the requested target and protocol;
+        ICMP always passes a protocol scope (errors about the flow)."""
+        try:
+            info = parse_packet(pkt)
+        except PacketError:
+            self.drops[DROP_MALFORMED] += 1
+            return False
+        targets = self.request.target
+        if targets is not None and not any(info.dst in t for t in targets):
+            self.drops[DROP_OUT_OF_SCOPE] += 1
+            return False
+        ipproto = self.request.ipproto
+        if (
+            ipproto is not None
+            and info.proto != ipproto
+            and info.proto != (PROTO_ICMP if info.version == 4 else PROTO_ICMPV6)
+        ):
+            self.drops[DROP_OUT_OF_SCOPE] += 1
+            return False
+        return True
+
+    def downlink(self, packets: list[bytes], room: int) -> tuple[list[bytes], list[bytes]]:
+        """TUN -> client: (packets to send, ICMP errors to write back to the TUN).
+
+        Datagram mode decrements the hop count on encapsulation (§7.2; Time Exceeded
+        when it runs out) and answers what cannot fit ``room`` bytes with Packet Too
+        Big. Stream mode changes nothing (its data plane drops packets above the MTU:
+        the records would be refused).
+        """
+        if self.mode is Mode.STREAM:
+            return packets, []
+        drops = self.drops
+        out: list[bytes] = []
+        to_tun: list[bytes] = []
+        for pkt in packets:
+            try:
+                fwd = decrement_ttl(pkt)
+            except PacketError:
+                drops[DROP_MALFORMED] += 1
+                continue
+            version = pkt[0] >> 4
+            gateway = self.gateways.get(version)
+            if fwd is None:
+                drops[DROP_TTL_EXPIRED] += 1
+                if gateway is not None:
+                    kind = ICMPV4_TIME_EXCEEDED if version == 4 else ICMPV6_TIME_EXCEEDED
+                    icmp = icmp_error(pkt, gateway, kind, 0)
+                    if icmp is not None:
+                        to_tun.append(icmp)
+                continue
+            if len(fwd) > room:
+                drops[DROP_OVERSIZED] += 1
+                if gateway is not None:
+                    icmp = icmp_packet_too_big(pkt, room, gateway)
+                    if icmp is not None:
+                        to_tun.append(icmp)
+                continue
+            out.append(fwd)
+        return out, to_tun
+
+
+class ClientSession:
+    """The client's side of one tunnel attempt: request, response, then packets.
+
+    ``request`` picks the mode from the peer's SETTINGS and returns the headers;
+    ``receive_headers`` reads the response; then ``receive_data`` and
+    ``receive_datagram`` yield packets and control events until the stream ends.
+    ``params`` is the tunnel's state once TunnelOpened was returned.
+    """
+
+    def __init__(
+        self,
+        *,
+        authority: str,
+        wanted: str,
+        mtu: int,
+        drops: Counter[str],
+        request_versions: Sequence[int] = (),
+        extra_headers: Sequence[tuple[bytes, bytes]] = (),
+    ) -> None:
+        if wanted not in ("stream", "datagram", "auto"):
+            raise ValueError(f"unknown transport {wanted!r}")
+        self.authority = authority
+        self.wanted = wanted
+        self.mtu = mtu
+        self.drops = drops
+        self.request_versions = tuple(request_versions)
+        self.extra_headers = tuple(extra_headers)
+        self.mode: Mode | None = None
+        self.framing: Framing | None = None
+        self.responded = False
+        self.params: TunnelParams | None = None
+        self._assigned: tuple[IPNetwork, ...] | None = None
+        self._routes: tuple[IPNetwork, ...] | None = None
+        self._request_ids: dict[int, int] = {}  # request ID -> IP version
+
+    def request(self, *, extended_connect: bool, datagrams: bool) -> Headers:
+        """The CONNECT-IP request for a peer whose SETTINGS allow ``extended_connect``
+        and offer ``datagrams``; ResponseError if the tunnel cannot be asked for."""
+        if not extended_connect:
+            # RFC 9220 §3: extended CONNECT only once the peer's SETTINGS allow it.
+            raise ResponseError(
+                "relay does not support extended CONNECT (SETTINGS_ENABLE_CONNECT_PROTOCOL)"
+            )
+        if self.wanted == "datagram" and not datagrams:
+            raise ResponseError("relay does not offer HTTP/3 datagrams (SETTINGS_H3_DATAGRAM)")
+        datagram = self.wanted == "datagram" or (self.wanted == "auto" and datagrams)
+        self.mode = Mode.DATAGRAM if datagram else Mode.STREAM
+        self.framing = (
+            CapsuleFraming(self.mtu, self.drops) if datagram else RecordFraming(self.mtu)
+        )
+        return build_connect_request(
+            self.authority, transport=self.mode.value, extra=self.extra_headers
+        )
+
+    def receive_headers(self, headers: Headers, ended: bool) -> tuple[list[Event], bytes]:
+        """The response (or an interim one): events, and bytes to send (ADDRESS_REQUEST)."""
+        if self.responded:
+            raise ResponseError("unexpected HEADERS on the tunnel stream")
+        status = _status(headers)
+        if status < 200:
+            return [], b""  # interim: the final response follows
+        if status >= 300:
+            return [TunnelRefused(status, f"relay refused the tunnel: status {status}")], b""
+        self.responded = True
+        events: list[Event] = []
+        out = b""
+        if self.mode is Mode.STREAM:
+            self.params = parse_stream_response(headers)
+            events.append(TunnelOpened(self.params))
+        else:
+            fields = [v.decode("latin-1") for n, v in headers if n.lower() == b"capsule-protocol"]
+            if not capsule_protocol_true(fields):
+                raise ResponseError(f"relay answered {status} without capsule-protocol: ?1")
+            out = self._address_request()
+        if ended:
+            events.append(StreamEnded())
+        return events, out
+
+    def _address_request(self) -> bytes:
+        requests: list[RequestedAddress] = []
+        for version in self.request_versions:
+            request_id = len(self._request_ids) + 1
+            self._request_ids[request_id] = version
+            any_addr = ipaddress.ip_network("0.0.0.0/32" if version == 4 else "::/128")
+            requests.append(RequestedAddress(request_id, any_addr))
+        return encode_address_request(requests) if requests else b""
+
+    def receive_data(self, data: bytes, ended: bool) -> tuple[list[bytes], list[Event]]:
+        """Bytes of the request stream after the response: (packets, events)."""
+        if not self.responded or self.framing is None:
+            raise ResponseError("tunnel data before the response")
+        packets, control = self.framing.decode(data) if data else ([], [])
+        events: list[Event] = []
+        for capsule in control:
+            events.extend(self._capsule(capsule))
+        if ended:
+            self.framing.end()
+            events.append(StreamEnded())
+        return packets, events
+
+    def _capsule(self, capsule: Capsule) -> list[Event]:
+        kind = capsule.type
+        events: list[Event] = []
+        if kind == ADDRESS_ASSIGN:
+            assign = decode_address_assign(capsule.value)
+            self._assigned = assign.usable()
+            declined = tuple(
+                a.request_id for a in assign.addresses if a.is_rejection and a.request_id
+            )
+            events.append(AddressesAssigned(self._assigned, declined))
+        elif kind == ROUTE_ADVERTISEMENT:
+            advert = decode_route_advertisement(capsule.value)
+            self._routes = advert.networks()
+            events.append(RoutesAdvertised(advert.ranges))
+        elif kind == ADDRESS_REQUEST:
+            # The relay asking us for addresses: checked (a malformed one aborts), but
+            # we assign none.
+            decode_address_request(capsule.value)
+            return events
+        else:
+            return events
+        events.extend(self._update())
+        return events
+
+    def _update(self) -> list[Event]:
+        """Once both the addresses and the routes are known: opened, or changed."""
+        if self._assigned is None or self._routes is None:
+            return []
+        params = TunnelParams(
+            addresses=tuple(_interface(p) for p in self._assigned),
+            routes=self._routes,
+            mtu=self.mtu,
+        )
+        if params == self.params:
+            return []
+        first = self.params is None
+        if first and not params.addresses:
+            raise ResponseError("relay assigned no address")
+        self.params = params
+        return [TunnelOpened(params) if first else TunnelChanged(params)]
+
+    def receive_datagram(self, payload: bytes) -> bytes | None:
+        """An HTTP Datagram of this tunnel: its IP packet, or None (dropped, counted)."""
+        if not self.responded:
+            return None  # not open yet: dropped (RFC 9297 §2.1)
+        return datagram_packet(payload, self.drops)
+
+    def check_room(self, room: int) -> None:
+        """RFC 9484 §7.2: an IPv6 tunnel must carry 1280-byte packets; ResponseError
+        when the path's datagrams carry only ``room`` bytes of IP packet."""
+        params = self.params
+        if room < IPV6_MIN_MTU and params and any(a.version == 6 for a in params.addresses):
+            raise ResponseError(
+                f"QUIC path carries only {room}-byte packets, below the IPv6 minimum MTU"
+            )
+
+
+def _status(headers: Headers) -> int:
+    for name, value in headers:
+        if name == b":status":
+            text = value.decode("latin-1")
+            if len(text) == 3 and text.isdigit():
+                return int(text)
+            raise ResponseError(f"unusable response from relay: bad :status {text!r}")
+    raise ResponseError("unusable response from relay: no :status")
+
+
+def _interface(prefix: IPNetwork) -> IPInterface:
+    """The TUN address for an assigned prefix: the address itself for /32 and /128,
+    else the prefix's first host address (RFC 9484 lets the proxy assign prefixes)."""
+    if prefix.prefixlen == prefix.max_prefixlen:
+        return ipaddress.ip_interface(prefix.network_address)
+    return ipaddress.ip_interface((prefix.network_address + 1, prefix.prefixlen))
