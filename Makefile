@@ -3,23 +3,28 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 APT_PACKAGES := python3 python3-venv python3-dev gcc iproute2 nftables iptables iputils-ping procps kmod ethtool \
 	libsystemd-dev pkg-config \
-	debhelper dh-virtualenv python3.11-venv python3.11-dev dpkg-dev lintian mmdebstrap systemd-container
+	debhelper dh-virtualenv python3.11-venv python3.11-dev dpkg-dev lintian mmdebstrap systemd-container \
+	bash-completion man-db
 # The benchmark's tools and the peer VPNs it measures masqued against (bench/README.md).
 BENCH_APT_PACKAGES := iperf3 wireguard-go wireguard-tools openvpn openssl sysstat procps iproute2 iptables iputils-ping
 # Vagrant and its libvirt provider, to check the Vagrantfile (README "Testing in VMs").
 VAGRANT_APT_PACKAGES := vagrant vagrant-libvirt rsync
 
-.PHONY: deps venv demo test unit abuse lint clean deb systest bench-deps bench bench-smoke vagrant-deps vagrant-validate
+.PHONY: deps venv demo test unit abuse lint clean deb docs lock systest bench-deps bench bench-smoke vagrant-deps vagrant-validate
 
 deps:
 	@if [ "$$(id -u)" != 0 ]; then echo "make deps: run as root"; exit 1; fi
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing; fi
 
-$(VENV)/.installed: pyproject.toml
+# Pinned dependencies with hashes (requirements/*.lock, `make lock`), the build back
+# ends first; masqued itself editable, without fetching anything else.
+$(VENV)/.installed: pyproject.toml requirements/build.lock requirements/dev.lock
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[test,journal]'
+	$(PY) -m pip install -q --require-hashes --no-deps -r requirements/build.lock
+	$(PY) -m pip install -q --require-hashes --no-deps --no-build-isolation -r requirements/dev.lock
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	$(PY) -m pip check
 	touch $@
 
 venv: $(VENV)/.installed
@@ -58,10 +63,27 @@ bench: deps venv bench-deps
 bench-smoke: deps venv bench-deps
 	$(PY) -m bench --smoke
 
-## deb: build dist/masqued_<version>_<arch>.deb (dh-virtualenv) and run lintian on it
+## deb: build dist/masqued_<version>_<arch>.deb and dist/masqued.deb (dh-virtualenv);
+## fails if lintian reports an error or a warning
 deb: deps
 	bash packaging/build-deb.sh
-	lintian --info dist/masqued_$$(sed -n 's/^version = "\(.*\)"$$/\1/p' pyproject.toml)_$$(dpkg --print-architecture).deb
+	lintian --fail-on error,warning --info dist/masqued.deb
+
+## docs: regenerate masqued.conf(5) and the bash completion (packaging/gen-docs.py)
+docs: venv
+	$(PY) packaging/gen-docs.py
+
+## lock: re-resolve requirements/*.lock (pinned, with hashes) with uv
+# The C extensions are built from source against the venv's Python (the .deb's:
+# Debian's python3.11; packaging/debian/rules): lock their sdists.
+UV_COMPILE = $(VENV)/bin/uv pip compile -q --python-version 3.11 --generate-hashes \
+	--no-binary python-pytun --no-binary python-iptables --no-binary systemd-python \
+	--custom-compile-command "make lock"
+lock: venv
+	$(PY) -m pip install -q uv
+	$(UV_COMPILE) pyproject.toml --extra journal -o requirements/runtime.lock
+	$(UV_COMPILE) pyproject.toml --extra journal --extra test -o requirements/dev.lock
+	$(UV_COMPILE) requirements/build.in -o requirements/build.lock
 
 ## systest: only the system tests (build the .deb, boot Debian under systemd-nspawn)
 systest: deps venv

@@ -1,4 +1,4 @@
-"""The benchmark's namespace lab: the shape of tests/integration/lab.py (DESIGN.md §5).
+"""The benchmark's namespace lab: the shape of tests/integration/lab.py (docs/architecture.md §5).
 
     mq-b<tag>-c1..cN (198.18.1.10+i) --bridge-- mq-b<tag>-relay (198.18.1.1 | 198.19.0.1)
         --veth-- mq-b<tag>-target (198.19.0.2)

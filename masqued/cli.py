@@ -1,6 +1,8 @@
-"""``masqued run|check|cleanup|pki`` — the command line.
+"""``masqued run|check|cleanup|reload|status|doctor|pki|token`` — the command line.
 
 Exit codes: 0 success, 1 runtime failure, 2 bad usage or invalid configuration.
+``masqued worker`` (a relay worker process, started by ``masqued run``) is parsed
+apart from the public commands, so ``--help`` and usage errors do not offer it.
 """
 
 from __future__ import annotations
@@ -28,9 +30,14 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 
 log = logging.getLogger("masqued")
+EXAMPLES_DIR = "/usr/share/doc/masqued/examples"
 
 
-def _add_target(p: argparse.ArgumentParser, name_required: bool = False) -> None:
+class UsageError(Exception):
+    """Bad usage: printed as ``masqued: MESSAGE``, exit 2."""
+
+
+def _add_target(p: argparse.ArgumentParser) -> None:
     p.add_argument("name", nargs="?", help="instance name: reads /etc/masque/NAME.conf")
     p.add_argument("-c", "--config", type=Path, help="read this config file instead")
 
@@ -39,12 +46,18 @@ def _resolve(args: argparse.Namespace) -> tuple[Path, str | None]:
     if args.config is not None:
         return args.config, args.name
     if not args.name:
-        raise SystemExit("masqued: give an instance NAME or --config PATH")
+        raise UsageError(f"{args.command}: give an instance NAME or --config PATH")
     return config_path(check_instance_name(args.name)), args.name
 
 
 def _load(args: argparse.Namespace) -> RelayConfig | ClientConfig:
     path, name = _resolve(args)
+    if args.config is None and not path.exists():
+        # The usual first mistake (a typo in masqued@NAME, or no config yet): say so.
+        raise ConfigError(
+            path,
+            f"no such file: instance {name} has no config (examples: {EXAMPLES_DIR}/)",
+        )
     return load_config(path, name)
 
 
@@ -80,7 +93,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def cmd_worker(args: argparse.Namespace) -> int:
     """A relay worker process, started by ``masqued run`` with ``workers`` > 1
-    (masqued.runtime.workers); not for direct use."""
+    (masqued.runtime.workers); not for direct use (it is not in ``--help``)."""
     import asyncio
     import dataclasses
     import ipaddress
@@ -158,30 +171,44 @@ def cmd_cleanup(args: argparse.Namespace) -> int:
 def cmd_reload(args: argparse.Namespace) -> int:
     """SIGHUP the running instance and wait for its verdict (the unit's ExecReload=).
 
-    The daemon writes the outcome to ``$RUNTIME_DIRECTORY/reload-result``; without
-    a runtime directory (outside systemd) the signal is sent and not waited for.
+    The PID is the daemon's own answer on its control socket (``--pid`` overrides).
+    The daemon writes the outcome to its runtime directory (``$RUNTIME_DIRECTORY``,
+    i.e. ``/run/masqued/NAME`` under the unit); without one (outside systemd) the
+    signal is sent and not waited for.
     """
     import signal
     import time
 
+    from masqued.observe import control
     from masqued.runtime.service import read_reload_result, runtime_dir
 
-    if args.pid is None or args.pid <= 1:
-        print("masqued: reload: give the daemon's --pid (systemd passes $MAINPID)", file=sys.stderr)
-        return EXIT_USAGE
+    if not args.name:
+        raise UsageError("reload: give an instance NAME")
+    name = check_instance_name(args.name)
+    pid = args.pid
+    if pid is None:
+        try:
+            pid = int(control.request(control.socket_path(name), "hello")["pid"])
+        except (OSError, control.ControlError, KeyError, TypeError, ValueError) as exc:
+            return _status_error(name, exc)
+    if pid <= 1:
+        raise UsageError(f"reload: --pid {pid} is not a daemon's process ID")
     directory = runtime_dir()
+    if directory is None and (control.run_dir() / name / "control.sock").exists():
+        directory = control.run_dir() / name  # the unit's runtime directory, from a shell
     before = read_reload_result(directory) if directory is not None else None
     try:
-        os.kill(args.pid, signal.SIGHUP)
+        os.kill(pid, signal.SIGHUP)
     except ProcessLookupError:
-        print(f"masqued: reload: no process {args.pid}", file=sys.stderr)
+        print(f"masqued: reload: no process {pid}", file=sys.stderr)
         return EXIT_FAILURE
     if directory is None:
+        print(f"masqued: sent SIGHUP to {pid} (instance {name})")
         return EXIT_OK
     deadline = time.monotonic() + args.timeout
     while time.monotonic() < deadline:
         result = read_reload_result(directory)
-        if result is not None and result != before and result.get("pid") == args.pid:
+        if result is not None and result != before and result.get("pid") == pid:
             message = str(result.get("message", ""))
             if result.get("ok"):
                 print(f"masqued: {message}")
@@ -189,7 +216,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
             print(f"masqued: reload rejected: {message}", file=sys.stderr)
             return EXIT_FAILURE
         time.sleep(0.05)
-    print(f"masqued: reload: no answer from {args.pid} within {args.timeout:g}s", file=sys.stderr)
+    print(f"masqued: reload: no answer from {pid} within {args.timeout:g}s", file=sys.stderr)
     return EXIT_FAILURE
 
 
@@ -260,7 +287,7 @@ def cmd_pki(args: argparse.Namespace) -> int:
     directory: Path = args.dir
     try:
         if args.pki_command == "init":
-            cert, key = pki.init_ca(directory, name=args.name or "masqued CA")
+            cert, key = pki.init_ca(directory, name=args.name or "masqued CA", force=args.force)
         elif args.pki_command == "revoke":
             crl = pki.revoke(directory, args.name)
             print(f"wrote {crl} (point the relay's crl key at it, then reload the relay)")
@@ -269,9 +296,30 @@ def cmd_pki(args: argparse.Namespace) -> int:
             cert, key = pki.issue(
                 directory, args.name, args.pki_command, sans=args.san or (), force=args.force
             )
-    except (pki.PkiError, OSError, ValueError) as exc:
-        print(f"masqued: pki: {exc}", file=sys.stderr)
+    except pki.WouldOverwrite as exc:
+        if args.pki_command == "init":
+            what = "a new CA invalidates every certificate the old one issued"
+        else:
+            what = "the old certificate stays valid until it expires or is revoked"
+        print(
+            f"masqued: pki {args.pki_command}: {', '.join(exc.paths)} already exist(s); "
+            f"add --force to replace ({what})",
+            file=sys.stderr,
+        )
         return EXIT_USAGE
+    except pki.NoCa as exc:
+        print(
+            f"masqued: pki {args.pki_command}: no CA in {exc.dir} ({exc.missing} is missing); "
+            f"make one first: masqued pki init {exc.dir}",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    except (pki.PkiError, ValueError) as exc:
+        print(f"masqued: pki {args.pki_command}: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    except OSError as exc:
+        print(f"masqued: pki {args.pki_command}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     print(f"wrote {cert}")
     print(f"wrote {key}")
     return EXIT_OK
@@ -312,20 +360,9 @@ def cmd_token(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="masqued", description="IP VPN over HTTP/3 (MASQUE CONNECT-IP, RFC 9484)"
-    )
-    parser.add_argument("--version", action="version", version=f"masqued {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
-
-    p = sub.add_parser("run", help="run an instance in the foreground")
-    _add_target(p)
-    p.add_argument("--log-level", choices=["debug", "info", "warning", "error"])
-    p.set_defaults(func=cmd_run)
-
-    # Started by `masqued run` for relays with workers > 1 (masqued.runtime.workers).
-    p = sub.add_parser("worker")
+def worker_parser() -> argparse.ArgumentParser:
+    """``masqued worker ...``: started by ``masqued run`` for relays with workers > 1."""
+    p = argparse.ArgumentParser(prog="masqued worker", add_help=False)
     p.add_argument("--config", type=Path, required=True)
     p.add_argument("--name", required=True)
     p.add_argument("--index", type=int, required=True)
@@ -337,7 +374,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     p.add_argument("--pool", default="")
     p.add_argument("--mtu", type=int, default=0)
-    p.set_defaults(func=cmd_worker)
+    p.set_defaults(func=cmd_worker, command="worker")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="masqued", description="IP VPN over HTTP/3 (MASQUE CONNECT-IP, RFC 9484)"
+    )
+    parser.add_argument("--version", action="version", version=f"masqued {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("run", help="run an instance in the foreground")
+    _add_target(p)
+    p.add_argument(
+        "--log-level", choices=["debug", "info", "warning", "error"], help="instead of log_level"
+    )
+    p.set_defaults(func=cmd_run)
 
     p = sub.add_parser("check", help="validate a config file")
     _add_target(p)
@@ -345,12 +398,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("cleanup", help="remove every TUN, route, rule and NAT rule of an instance")
     _add_target(p)
-    p.add_argument("-q", "--quiet", action="store_true")
+    p.add_argument("-q", "--quiet", action="store_true", help="say nothing if nothing was left")
     p.set_defaults(func=cmd_cleanup)
 
     p = sub.add_parser("reload", help="make a running instance re-read its config and wait")
-    _add_target(p)
-    p.add_argument("--pid", type=int, help="the instance's main process ($MAINPID)")
+    p.add_argument("name", nargs="?", help="instance name")
+    p.add_argument("--pid", type=int, help="signal this process (default: the instance's own)")
     p.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
     p.set_defaults(func=cmd_reload)
 
@@ -370,34 +423,40 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("pki", help="make a CA and relay/client certificates")
     pki_sub = p.add_subparsers(dest="pki_command", required=True)
     q = pki_sub.add_parser("init", help="create DIR/ca.pem and DIR/ca.key")
-    q.add_argument("dir", type=Path)
+    q.add_argument("dir", type=Path, help="the CA's directory (e.g. /etc/masque/pki)")
     q.add_argument("--name", help="CA common name")
+    q.add_argument(
+        "--force", action="store_true", help="replace an existing CA (and so its certificates)"
+    )
     for kind in ("relay", "client"):
         q = pki_sub.add_parser(kind, help=f"issue DIR/NAME.pem and DIR/NAME.key for a {kind}")
-        q.add_argument("dir", type=Path)
-        q.add_argument("--name", required=True)
+        q.add_argument("dir", type=Path, help="the CA's directory")
+        q.add_argument("--name", required=True, help=f"the {kind}'s name (certificate CN)")
         q.add_argument("--san", action="append", help="extra DNS name or IP (repeatable)")
         q.add_argument("--force", action="store_true", help="overwrite existing files")
     q = pki_sub.add_parser("revoke", help="add DIR/NAME.pem to DIR/crl.pem (re-signed)")
-    q.add_argument("dir", type=Path)
-    q.add_argument("--name", required=True)
+    q.add_argument("dir", type=Path, help="the CA's directory")
+    q.add_argument("--name", required=True, help="whose certificate to revoke")
     p.set_defaults(func=cmd_pki)
 
     p = sub.add_parser("token", help="make bearer tokens for auth = token")
     token_sub = p.add_subparsers(dest="token_command", required=True)
     q = token_sub.add_parser("new", help="print a new token for NAME; append its hash to FILE")
-    q.add_argument("name")
+    q.add_argument("name", help="the client's identity")
     q.add_argument("--file", type=Path, help="the relay's tokens_file (created 0600)")
     p.set_defaults(func=cmd_token)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["worker"]:
+        args = worker_parser().parse_args(argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     try:
         rc: int = args.func(args)
-    except InvalidInstanceName as exc:
+    except (InvalidInstanceName, UsageError) as exc:
         print(f"masqued: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Build masqued_<version>_<arch>.deb with dh-virtualenv (DESIGN.md §6).
+# Build masqued_<version>_<arch>.deb with dh-virtualenv (docs/architecture.md, "Packaging").
 #
 #   packaging/build-deb.sh [--version V] [--out DIR]
 #
@@ -7,7 +7,10 @@
 # debian/; debian/changelog is written there from the version, so the package
 # version and `masqued --version` always agree. --version V (a PEP 440 version
 # that is also a Debian one, e.g. 0.1.0+build2) sets both in the copy only.
-# Output: DIR/masqued_V_ARCH.deb (DIR defaults to dist/), its path on stdout.
+# Output: DIR/masqued_V_ARCH.deb and a copy DIR/masqued.deb (DIR defaults to dist/),
+# the versioned path on stdout. The package does not depend on where the tree is:
+# packaging/normalize-venv.py removes the build path from the venv, and the
+# changelog's date is the last commit's (or $SOURCE_DATE_EPOCH).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 repo=$(pwd)
@@ -45,9 +48,9 @@ if [ "$version" != "$upstream" ]; then
     sed -i "s/^version = \".*\"$/version = \"$version\"/" "$src/pyproject.toml"
     sed -i "s/^__version__ = \".*\"$/__version__ = \"$version\"/" "$src/masqued/__init__.py"
 fi
-date=$(date -R -d "@${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}")
+date=$(date -u -R -d "@${SOURCE_DATE_EPOCH:-$(git log -1 --format=%ct 2>/dev/null || date +%s)}")
 cat > "$src/debian/changelog" <<CHANGELOG
-masqued ($version) unstable; urgency=medium
+masqued ($version) bookworm; urgency=medium
 
   * Release $version.
 
@@ -58,4 +61,6 @@ CHANGELOG
 arch=$(dpkg --print-architecture)
 deb="masqued_${version}_${arch}.deb"
 mv -f "$work/$deb" "$out/$deb"
+# The name the README's `apt install ./masqued.deb` uses (a copy: no link to dangle).
+cp -f "$out/$deb" "$out/masqued.deb.tmp" && mv -f "$out/masqued.deb.tmp" "$out/masqued.deb"
 echo "$out/$deb"

@@ -134,7 +134,7 @@ relay)
     egress=$(ip -o -4 addr show to 198.19.0.1/32 | awk '{ print $2; exit }')
     [ -n "$egress" ] || die "no interface has 198.19.0.1"
     conf=/etc/masque/relay.conf
-    install -m 0600 /etc/masque/relay.conf.example "$conf"
+    install -m 0600 /usr/share/doc/masqued/examples/relay.conf "$conf"
     setkey "$conf" certificate '"/etc/masque/pki/relay.example.pem"'
     setkey "$conf" private_key '"/etc/masque/pki/relay.example.key"'
     setkey "$conf" egress "\"$egress\""
@@ -145,7 +145,7 @@ client*)
     install -m 0644 "$pki_src/$role.pem" "/etc/masque/pki/$role.pem"
     install -m 0600 "$pki_src/$role.key" "/etc/masque/pki/$role.key"
     conf=/etc/masque/client.conf
-    install -m 0600 /etc/masque/client.conf.example "$conf"
+    install -m 0600 /usr/share/doc/masqued/examples/client.conf "$conf"
     setkey "$conf" relay '"198.18.1.1:443"'
     setkey "$conf" server_name '"relay.example"'
     setkey "$conf" routes '["198.19.0.0/24", "2001:db8:19::/64"]'

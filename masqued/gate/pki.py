@@ -40,6 +40,23 @@ class PkiError(Exception):
     """A PKI operation that cannot be done (bad name, missing CA, would overwrite)."""
 
 
+class WouldOverwrite(PkiError):
+    """``paths`` exist and ``force`` was not given."""
+
+    def __init__(self, paths: Sequence[str]) -> None:
+        self.paths = tuple(paths)
+        super().__init__(f"{', '.join(self.paths)} already exist(s); pass force=True to replace")
+
+
+class NoCa(PkiError):
+    """``dir`` holds no CA (``missing`` is the file not found)."""
+
+    def __init__(self, dir: Path, missing: str) -> None:
+        self.dir = dir
+        self.missing = missing
+        super().__init__(f"no CA in {dir} ({missing} is missing); run init_ca first")
+
+
 def _now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
@@ -114,7 +131,7 @@ def _refuse_overwrite(paths: Sequence[Path], force: bool) -> None:
         return
     existing = [str(p) for p in paths if p.exists()]
     if existing:
-        raise PkiError(f"{', '.join(existing)} already exist(s); pass force=True to replace")
+        raise WouldOverwrite(existing)
 
 
 def _validity(
@@ -190,7 +207,7 @@ def _load_ca(dir: Path) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
         cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
         key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
     except FileNotFoundError as e:
-        raise PkiError(f"no CA in {dir} ({e.filename} is missing); run init_ca first") from e
+        raise NoCa(dir, str(e.filename)) from e
     except (ValueError, TypeError) as e:
         raise PkiError(f"cannot load the CA in {dir}: {e}") from e
     if not isinstance(key, ec.EllipticCurvePrivateKey):

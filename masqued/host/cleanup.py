@@ -1,4 +1,5 @@
-"""``masqued cleanup NAME``: remove every host object of an instance, from its name alone."""
+"""``masqued cleanup NAME``: remove every host object of an instance, from its name alone,
+and put back the sysctls its start changed (recorded in /run, masqued.host.sysctl)."""
 
 from __future__ import annotations
 
@@ -8,21 +9,28 @@ from masqued.host.naming import InstanceIds
 from masqued.host.nat import cleanup_nat
 from masqued.host.routes import Netlink, cleanup
 from masqued.host.rtnetlink import RtNetlink
+from masqued.host.sysctl import SysctlRecord
 
 
 def cleanup_instance(
     ids: InstanceIds,
     nl: Netlink | None = None,
     nat_cleanup: Callable[[InstanceIds], list[str]] = cleanup_nat,
+    sysctls: SysctlRecord | None = None,
 ) -> list[str]:
-    """Remove rules, routes, the TUN and NAT of ``ids``; return what was removed.
+    """Remove rules, routes, the TUN and NAT of ``ids``, restore the sysctls start
+    changed; return what was done.
 
     Safe to run when nothing exists (the unit runs it before start and after stop).
-    ``nat_cleanup`` is replaceable for tests. NAT goes first so nothing is masqueraded
-    for a pool that is going away.
+    ``nat_cleanup``, ``nl`` and ``sysctls`` are replaceable for tests. NAT goes first
+    so nothing is masqueraded for a pool that is going away; forwarding is switched
+    back last, once nothing of ours routes through it.
     """
     done = nat_cleanup(ids)
     if nl is not None:
-        return done + cleanup(nl, ids)
-    with RtNetlink() as real:
-        return done + cleanup(real, ids)
+        done += cleanup(nl, ids)
+    else:
+        with RtNetlink() as real:
+            done += cleanup(real, ids)
+    record = sysctls if sysctls is not None else SysctlRecord(ids.name)
+    return done + record.restore()

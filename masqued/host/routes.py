@@ -44,6 +44,7 @@ from masqued.host.netstate import (  # the values are part of this module's inte
     Route,
     Rule,
 )
+from masqued.host.sysctl import SysctlRecord
 
 log = logging.getLogger("masqued.host")
 
@@ -514,9 +515,16 @@ def forwarding_status(
 
 
 def enable_forwarding(
-    ifnames: Sequence[str], v4: bool, v6: bool, root: Path = PROC_SYS
+    ifnames: Sequence[str],
+    v4: bool,
+    v6: bool,
+    root: Path = PROC_SYS,
+    record: SysctlRecord | None = None,
 ) -> list[str]:
     """Turn on forwarding where it is off; return the sysctls changed.
+
+    With ``record`` every sysctl this needs, and the value it had, is recorded for
+    ``masqued cleanup`` to put back (masqued.host.sysctl).
 
     Note: with IPv6 forwarding on, interfaces with ``accept_ra = 1`` stop accepting
     router advertisements; we warn about that rather than change it.
@@ -525,9 +533,14 @@ def enable_forwarding(
     for p in _forwarding_paths(ifnames, v4, v6, root):
         key = ".".join(p.relative_to(root).parts)
         if p.read_text().strip() == "1":
+            if record is not None:
+                record.set(key, "1")  # needed: recorded, so another instance leaves it on
             continue
         _change(f"sysctl -q {key}=1")
-        p.write_text("1\n")
+        if record is not None:
+            record.set(key, "1")
+        else:
+            p.write_text("1\n")
         changed.append(f"{key}=1")
     if v6 and changed:
         for name in ifnames:

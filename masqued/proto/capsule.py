@@ -1,7 +1,7 @@
 """RFC 9297 capsules: ``Capsule Type (i) || Capsule Length (i) || Capsule Value``.
 
 The capsule protocol is the data stream of a CONNECT-IP request in datagram mode
-(DESIGN.md §3): control capsules (RFC 9484 §4.7) and DATAGRAM capsules (RFC 9297
+(docs/architecture.md §3): control capsules (RFC 9484 §4.7) and DATAGRAM capsules (RFC 9297
 §3.5) travel there, in DATA frames of the request stream.
 
 ``CapsuleDecoder`` is incremental (any split of the stream yields the same

@@ -1,6 +1,6 @@
 """Stream-mode framing: each record is ``u16 big-endian length || IP packet``.
 
-This is the data plane of our stream transport (DESIGN.md §3): after a 2xx response
+This is the data plane of our stream transport (docs/architecture.md §3): after a 2xx response
 the CONNECT stream carries nothing but these records, in both directions.
 
 The decoder is incremental (any split of the byte stream yields the same packets),

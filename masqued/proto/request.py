@@ -5,7 +5,7 @@ RFC 9114 §4.4 (extended CONNECT over HTTP/3). Every refusal is a RequestError
 carrying the HTTP status to answer with.
 
 Response: a 2xx for the stream transport carries the tunnel parameters in
-``masqued-address``, ``masqued-routes`` and ``masqued-mtu`` (DESIGN.md §3).
+``masqued-address``, ``masqued-routes`` and ``masqued-mtu`` (docs/architecture.md §3).
 """
 
 from __future__ import annotations

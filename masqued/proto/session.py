@@ -7,7 +7,7 @@ past-tense events (masqued.proto.events). It knows nothing of QUIC or HTTP/2 bey
 "a stream of bytes" and "datagrams with a context ID". A peer's violation raises a
 ProtocolError carrying the code to abort the stream with; nothing else escapes.
 
-Two framings of the request stream (DESIGN.md §3): ``stream`` (masqued's own: only
+Two framings of the request stream (docs/architecture.md §3): ``stream`` (masqued's own: only
 ``u16 length || packet`` records, tunnel parameters in the response headers) and
 ``datagram`` (RFC 9484: capsules, packets in HTTP Datagrams or DATAGRAM capsules).
 """
@@ -393,7 +393,7 @@ class ProxySession:
         return datagram_packet(payload, self.drops)
 
     def uplink(self, packets: Iterable[bytes], now: float) -> tuple[list[bytes], list[bytes]]:
-        """Client -> TUN checks of RFC 9484 §7 and DESIGN.md §4: (packets that may go to
+        """Client -> TUN checks of RFC 9484 §7 and docs/architecture.md §4: (packets that may go to
         the TUN, ICMP errors to send back to the client)."""
         drops = self.drops
         keys = self.addr_keys

@@ -31,6 +31,7 @@ from masqued.host.nat import NatBackend, make_nat
 from masqued.host.netstate import NetState
 from masqued.host.routes import Router, default_interface, enable_forwarding
 from masqued.host.rtnetlink import RtNetlink
+from masqued.host.sysctl import SysctlRecord
 from masqued.host.tun import TunDevice, inherited_tun, open_tun
 from masqued.observe.status import StatusService
 from masqued.proto.template import UriTemplate
@@ -179,8 +180,12 @@ class RelayInstance(Instance):
 
     def set_forwarding(self, pool: tuple[IPNetwork, ...]) -> None:
         families = {n.version for n in pool}
+        # Recorded, so that stop (and `masqued cleanup`) switches them back.
         enable_forwarding(
-            [t.name for t in self.tuns] + [self.egress], v4=4 in families, v6=6 in families
+            [t.name for t in self.tuns] + [self.egress],
+            v4=4 in families,
+            v6=6 in families,
+            record=SysctlRecord(self.ids.name),
         )
 
     def set_nat(self, pool: tuple[IPNetwork, ...]) -> None:

@@ -3,11 +3,13 @@
 Outside systemd every call here degrades to nothing (no ``NOTIFY_SOCKET``, no
 ``WATCHDOG_USEC``) or to readable stderr logging.
 
-Journal fields: every record carries ``MASQUED_INSTANCE`` and ``MASQUED_ROLE``;
-records about one client carry ``MASQUED_CLIENT`` (the peer's IP address) and
+Journal fields: every record carries ``MASQUED_INSTANCE`` and ``MASQUED_ROLE`` (and
+``MASQUED_WORKER`` from a relay worker); records about one client session carry
+``MASQUED_CLIENT`` (its identity, or its IP address on an open relay), ``MASQUED_PEER``
+(its IP address), ``MASQUED_SESSION`` (the session id ``masqued status`` shows) and
 ``MASQUED_ADDRESS`` (its tunnel addresses), passed with ``extra=`` (see
-``client_fields``), so ``journalctl -u masqued@relay MASQUED_CLIENT=198.18.1.2``
-shows one client's sessions.
+``client_fields``), so ``journalctl -u masqued MASQUED_CLIENT=alice`` shows one
+client's sessions.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ FIELD_ROLE = "MASQUED_ROLE"
 FIELD_CLIENT = "MASQUED_CLIENT"
 FIELD_PEER = "MASQUED_PEER"
 FIELD_ADDRESS = "MASQUED_ADDRESS"
+FIELD_SESSION = "MASQUED_SESSION"
 SYSLOG_IDENTIFIER = "masqued"
 
 # How often STATUS= is refreshed when nothing else changes it (uptimes move on).
@@ -251,14 +254,20 @@ def read_reload_result(directory: Path) -> dict[str, Any] | None:
 # -- logging ---------------------------------------------------------------------------
 
 
-def client_fields(peer: str, addresses: str, identity: str | None = None) -> dict[str, str]:
+def client_fields(
+    peer: str, addresses: str, identity: str | None = None, session: str | None = None
+) -> dict[str, str]:
     """``extra=`` for a log call about one client: journal fields for journalctl.
 
     MASQUED_CLIENT is the client's identity when it authenticated (certificate CN or
-    token name), else its IP address; MASQUED_PEER is always the IP address.
+    token name), else its IP address; MASQUED_PEER is always the IP address;
+    MASQUED_SESSION (when given) the session's id in ``masqued status``.
     """
     host = peer.rsplit(":", 1)[0].strip("[]") if ":" in peer else peer
-    return {FIELD_CLIENT: identity or host, FIELD_PEER: host, FIELD_ADDRESS: addresses}
+    fields = {FIELD_CLIENT: identity or host, FIELD_PEER: host, FIELD_ADDRESS: addresses}
+    if session is not None:
+        fields[FIELD_SESSION] = session
+    return fields
 
 
 class _InstanceFilter(logging.Filter):

@@ -101,9 +101,12 @@ class Tunnel:
         return f"{who} as {addrs}"
 
     def log_fields(self) -> dict[str, str]:
-        """Journal fields of this tunnel's log lines (MASQUED_CLIENT, MASQUED_ADDRESS)."""
+        """Journal fields of this tunnel's log lines (masqued.runtime.service.client_fields)."""
         return client_fields(
-            self.peer, ",".join(str(a.ip) for a in self.lease.addresses), self.identity.name
+            self.peer,
+            ",".join(str(a.ip) for a in self.lease.addresses),
+            self.identity.name,
+            self.owner,
         )
 
 

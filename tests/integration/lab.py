@@ -1,4 +1,4 @@
-"""The namespace lab (DESIGN.md §5): real namespaces, veths, daemons and servers.
+"""The namespace lab (docs/architecture.md §5): real namespaces, veths, daemons and servers.
 
 Also the lab interface (``Lab``, ``LabDaemon``) that the end-to-end tests are written
 against: ``NamespaceLab`` here, ``VagrantLab`` (tests/integration/vagrant_lab.py) runs

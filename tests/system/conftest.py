@@ -1,4 +1,4 @@
-"""System tests: the .deb in booted Debian bookworm containers (DESIGN.md §5).
+"""System tests: the .deb in booted Debian bookworm containers (docs/architecture.md §5).
 
 They need root, systemd-nspawn, mmdebstrap and the packaging tools (``make deps``
 installs them) and skip with the reason otherwise.

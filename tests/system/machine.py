@@ -1,4 +1,4 @@
-"""Booted Debian containers for the system tests (DESIGN.md §5).
+"""Booted Debian containers for the system tests (docs/architecture.md §5).
 
 A bookworm root filesystem is made once with mmdebstrap and cached outside the
 repository (``$MASQUED_SYSTEST_CACHE``, default /var/cache/masqued-systest). Each

@@ -3,10 +3,13 @@
     mq-<t>-c1 [client container] --- mq-<t>-relay [relay container] --- mq-<t>-target
                                                                         (servers.py)
 
-The tests run in order against one pair of containers (one boot each): install the
-previous build, start, traffic, journal fields, reload, a broken reload, the
-watchdog, the security exposure, upgrade to the new build, the iptables NAT
-backend, stop (nothing left behind) and apt remove.
+The tests run in order against one pair of containers (one boot each), with the
+operator's commands as the README gives them (``apt install ./masqued.deb``,
+``systemctl start masqued@relay``, ``journalctl -u masqued``, ``systemctl stop
+masqued``): install the previous build, start, traffic, the umbrella unit's journal,
+journal fields, a missing and a broken config, reload, a broken reload, the watchdog,
+the security exposure, upgrade to the new build, the iptables NAT backend, stop
+(nothing left behind, sysctls restored), apt remove and purge.
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ UPSTREAM = re.search(r'^version = "(.+)"$', (REPO / "pyproject.toml").read_text(
 OLD_VERSION = UPSTREAM
 NEW_VERSION = f"{UPSTREAM}+systest1"
 DEBS = "/mnt/debs"
+EXAMPLES = "/usr/share/doc/masqued/examples"
 # How long the watchdog test lets the stopped daemon hang: > WatchdogSec below.
 TEST_WATCHDOG_SEC = 3
 
@@ -124,7 +128,18 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
 
 
 def _apt_install(c: Container, deb: str) -> None:
-    c.run("apt-get", "install", "-y", "-q", deb, timeout=300)
+    """The README's line, verbatim, in the directory of the build's masqued.deb (no
+    input: a question from apt would fail the install)."""
+    directory = deb.rsplit("/", 1)[0]
+    res = c.run(
+        "/bin/sh",
+        "-c",
+        f"cd {directory} && apt install ./masqued.deb",
+        check=False,
+        timeout=300,
+        input="",
+    )
+    assert res.returncode == 0, f"apt install ./masqued.deb: {res.stdout}{res.stderr}"
 
 
 def _active(c: Container, unit: str) -> bool:
@@ -166,7 +181,7 @@ def _configure(env: Env) -> None:
         "masqued pki init /etc/masque/pki >/dev/null\n"
         f"masqued pki relay /etc/masque/pki --name relay --san relay.example --san {RELAY_V4}"
         " >/dev/null\n"
-        "cp /etc/masque/relay.conf.example /etc/masque/relay.conf\n"
+        f"install -m 0600 {EXAMPLES}/relay.conf /etc/masque/relay.conf\n"
         # the example relay wants client certificates (auth = "mtls"): make one
         "masqued pki client /etc/masque/pki --name alice >/dev/null\n"
     )
@@ -175,7 +190,7 @@ def _configure(env: Env) -> None:
     client.write("/etc/masque/pki/alice.pem", relay.read("/etc/masque/pki/alice.pem"), "0644")
     client.write("/etc/masque/pki/alice.key", relay.read("/etc/masque/pki/alice.key"), "0600")
     client.sh(
-        "cp /etc/masque/client.conf.example /etc/masque/client.conf\n"
+        f"install -m 0600 {EXAMPLES}/client.conf /etc/masque/client.conf\n"
         f'sed -i \'s/^relay = .*/relay = "{RELAY_V4}:443"/; '
         's/^# server_name = .*/server_name = "relay.example"/; '
         "s/^# certificate = /certificate = /; "
@@ -196,13 +211,20 @@ def test_install_package(env: Env) -> None:
         _apt_install(c, env.old_deb)
         assert c.run("masqued", "--version").stdout.strip() == f"masqued {OLD_VERSION}"
         assert c.run("dpkg-query", "-W", "-f", "${Version}", "masqued").stdout == OLD_VERSION
-        modes = c.run("stat", "-c", "%a %n", "/etc/masque/relay.conf.example").stdout
-        assert modes.split()[0] == "600"
-        assert c.run("test", "-L", "/usr/sbin/masqued", check=False).returncode == 0
+        for path in (f"{EXAMPLES}/relay.conf", f"{EXAMPLES}/client.conf", "/etc/masque/README"):
+            assert c.run("test", "-f", path, check=False).returncode == 0, path
+        assert c.run("test", "-L", "/usr/sbin/masqued").returncode == 0
+        assert "masqued@.service" in c.run("systemctl", "list-unit-files", "masqued*").stdout
+        for page in ("man5/masqued.conf.5.gz", "man8/masqued.8.gz"):
+            assert c.run("test", "-f", f"/usr/share/man/{page}", check=False).returncode == 0
     _configure(env)
     for c, name in ((env.relay, "relay"), (env.client, "client")):
         res = c.run("masqued", "check", name)
         assert "warning" not in res.stderr, res.stderr  # no world-readable config warning
+    # What start will switch on, to compare after the last stop.
+    env.timings["_v6fwd_before"] = float(
+        env.relay.run("sysctl", "-n", "net.ipv6.conf.all.forwarding").stdout
+    )
 
 
 def test_start_and_traffic(env: Env) -> None:
@@ -237,10 +259,27 @@ def test_start_and_traffic(env: Env) -> None:
         assert "workers" not in doc
 
 
+def test_one_journal_for_all_instances(env: Env) -> None:
+    for c, name in _pairs(env):
+        # The operator's line: every instance's log under the umbrella unit.
+        log = c.run("journalctl", "--no-pager", "-u", "masqued").stdout
+        if name == "relay":
+            assert "relay relay listening on 0.0.0.0:443 (udp)" in log, log[-3000:]
+        else:
+            assert "tunnel up" in log, log[-3000:]
+        assert _active(c, "masqued.service")  # started with the instance (Wants=)
+        entries = _journal(c, "-u", "masqued", "MASQUED_INSTANCE=" + name)
+        assert entries and all(e["_SYSTEMD_UNIT"] == f"masqued@{name}.service" for e in entries)
+    # The sysctls start switched on are recorded for cleanup to put back.
+    record = json.loads(env.relay.read("/run/masqued/relay/sysctl.json"))
+    assert any(e["key"] == "net.ipv6.conf.all.forwarding" for e in record["sysctls"])
+
+
 def test_journal_fields(env: Env) -> None:
     peer = client_addr_v4(1)
-    # MASQUED_CLIENT is the authenticated identity (the certificate's CN)
-    entries = _journal(env.relay, "-u", "masqued@relay", "MASQUED_CLIENT=alice")
+    # MASQUED_CLIENT is the authenticated identity (the certificate's CN): the filter
+    # README and masqued(8) give, on the umbrella unit.
+    entries = _journal(env.relay, "-u", "masqued", "MASQUED_CLIENT=alice")
     opened = [e for e in entries if "session opened" in e.get("MESSAGE", "")]
     assert opened, entries
     e = opened[-1]
@@ -248,6 +287,12 @@ def test_journal_fields(env: Env) -> None:
     assert e["MASQUED_ROLE"] == "relay"
     assert e["MASQUED_ADDRESS"].startswith("198.18.200.")
     assert e["MASQUED_PEER"] == peer
+    # MASQUED_SESSION is the session's id in `masqued status`
+    assert e["MASQUED_SESSION"].startswith(f"{peer}:")
+    sessions = json.loads(env.relay.run("masqued", "status", "relay", "--json").stdout)
+    assert e["MASQUED_SESSION"] in [s["id"] for s in sessions["sessions"]]
+    by_session = _journal(env.relay, "-u", "masqued", f"MASQUED_SESSION={e['MASQUED_SESSION']}")
+    assert any("session opened" in x.get("MESSAGE", "") for x in by_session)
     # the lease of the identity is kept in the unit's StateDirectory (sticky addresses),
     # by the relay worker that served it (MASQUED_WORKER, none for the main process)
     worker = int(e.get("MASQUED_WORKER", "0"))
@@ -257,6 +302,27 @@ def test_journal_fields(env: Env) -> None:
     assert e["SYSLOG_IDENTIFIER"] == "masqued"
     client_entries = _journal(env.client, "-u", "masqued@client", "MASQUED_ROLE=client")
     assert client_entries and client_entries[0]["MASQUED_INSTANCE"] == "client"
+
+
+def test_missing_or_invalid_config_fails_the_start(env: Env) -> None:
+    relay = env.relay
+    res = relay.run("systemctl", "start", "masqued@missing", check=False, timeout=60)
+    assert res.returncode != 0  # not a silent skip
+    log = relay.run("journalctl", "--no-pager", "-u", "masqued@missing").stdout
+    assert "/etc/masque/missing.conf: no such file: instance missing has no config" in log, log
+    relay.write("/etc/masque/broken.conf", 'mode = "relay"\npol = ["198.18.201.0/24"]\n')
+    res = relay.run("systemctl", "start", "masqued@broken", check=False, timeout=60)
+    assert res.returncode != 0
+    log = relay.run("journalctl", "--no-pager", "-u", "masqued").stdout
+    assert "/etc/masque/broken.conf: invalid key 'pol' (did you mean 'pool'?)" in log
+    time.sleep(3)  # longer than RestartSec: an invalid config is not retried
+    for unit in ("masqued@missing", "masqued@broken"):
+        assert relay.prop(unit, "ActiveState") == "failed"
+        assert relay.prop(unit, "NRestarts") == "0"
+        assert relay.prop(unit, "ExecMainStatus") == "2"
+        relay.run("systemctl", "reset-failed", unit)
+    relay.run("rm", "/etc/masque/broken.conf")
+    assert _active(relay, "masqued@relay")
 
 
 def _sessions_opened(env: Env) -> int:
@@ -360,10 +426,16 @@ def test_iptables_backend_under_the_unit(env: Env) -> None:
 
 def test_stop_leaves_nothing(env: Env) -> None:
     for c, unit in _pairs(env):
-        c.run("systemctl", "stop", f"masqued@{unit}", timeout=60)
+        assert _active(c, f"masqued@{unit}")
+        # The operator's line: stops every instance (they are PartOf=masqued.service).
+        c.run("systemctl", "stop", "masqued", timeout=60)
         assert not _active(c, f"masqued@{unit}")
+        assert not _active(c, "masqued.service")
         assert c.leftovers() == []
         assert c.run("ls", "/run/masqued").stdout.strip() == ""
+    # cleanup (ExecStopPost) put back what start switched on
+    after = float(env.relay.run("sysctl", "-n", "net.ipv6.conf.all.forwarding").stdout)
+    assert after == env.timings["_v6fwd_before"]
 
 
 def test_remove_stops_instances_and_keeps_config(env: Env) -> None:
@@ -378,6 +450,15 @@ def test_remove_stops_instances_and_keeps_config(env: Env) -> None:
         )
         assert c.run("test", "-f", f"/etc/masque/{unit}.conf", check=False).returncode == 0
         assert c.leftovers() == []
+
+
+def test_purge_removes_state_and_keeps_config(env: Env) -> None:
+    relay = env.relay
+    assert relay.run("test", "-d", "/var/lib/masqued/relay", check=False).returncode == 0
+    relay.run("apt-get", "purge", "-y", "-q", "masqued", timeout=300)
+    assert relay.run("test", "-e", "/var/lib/masqued", check=False).returncode != 0
+    assert relay.run("test", "-f", "/etc/masque/relay.conf", check=False).returncode == 0
+    assert relay.run("test", "-e", "/etc/masque/README", check=False).returncode != 0
 
 
 def _pairs(env: Env) -> list[tuple[Container, str]]:

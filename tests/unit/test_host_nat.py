@@ -92,3 +92,39 @@ def test_iptables_helper_reports_errors() -> None:
     # An unknown operation fails in the helper before libiptc is touched.
     with pytest.raises(nat.NatError, match="KeyError"):
         nat._ipt_call(4, "no-such-op")
+
+
+def test_iptables_helper_is_one_process_for_both_families(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    started: list[list[str]] = []
+    real_run = nat.subprocess.run
+
+    def run(cmd: list[str], **kw: object) -> object:
+        started.append(cmd)
+        return real_run(cmd, **kw)  # type: ignore[call-overload]
+
+    monkeypatch.setattr(nat.subprocess, "run", run)
+    with pytest.raises(nat.NatError, match=r"IPv4\) no-such-op: KeyError"):
+        nat._ipt_run([(4, "no-such-op", {}), (6, "no-such-op", {})])
+    assert len(started) == 1
+    assert nat._ipt_run([]) == [] and len(started) == 1  # nothing to do: no process
+
+
+def test_iptables_helper_forks_for_the_second_family(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import io
+    import json
+    import os
+
+    # Each family must run in a process where no libxtables extension was loaded
+    # before: the first in the helper itself, the next in a fork of it.
+    monkeypatch.setitem(nat._OPS, "pid", lambda version: [str(os.getpid())])
+    reqs = [{"version": v, "op": "pid", "args": {}} for v in (4, 6, 4)]
+    monkeypatch.setattr(nat.sys, "stdin", io.StringIO(json.dumps(reqs)))
+    assert nat._child_main() == 0
+    replies = json.loads(capsys.readouterr().out)
+    pids = [r["result"][0] for r in replies]
+    assert pids[0] == pids[2] == str(os.getpid())
+    assert pids[1] != pids[0]

@@ -308,6 +308,19 @@ def test_journal_client_fields_from_extra(journal: tuple[KeptJournal, logging.Lo
     assert a["PRIORITY"] == "6"
 
 
+def test_journal_fields_of_an_authenticated_session(
+    journal: tuple[KeptJournal, logging.Logger],
+) -> None:
+    kept, logger = journal
+    fields = client_fields("198.18.1.11:53211", "198.18.200.2", "alice", "198.18.1.11:53211#0")
+    logger.info("session opened", extra=fields)
+    (e,) = kept.entries
+    assert e["MASQUED_CLIENT"] == "alice"  # the identity, not the address
+    assert e["MASQUED_PEER"] == "198.18.1.11"
+    assert e["MASQUED_SESSION"] == "198.18.1.11:53211#0"
+    assert e["MASQUED_ADDRESS"] == "198.18.200.2"
+
+
 def test_setup_logging_falls_back_to_stderr(
     monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -326,7 +326,7 @@ def provisioned(clients: int = 1) -> dict[str, FakeVM]:
     target = FakeVM("target", {"eth0": ["192.168.121.12"], "eth1": [TARGET_V4, TARGET_V6]})
     vms = {"relay": relay, "target": target}
     relay.files["/etc/masque/relay.conf"] = 'mode = "relay"\n# provisioned\n'
-    relay.files["/etc/masque/relay.conf.example"] = "# example\n"
+    relay.files["/usr/share/doc/masqued/examples/relay.conf"] = "# example\n"
     relay.start("masqued@relay.service")
     target.start(SERVERS_UNIT)
     for i in range(1, clients + 1):
