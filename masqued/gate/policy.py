@@ -20,8 +20,10 @@ on the allow path.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+
+from masqued.proto.drops import DROP_RELAY_ADDRESS
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -216,6 +218,94 @@ class CompiledAcl:
                     continue
             return allow
         return self.default_allow
+
+
+
+class Reach:
+    """Where packets may go: the relay's routes, or a scoped request's target inside
+    them (RFC 9484 §4.6), and never one of the relay's own addresses.
+
+    ``check(version, dst)`` takes the destination bytes the data path already has
+    (masqued.proto.packet.addresses) and returns "" or the drop reason. The relay's
+    hot loop subscripts ``verdicts`` itself (the relay's own addresses are in it from
+    the start; flows repeat their destinations) and calls ``verdict`` only on a
+    KeyError: one dict lookup per packet whatever the routes, cheaper than a call.
+    The cache holds at most ``cache_size`` destinations besides the relay's own.
+    Protocol scope and the ACL come after this (ICMP passes a protocol scope, not
+    the routes).
+    """
+
+    __slots__ = ("_blocked", "_cache_size", "_routed", "outside", "verdicts")
+
+    def __init__(
+        self,
+        networks: Iterable[IPNetwork],
+        blocked: Iterable[bytes],
+        outside: str,
+        cache_size: int = 4096,
+    ) -> None:
+        self.outside = outside  # the drop reason for a destination outside ``networks``
+        self._blocked = {dst: DROP_RELAY_ADDRESS for dst in blocked}
+        self._cache_size = cache_size + len(self._blocked)
+        nets: dict[int, list[tuple[int, int]]] = {4: [], 6: []}
+        whole: set[int] = set()
+        for net in networks:
+            if net.prefixlen == 0:
+                whole.add(net.version)
+            nets[net.version].append((int(net.network_address), int(net.netmask)))
+        # None: the whole family is routed (no compare at all).
+        self._routed = _route_matcher(
+            None if 4 in whole else tuple(nets[4]), None if 6 in whole else tuple(nets[6])
+        )
+        self.verdicts: dict[bytes, str] = dict(self._blocked)
+
+    def verdict(self, version: int, dst: bytes) -> str:
+        """The verdict for a destination not in ``verdicts`` yet; remembered."""
+        verdicts = self.verdicts
+        if len(verdicts) >= self._cache_size:
+            verdicts.clear()
+            verdicts.update(self._blocked)
+        why = "" if self._routed(version, dst) else self.outside
+        verdicts[dst] = why
+        return why
+
+    def check(self, version: int, dst: bytes) -> str:
+        """"" if a packet to ``dst`` may be forwarded, else the drop reason."""
+        why = self.verdicts.get(dst)
+        return self.verdict(version, dst) if why is None else why
+
+
+def _route_matcher(
+    v4: tuple[tuple[int, int], ...] | None, v6: tuple[tuple[int, int], ...] | None
+) -> Callable[[int, bytes], bool]:
+    """``routed(version, dst)`` over closed-over tuples (no attribute lookups)."""
+    from_bytes = int.from_bytes
+
+    def routed(version: int, dst: bytes) -> bool:
+        nets = v4 if version == 4 else v6
+        if nets is None:
+            return True
+        d = from_bytes(dst, "big")
+        for net, mask in nets:  # noqa: SIM110 (a loop: no generator per packet)
+            if d & mask == net:
+                return True
+        return False
+
+    return routed
+
+
+def relay_addresses(pool: Iterable[IPNetwork]) -> tuple[bytes, ...]:
+    """Addresses of the relay itself inside its pool networks, as packed bytes: each
+    network's first address (the gateway on the relay's TUN), the network address
+    (IPv6: the subnet-router anycast address a forwarding host answers) and, for
+    IPv4, the broadcast address. Packets to them would be delivered to the relay
+    host rather than forwarded."""
+    out: list[bytes] = []
+    for net in pool:
+        out += [net.network_address.packed, (net.network_address + 1).packed]
+        if net.version == 4:
+            out.append(net.broadcast_address.packed)
+    return tuple(dict.fromkeys(out))
 
 
 def describe(acl: Acl) -> list[str]:

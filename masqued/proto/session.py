@@ -19,6 +19,7 @@ import enum
 import ipaddress
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
+from typing import Protocol
 
 from masqued.proto.capsule import (
     ADDRESS_ASSIGN,
@@ -265,6 +266,16 @@ class RouteFilter:
         return self._covers(info.version, info.proto, addr)
 
 
+class Destinations(Protocol):
+    """Where an admitted client's packets may go (masqued.gate.policy.Reach): a verdict
+    per destination, "" or the drop reason. ``verdicts`` is subscripted per packet;
+    ``verdict`` decides (and remembers) a destination it does not hold yet."""
+
+    verdicts: dict[bytes, str]
+
+    def verdict(self, version: int, dst: bytes) -> str: ...
+
+
 class ProxySession:
     """The relay's side of one admitted tunnel.
 
@@ -284,6 +295,7 @@ class ProxySession:
         gateways: dict[int, IPAddress],
         drops: Counter[str],
         acl: Callable[[bytes], bool] | None = None,
+        reach: Destinations | None = None,
     ) -> None:
         self.request = request
         self.mode = Mode(request.transport)
@@ -293,6 +305,8 @@ class ProxySession:
         self.gateways = gateways
         self.drops = drops
         self.acl = acl
+        # None: anything (only for tests of the framing; the relay always sets it).
+        self.reach = reach
         self.addr_keys = frozenset(a.ip.packed for a in self.addresses)
         self.framing: Framing = (
             RecordFraming(mtu) if self.mode is Mode.STREAM else CapsuleFraming(mtu, drops)
@@ -300,10 +314,11 @@ class ProxySession:
         self.icmp = IcmpBudget()
         self._request_ids: set[int] = set()
         self.peer_routes: tuple[IPRange, ...] | None = None
-        # Set by uplink() when it dropped a spoofed packet or an ACL-denied one, for
-        # the adapter's rate-limited log line; the adapter resets them.
+        # Set by uplink() when it dropped a spoofed packet or refused one (why: the
+        # drop reason), for the adapter's rate-limited log line; the adapter resets them.
         self.spoofed_from: bytes | None = None
         self.denied_to: bytes | None = None
+        self.denied_why = ""
         self.ended = False
 
     @property
@@ -398,8 +413,11 @@ class ProxySession:
         drops = self.drops
         keys = self.addr_keys
         mtu = self.mtu
-        scoped = self.scoped
         acl = self.acl
+        reach = self.reach
+        # With a reach, a scoped target is part of it: only the protocol is left.
+        scoped = self.request.ipproto is not None or (reach is None and self.scoped)
+        verdicts = reach.verdicts if reach is not None else {}
         accepted: list[bytes] = []
         replies: list[bytes] = []
         for pkt in packets:
@@ -418,6 +436,16 @@ class ProxySession:
                 drops[DROP_SPOOFED] += 1
                 self.spoofed_from = src
                 continue
+            # Only into the relay's routes (a scoped request: its target), never to the
+            # relay itself: one dict subscript per packet, the route compare on a miss.
+            if reach is not None:
+                try:
+                    why = verdicts[dst]
+                except KeyError:
+                    why = reach.verdict(version, dst)
+                if why:
+                    self._refuse(pkt, version, dst, why, now, replies)
+                    continue
             if len(pkt) > mtu:
                 # Too big for our TUN: tell the sender the tunnel's MTU (§7.2.1).
                 drops[DROP_OVERSIZED] += 1
@@ -426,41 +454,54 @@ class ProxySession:
                 if icmp is not None:
                     replies.append(icmp)
                 continue
-            if scoped and not self._in_scope(pkt):
-                continue
+            if scoped:
+                why = self._out_of_scope(pkt)
+                if why == DROP_MALFORMED:
+                    drops[DROP_MALFORMED] += 1
+                    continue
+                if why:
+                    self._refuse(pkt, version, dst, why, now, replies)
+                    continue
             if acl is not None and not acl(pkt):
-                drops[DROP_ACL] += 1
-                self.denied_to = dst
-                gateway = self.gateways.get(version)
-                if gateway is not None and self.icmp.take(now):
-                    icmp = icmp_admin_prohibited(pkt, gateway)
-                    if icmp is not None:
-                        replies.append(icmp)
+                self._refuse(pkt, version, dst, DROP_ACL, now, replies)
                 continue
             accepted.append(pkt)
         return accepted, replies
 
-    def _in_scope(self, pkt: bytes) -> bool:
-        """Scoped requests (RFC 9484 §4.6): only the requested target and protocol;
-        ICMP always passes a protocol scope (errors about the flow)."""
+    def _refuse(
+        self, pkt: bytes, version: int, dst: bytes, why: str, now: float, replies: list[bytes]
+    ) -> None:
+        """A packet the relay will not forward (outside its routes or the request's
+        scope, to the relay itself, denied by the ACL): counted under ``why`` and
+        answered with ICMP administratively prohibited within the ICMP budget."""
+        self.drops[why] += 1
+        self.denied_to = dst
+        self.denied_why = why
+        gateway = self.gateways.get(version)
+        if gateway is not None and self.icmp.take(now):
+            icmp = icmp_admin_prohibited(pkt, gateway)
+            if icmp is not None:
+                replies.append(icmp)
+
+    def _out_of_scope(self, pkt: bytes) -> str:
+        """A scoped request (RFC 9484 §4.6): "" or the drop reason. ICMP always passes
+        a protocol scope (errors about the flow); the target is ``reach``'s, when the
+        session has one."""
         try:
             info = parse_packet(pkt)
         except PacketError:
-            self.drops[DROP_MALFORMED] += 1
-            return False
+            return DROP_MALFORMED
         targets = self.request.target
-        if targets is not None and not any(info.dst in t for t in targets):
-            self.drops[DROP_OUT_OF_SCOPE] += 1
-            return False
+        if self.reach is None and targets is not None and not any(info.dst in t for t in targets):
+            return DROP_OUT_OF_SCOPE
         ipproto = self.request.ipproto
         if (
             ipproto is not None
             and info.proto != ipproto
             and info.proto != (PROTO_ICMP if info.version == 4 else PROTO_ICMPV6)
         ):
-            self.drops[DROP_OUT_OF_SCOPE] += 1
-            return False
-        return True
+            return DROP_OUT_OF_SCOPE
+        return ""
 
     def downlink(self, packets: list[bytes], room: int) -> tuple[list[bytes], list[bytes]]:
         """TUN -> client: (packets to send, ICMP errors to write back to the TUN).

@@ -26,6 +26,7 @@ from typing import Any
 from masqued.config import ConfigError, RelayConfig, load_config
 from masqued.gate.access import AccessControl, LeaseStore, state_dir_for
 from masqued.gate.ipam import AddressPool, pool_slice
+from masqued.gate.policy import relay_addresses
 from masqued.host.naming import InstanceIds
 from masqued.host.nat import NatBackend, make_nat
 from masqued.host.netstate import NetState
@@ -77,6 +78,8 @@ def access_control(config: RelayConfig) -> AccessControl:
 
 def relay_settings(config: RelayConfig, worker: int) -> RelaySettings:
     count = config.workers
+    # Every worker's gateways (each share's subnets) are the relay's own addresses.
+    shares = [n for k in range(count) for n in pool_slice(config.pool, k, count)]
     return RelaySettings(
         mtu=config.mtu,
         routes=tuple(config.routes),
@@ -87,6 +90,7 @@ def relay_settings(config: RelayConfig, worker: int) -> RelaySettings:
         worker=worker,
         workers=count,
         templates=tuple(UriTemplate.parse(t) for t in getattr(config, "uri_templates", ())),
+        relay_addresses=relay_addresses([*config.pool, *shares]),
     )
 
 

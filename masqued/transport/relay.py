@@ -23,10 +23,20 @@ from typing import Any
 from masqued.gate.access import AccessControl, Identity, LeaseStore
 from masqued.gate.admission import ANONYMOUS, Admitter, Caller, Refused
 from masqued.gate.ipam import AddressPool, Lease
+from masqued.gate.policy import Reach, relay_addresses
 from masqued.host.tun import Tun
 from masqued.logutil import RateLimitedLog
 from masqued.observe.metrics import LatencyHistogram, TrafficCounters
-from masqued.proto.drops import DROP_MALFORMED, DROP_NO_SESSION, DROP_TUN_WRITE, DROP_UNKNOWN_STREAM
+from masqued.proto.drops import (
+    DROP_ACL,
+    DROP_MALFORMED,
+    DROP_NO_SESSION,
+    DROP_NOT_ROUTED,
+    DROP_OUT_OF_SCOPE,
+    DROP_RELAY_ADDRESS,
+    DROP_TUN_WRITE,
+    DROP_UNKNOWN_STREAM,
+)
 from masqued.proto.errors import H3_DATAGRAM_ERROR, ProtocolError, RequestError
 from masqued.proto.events import StreamEnded
 from masqued.proto.request import build_response_headers, parse_connect_request
@@ -48,6 +58,13 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # CONNECT-IP tunnels one connection may carry at once.
 MAX_TUNNELS_PER_CONNECTION = 4
 TUN_READ_BATCH = 256
+# How a refusal's drop reason reads in the log line.
+_DENIED_WHY = {
+    DROP_ACL: "denied by ACL",
+    DROP_NOT_ROUTED: "outside the routes this relay serves",
+    DROP_OUT_OF_SCOPE: "outside the request's scope",
+    DROP_RELAY_ADDRESS: "the relay's own address",
+}
 
 
 @dataclass(frozen=True)
@@ -65,6 +82,9 @@ class RelaySettings:
     workers: int = 1
     limits: EndpointLimits = DEFAULT_ENDPOINT_LIMITS
     templates: tuple[UriTemplate, ...] = ()  # served besides the default one
+    # Addresses of the relay host no client may send to, besides those of this
+    # server's own pool (masqued.gate.policy.relay_addresses): the other workers'.
+    relay_addresses: tuple[bytes, ...] = ()
 
 
 @dataclass(eq=False)
@@ -164,6 +184,7 @@ class RelayServer:
             g.version: g.ip for g in pool.gateways()
         }
         self.on_change: Callable[[], None] | None = None
+        self._reach = self._new_reach(settings.routes, DROP_NOT_ROUTED)
 
     @property
     def access(self) -> AccessControl | None:
@@ -188,9 +209,30 @@ class RelayServer:
         self.loop.add_reader(self.tun.fileno(), self._tun_ready)
 
     def update_settings(self, settings: RelaySettings) -> None:
-        """Apply settings that can change live (routes for new tunnels, certificates)."""
-        self.settings = settings
+        """Apply settings that can change live (routes, certificates): the routes
+        also for the live tunnels (what they may reach)."""
         self.endpoint.set_certificate(settings.certificate, settings.private_key)
+        self.settings = settings
+        self._reach_changed()
+
+    def _new_reach(self, networks: Sequence[IPNetwork], outside: str, cache: int = 4096) -> Reach:
+        own = relay_addresses(g.network for g in self.pool.gateways())
+        return Reach(networks, own + self.settings.relay_addresses, outside, cache_size=cache)
+
+    def _reach_for(self, routes: Sequence[IPNetwork], scoped: bool) -> Reach:
+        """Where a tunnel's packets may go: the relay's routes (one Reach the tunnels
+        share), or a scoped request's targets inside them; never the relay itself."""
+        if not scoped:
+            return self._reach
+        return self._new_reach(routes, DROP_OUT_OF_SCOPE, cache=256)
+
+    def _reach_changed(self) -> None:
+        """Routes or the pool changed: every tunnel checks against the new ones."""
+        self._reach = self._new_reach(self.settings.routes, DROP_NOT_ROUTED)
+        for tunnel in self.tunnels.values():
+            session = tunnel.session
+            scoped = session.request.target is not None
+            session.reach = self._reach_for(session.routes, scoped)
 
     def close(self) -> None:
         """Close every connection (CONNECTION_CLOSE, H3_NO_ERROR) and stop reading."""
@@ -309,6 +351,7 @@ class RelayServer:
             gateways=self.gateways,
             drops=counters.drops,
             acl=admission.acl.allows if admission.acl is not None else None,
+            reach=self._reach_for(admission.routes, request.target is not None),
         )
         tunnel = Tunnel(
             link=link,
@@ -422,6 +465,7 @@ class RelayServer:
         """The pool grew (reload): ICMP errors may now come from a new family's gateway."""
         for gateway in reversed(self.pool.gateways()):
             self.gateways[gateway.version] = gateway.ip
+        self._reach_changed()
 
     def update_access(self, access: AccessControl | None) -> None:
         """After a reload: new credentials and policies for new and live tunnels.
@@ -463,11 +507,13 @@ class RelayServer:
             )
             session.spoofed_from = None
         if session.denied_to is not None:
+            why = session.denied_why
             self._ratelog.info(
-                f"acl:{tunnel.identity}",
-                "%s: packet to %s denied by ACL",
+                f"{why}:{tunnel.identity}",
+                "%s: packet to %s dropped (%s)",
                 tunnel.describe(),
                 ipaddress.ip_address(session.denied_to),
+                _DENIED_WHY.get(why, why),
                 extra=tunnel.log_fields(),
             )
             session.denied_to = None

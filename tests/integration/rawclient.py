@@ -6,6 +6,9 @@ client would. Run inside a client namespace:
     rawclient.py HOST PORT CA malformed   -> sends a zero-length frame; prints "reset 0x.."
     rawclient.py HOST PORT CA spoof       -> sends a UDP packet with a spoofed source and
                                              one with its real source; prints what came back
+    rawclient.py HOST PORT CA reach DST.. -> sends a UDP packet ("reach-DST") and an ICMP
+                                             echo to each DST; prints what came back
+                                             (unlike masqued's client it sends anywhere)
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ from aioquic.h3.events import DataReceived, HeadersReceived
 from aioquic.quic.configuration import QuicConfiguration
 from aioquic.quic.events import QuicEvent, StreamReset
 
-from masqued.proto.packet import build_udp
+from masqued.proto.packet import build_icmp_echo, build_udp, parse_packet
 
 
 class Raw(QuicConnectionProtocol):
@@ -58,7 +61,7 @@ def frames(buf: bytearray) -> list[bytes]:
     return out
 
 
-async def main(host: str, port: int, ca: str, mode: str) -> None:
+async def main(host: str, port: int, ca: str, mode: str, dsts: list[str]) -> None:
     config = QuicConfiguration(alpn_protocols=H3_ALPN, is_client=True, server_name="relay.example")
     config.load_verify_locations(cafile=ca)
     async with connect(host, port, configuration=config, create_protocol=Raw) as client:
@@ -81,7 +84,8 @@ async def main(host: str, port: int, ca: str, mode: str) -> None:
         print("status", status, flush=True)
         if status != "200":
             return
-        addr = headers[b"masqued-address"].decode().split(",")[0].strip().split("/")[0]
+        mine = [a.strip().split("/")[0] for a in headers[b"masqued-address"].decode().split(",")]
+        addr = mine[0]
         if mode == "malformed":
             client.h3.send_data(sid, b"\x00\x00", end_stream=False)
             client.transmit()
@@ -98,7 +102,28 @@ async def main(host: str, port: int, ca: str, mode: str) -> None:
             for pkt in frames(client.data):
                 dst = ipaddress.ip_address(pkt[16:20])
                 print("received", dst, pkt[28:].decode(errors="replace"), flush=True)
+        elif mode == "reach":
+            for dst in dsts:
+                version = ipaddress.ip_address(dst).version
+                src = next(a for a in mine if ipaddress.ip_address(a).version == version)
+                for pkt in (
+                    build_udp(src, dst, 40000, 5202, f"reach-{dst}".encode()),
+                    build_icmp_echo(src, dst, 7, 1, b"reach"),
+                ):
+                    client.h3.send_data(sid, struct.pack("!H", len(pkt)) + pkt, end_stream=False)
+            client.transmit()
+            await asyncio.sleep(2)
+            for pkt in frames(client.data):
+                info = parse_packet(pkt)
+                if info.proto in (1, 58):
+                    quoted = pkt[info.header_len + 8 :]
+                    about = ""
+                    if info.icmp_type in (3, 1):  # destination unreachable: whose packet
+                        about = str(parse_packet(quoted).dst)
+                    print(f"icmp {info.src} {info.icmp_type}/{info.icmp_code} {about}", flush=True)
+                else:
+                    print(f"udp {info.src} {pkt[info.header_len + 8 :].decode(errors='replace')}")
 
 
 if __name__ == "__main__":
-    asyncio.run(main(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]))
+    asyncio.run(main(sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4], sys.argv[5:]))
