@@ -16,8 +16,9 @@ import os
 import tempfile
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 
@@ -36,8 +37,9 @@ log = logging.getLogger("masqued.gate.access")
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-# Authentication failures tolerated per source address before CONNECTs from it are
-# answered 429 without looking at their credentials, and how fast that budget refills.
+# Authentication failures tolerated per failing credential (a token name, a client
+# certificate's identity) or, without a genuine one, per source address, before
+# further failures of it are answered 429, and how fast that budget refills.
 FAIL_BURST = 10
 FAIL_REFILL_PER_SECOND = 0.5  # one more attempt every 2 s
 MAX_TRACKED_PEERS = 4096
@@ -45,17 +47,23 @@ MAX_TRACKED_PEERS = 4096
 
 @dataclass(frozen=True)
 class Identity:
-    """Who a session belongs to. ``name`` is None on an open relay (auth = none)."""
+    """Who a session belongs to. ``name`` is None on an open relay (auth = none).
+
+    ``evidence`` is what proved it, kept to check it again after a reload: the
+    token's stored (salt, hash), or the client certificate and its chain.
+    """
 
     name: str | None
     method: str  # "mtls", "token" or "none"
+    evidence: tuple[Any, ...] = field(default=(), compare=False, repr=False)
 
     def __str__(self) -> str:
         return self.name or "anonymous"
 
 
 class FailureLimiter:
-    """A token bucket per source address, charged only by failed authentications."""
+    """A token bucket per key (``token:NAME``, ``cert:ID`` or ``addr:IP``), charged
+    only by failed authentications."""
 
     def __init__(self, burst: float = FAIL_BURST, rate: float = FAIL_REFILL_PER_SECOND) -> None:
         self.burst = burst
@@ -119,47 +127,73 @@ class AccessControl:
         peer_certificate: x509.Certificate | None,
         peer_chain: Sequence[x509.Certificate] = (),
     ) -> Identity:
-        """Who is this CONNECT from? Raises AuthError (401, 403 or 429)."""
+        """Who is this CONNECT from? Raises AuthError (401, 403 or 429).
+
+        A valid credential always gets in. A failure is charged to what failed: the
+        token name or certificate identity when that claim is genuine (a name the
+        tokens file holds, a certificate our CA issued), else the peer's address
+        (no credentials, unknown names, foreign certificates). Once that budget is
+        spent, its failures are answered 429.
+        """
         if self.open:
             return Identity(None, "none")
-        if self.limiter.blocked(peer_ip):
-            raise AuthError(429, "too many failed attempts from this address")
         errors: list[AuthError] = []
         if self.certs is not None and peer_certificate is not None:
+            chain = tuple(peer_chain)
             try:
-                return Identity(
-                    verify_client_certificate(peer_certificate, peer_chain, self.certs), "mtls"
-                )
+                name = verify_client_certificate(peer_certificate, chain, self.certs)
+                return Identity(name, "mtls", (peer_certificate, chain))
             except AuthError as exc:
                 errors.append(exc)
         token = bearer_token(headers.get("authorization"))
         if self.tokens is not None and token is not None:
             try:
-                return Identity(self.tokens.verify(token), "token")
+                name = self.tokens.verify(token)
+                return Identity(name, "token", (self.tokens.entry(name),))
             except AuthError as exc:
                 errors.append(exc)
-        self.limiter.failed(peer_ip)
-        if errors:
-            raise errors[0]
-        wanted = " or ".join(
-            {"mtls": "a client certificate", "token": "a bearer token"}[m] for m in self.methods
-        )
-        raise AuthError(401, f"no credentials (this relay wants {wanted})")
+        if not errors:
+            wanted = " or ".join(
+                {"mtls": "a client certificate", "token": "a bearer token"}[m]
+                for m in self.methods
+            )
+            errors.append(AuthError(401, f"no credentials (this relay wants {wanted})"))
+        now = time.monotonic()
+        keys = list(dict.fromkeys(e.subject or f"addr:{peer_ip}" for e in errors))
+        blocked = [k for k in keys if self.limiter.blocked(k, now)]
+        for key in keys:
+            self.limiter.failed(key, now)
+        if blocked:
+            what = blocked[0].partition(":")
+            whom = "from this address" if what[0] == "addr" else f"for {what[2]}"
+            raise AuthError(429, f"too many failed attempts {whom}", blocked[0])
+        raise errors[0]
 
-    def still_valid(self, identity: Identity, peer_certificate: x509.Certificate | None) -> bool:
-        """After a reload: may a live session of ``identity`` stay up?"""
+    def still_valid(
+        self, identity: Identity, peer_certificate: x509.Certificate | None = None
+    ) -> bool:
+        """After a reload: may a live session of ``identity`` stay up?
+
+        Checked against what proved the identity (``Identity.evidence``): the same
+        certificate and chain, or the same token entry (a rotated secret, same name,
+        ends the sessions of the old one).
+        """
         if self.open:
             return True
         if identity.method == "mtls":
             if self.certs is None:
                 return False
+            cert, chain = identity.evidence or (peer_certificate, ())
             try:
-                verify_client_certificate(peer_certificate, (), self.certs)
+                verify_client_certificate(cert, chain, self.certs)
             except AuthError:
                 return False
             return True
         if identity.method == "token":
-            return self.tokens is not None and identity.name in self.tokens.names()
+            if self.tokens is None or identity.name is None:
+                return False
+            entry = self.tokens.entry(identity.name)
+            return entry is not None and (not identity.evidence or identity.evidence[0] == entry)
         return False  # an anonymous session on a relay that now wants credentials
 
     def policy_for(self, identity: Identity) -> tuple[ClientPolicy | None, CompiledAcl]:

@@ -27,6 +27,7 @@ import secrets
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
@@ -37,12 +38,18 @@ _HASH_SCHEME = "sha256"
 
 
 class AuthError(Exception):
-    """Authentication failed; ``status`` is what the CONNECT gets (401 or 403)."""
+    """Authentication failed; ``status`` is what the CONNECT gets (401 or 403).
 
-    def __init__(self, status: int, reason: str) -> None:
+    ``subject`` names the credential that failed when its claim is genuine (a token
+    name the tokens file holds, a certificate our CA issued): the failure is charged
+    to it rather than to the peer's address (masqued.access.FailureLimiter).
+    """
+
+    def __init__(self, status: int, reason: str, subject: str | None = None) -> None:
         super().__init__(reason)
         self.status = status
         self.reason = reason
+        self.subject = subject
 
 
 class TokenFileError(ValueError):
@@ -124,8 +131,13 @@ class TokenStore:
         salt, expected = entry if entry is not None else (b"\0" * 16, b"\0" * 32)
         ok = hmac.compare_digest(_hash(salt, secret), expected)
         if entry is None or not ok:
-            raise AuthError(403, "invalid token")
+            raise AuthError(403, "invalid token", f"token:{name}" if entry is not None else None)
         return name
+
+    def entry(self, name: str) -> tuple[bytes, bytes] | None:
+        """The stored (salt, hash) of ``name``: what a session's token is checked
+        against after a reload (a rotated secret changes it)."""
+        return self.entries.get(name)
 
     def names(self) -> frozenset[str]:
         return frozenset(self.entries)
@@ -202,7 +214,9 @@ def verify_client_certificate(
 
     A certificate the TLS layer accepted may still hold fields cryptography refuses
     to parse (a malformed or duplicated extension): that is a 403 like any other
-    bad credential, never an exception for the caller.
+    bad credential, never an exception for the caller. A certificate our CA issued
+    that fails (expired, revoked, ...) carries its identity as the error's
+    ``subject``; one we never issued carries none.
     """
     if leaf is None:
         raise AuthError(401, "no client certificate")
@@ -221,6 +235,49 @@ def _verify(
     now: dt.datetime | None,
 ) -> str:
     now = now or dt.datetime.now(dt.UTC)
+    try:
+        return _verify_client_certificate(leaf, chain, policy, now)
+    except AuthError as exc:
+        exc.subject = _issued_identity(leaf, chain, policy, now)
+        raise
+
+
+def _client_verifier(policy: CertPolicy, at: dt.datetime) -> Any:
+    return (
+        PolicyBuilder()
+        .store(Store(list(policy.roots)))
+        .time(at.replace(tzinfo=None))
+        .build_client_verifier()
+    )
+
+
+def _issued_identity(
+    leaf: x509.Certificate, chain: Sequence[x509.Certificate], policy: CertPolicy, now: dt.datetime
+) -> str | None:
+    """``cert:IDENTITY`` if our CA issued ``leaf``: its chain verifies at some moment
+    inside the validity of the leaf, its chain and a root (the closest to now),
+    whatever made it fail now. Else None."""
+    certs = [leaf, *chain]
+    lo = max(c.not_valid_before_utc for c in certs)
+    hi = min(c.not_valid_after_utc for c in certs)
+    for root in policy.roots:
+        start, end = max(lo, root.not_valid_before_utc), min(hi, root.not_valid_after_utc)
+        if start > end:
+            continue
+        try:
+            _client_verifier(policy, min(max(now, start), end)).verify(leaf, list(chain))
+            return f"cert:{certificate_identity(leaf)}"
+        except Exception:  # untrusted, or unparseable: not a claim of ours
+            continue
+    return None
+
+
+def _verify_client_certificate(
+    leaf: x509.Certificate,
+    chain: Sequence[x509.Certificate],
+    policy: CertPolicy,
+    now: dt.datetime,
+) -> str:
     not_after = leaf.not_valid_after_utc
     not_before = leaf.not_valid_before_utc
     if now > not_after:
@@ -233,14 +290,8 @@ def _verify(
             raise AuthError(403, "client certificate is not for client authentication")
     except x509.ExtensionNotFound:
         pass
-    verifier = (
-        PolicyBuilder()
-        .store(Store(list(policy.roots)))
-        .time(now.replace(tzinfo=None))
-        .build_client_verifier()
-    )
     try:
-        verifier.verify(leaf, list(chain))
+        _client_verifier(policy, now).verify(leaf, list(chain))
     except VerificationError as exc:
         raise AuthError(403, f"client certificate not trusted: {exc}") from None
     identity = certificate_identity(leaf)
