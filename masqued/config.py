@@ -556,6 +556,8 @@ def _check_ifname(name: str) -> None:
         raise ValueError(f"{name!r} is not a valid interface name (1-15 characters)")
     if name in (".", "..") or any(c in "/:" or c.isspace() for c in name):
         raise ValueError(f"{name!r} is not a valid interface name (no '/', ':' or spaces)")
+    if not name.isprintable():
+        raise ValueError(f"{name!r} is not a valid interface name (no control characters)")
 
 
 # --- the reader: one key at a time, errors collected ---
@@ -839,7 +841,10 @@ def _load_relay(r: _Reader, name: str) -> RelayConfig:
     state_dir = None
     if r.has("state_dir"):
         text = r.string("state_dir")
-        state_dir = r.base / text if text else None
+        if text and "\0" in text:
+            r.error("state_dir", f"{text!r} is not a valid directory name")
+        elif text:
+            state_dir = r.base / text
 
     if r.errors:
         raise ConfigError(r.path, r.errors)
@@ -1089,7 +1094,9 @@ def _load_clients(
     clients_dir = None
     if r.has("clients_dir"):
         text = r.string("clients_dir")
-        if text:
+        if text and "\0" in text:
+            r.error("clients_dir", f"{text!r} is not a valid directory name")
+        elif text:
             clients_dir = r.base / text
             more, errs = load_clients_dir(clients_dir, acl_default)
             r.errors += errs

@@ -84,7 +84,7 @@ def parse_rule(text: str) -> Rule:
         name = words[2].lower()
         if name in PROTOCOLS:
             proto = PROTOCOLS[name]
-        elif name.isdigit() and int(name) <= 255:
+        elif name.isascii() and name.isdigit() and int(name) <= 255:
             proto = int(name)
         else:
             raise PolicyError(f"{text!r}: unknown protocol {words[2]!r}")
@@ -102,11 +102,11 @@ def _parse_ports(text: str, spec: str) -> tuple[tuple[int, int], ...]:
     out: list[tuple[int, int]] = []
     for item in spec.split(","):
         lo_s, sep, hi_s = item.partition("-")
-        try:
-            lo = int(lo_s)
-            hi = int(hi_s) if sep else lo
-        except ValueError:
-            raise PolicyError(f"{text!r}: bad port {item!r}") from None
+        # ASCII digits only: int() also takes "٨٠" and " 80", str.isdigit() "²".
+        if not all(p.isascii() and p.isdigit() for p in ((lo_s, hi_s) if sep else (lo_s,))):
+            raise PolicyError(f"{text!r}: bad port {item!r}")
+        lo = int(lo_s)
+        hi = int(hi_s) if sep else lo
         if not (0 <= lo <= hi <= 65535):
             raise PolicyError(f"{text!r}: bad port range {item!r}")
         out.append((lo, hi))

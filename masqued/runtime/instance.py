@@ -52,12 +52,33 @@ class Instance:
         self.watchdog.start(self.loop)
         self.status: StatusReporter | None = None
         self.reloads = 0
+        self._reloading = False  # RELOADING=1 sent, READY=1 not yet
 
     def install_signals(self, reload: Callable[[], None]) -> None:
         # Handlers only wake the loop; the work happens in the loop.
         self.loop.add_signal_handler(signal.SIGTERM, self.stop_event.set)
         self.loop.add_signal_handler(signal.SIGINT, self.stop_event.set)
-        self.loop.add_signal_handler(signal.SIGHUP, reload)
+        self.loop.add_signal_handler(signal.SIGHUP, self.guarded_reload(reload))
+
+    def guarded_reload(self, reload: Callable[[], None]) -> Callable[[], None]:
+        """``reload`` such that whatever it raises, systemd gets its answer: the error
+        is logged and READY=1 follows RELOADING=1 (else the unit would stay
+        "reloading" and ``systemctl reload`` would hang until its timeout)."""
+
+        def run() -> None:
+            try:
+                reload()
+            except Exception as exc:
+                log.exception("reload failed: %s", exc)
+                if not self._reloading:
+                    self.notifier.reloading()
+                self.reload_done(
+                    False,
+                    f"{self.config.path}: reload failed: {exc or type(exc).__name__} "
+                    "(see the log; the running configuration may be partly applied)",
+                )
+
+        return run
 
     def remove_signals(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -74,6 +95,7 @@ class Instance:
 
     def reload_done(self, ok: bool, message: str) -> None:
         """READY=1 again after RELOADING=1, and the verdict for ``masqued reload``."""
+        self._reloading = False
         self.reloads += 1
         write_reload_result(runtime_dir(), self.reloads, ok, message)
         if self.status is not None:
@@ -84,6 +106,7 @@ class Instance:
     def reread(self) -> RelayConfig | ClientConfig | None:
         """Load the config again; on error log it and keep the running one."""
         self.notifier.reloading()
+        self._reloading = True
         try:
             new = load_config(self.config.path, self.config.name)
         except ConfigError as exc:

@@ -486,8 +486,14 @@ async def run_worker(config: RelayConfig, index: int, fds: tuple[int, int, int],
     # The main process stops the workers; Ctrl-C in a terminal reaches every process
     # of the group, so this one leaves SIGINT to it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    def guarded_reload() -> None:
+        try:
+            reload()
+        except Exception as exc:  # the main process answers systemd; this one logs
+            log.exception("relay worker %d: reload failed: %s", index, exc)
+
     loop.add_signal_handler(signal.SIGTERM, stop.set)
-    loop.add_signal_handler(signal.SIGHUP, reload)
+    loop.add_signal_handler(signal.SIGHUP, guarded_reload)
     server.start()
     freeze_startup_objects()
     uplink.send({"ready": True, "pid": os.getpid()})

@@ -210,7 +210,8 @@ class RelayServer:
 
     def update_settings(self, settings: RelaySettings) -> None:
         """Apply settings that can change live (routes, certificates): the routes
-        also for the live tunnels (what they may reach)."""
+        also for the live tunnels (what they may reach). Nothing changes if the new
+        certificate cannot be loaded (it raises)."""
         self.endpoint.set_certificate(settings.certificate, settings.private_key)
         self.settings = settings
         self._reach_changed()

@@ -54,3 +54,33 @@ def test_pool_growth_applies_live(lab3: NamespaceLab) -> None:
         assert d.stop() == 0
     for ns in (lab3.relay_ns, lab3.client_ns(1), lab3.client_ns(2)):
         assert lab3.leftovers(ns) == []
+
+
+def test_a_rejected_reload_answers_systemd_and_keeps_the_sessions(lab1: NamespaceLab) -> None:
+    """An invalid ACL protocol ("²" once escaped as a bare ValueError) on SIGHUP: the
+    error is logged, READY=1 follows RELOADING=1, the running config stays."""
+    lab1.start_servers()
+    relay = lab1.start_daemon("relay", lab1.relay_ns, lab1.relay_config())
+    relay.wait_ready()
+    client = lab1.start_daemon("c1", lab1.client_ns(1), lab1.client_config())
+    client.wait_ready()
+    good = relay.config.read_text()
+    relay.config.write_text(
+        good + 'acl_default = "deny"\n[clients.alice]\nacl = ["allow 198.19.0.0/24 ²"]\n'
+    )
+    seen = len(relay.notify.messages)
+    relay.proc.send_signal(signal.SIGHUP)
+    wait_log(relay.log_text, "reload rejected")
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        relay.notify.wait_for("(collect)", 0.2)  # receives whatever arrives meanwhile
+        lines = [line for m in relay.notify.messages[seen:] for line in m.split("\n")]
+        if "RELOADING=1" in lines and "READY=1" in lines[lines.index("RELOADING=1") :]:
+            break
+    else:
+        raise AssertionError(f"no READY=1 after RELOADING=1: {relay.notify.messages[seen:]}")
+    assert "clients.alice: acl:" in relay.log_text()
+    assert relay.running() and "session closed" not in relay.log_text()
+    assert lab1.traffic(lab1.client_ns(1), "udp", TARGET_V4, "5") == f"ok {EGRESS_V4} 5/5"
+    for d in lab1.daemons:
+        assert d.stop() == 0
