@@ -12,7 +12,11 @@ sctp, udplite) or a number 0-255, or ``any``; PORTS (only for tcp/udp/sctp/udpli
 is a comma list of ports and ranges. Fragments: a non-first fragment carries no
 transport header, so port conditions cannot be evaluated; it is matched on address
 and protocol alone (the first fragment, which holds the ports, decides whether the
-datagram can ever be reassembled). This module is pure and per-packet fast: rules are
+datagram can ever be reassembled). PROTO is the upper-layer protocol: IPv6 extension
+headers (hop-by-hop, routing, destination options, fragment, AH) are walked to it, so
+a TCP segment behind AH matches ``tcp`` and its ports; an IPv4 packet's is its
+protocol field (AH there is 51). The ACL filters what a client sends (uplink);
+packets to the client are not checked. This module is pure and per-packet fast: rules are
 compiled to integers, the packet header is read with slicing, no objects are created
 on the allow path.
 """
@@ -43,6 +47,7 @@ PORT_PROTOCOLS = frozenset({6, 17, 132, 136})
 # IPv6 extension headers we walk to find the upper-layer protocol (RFC 8200 §4).
 _V6_EXT = frozenset({0, 43, 60})  # hop-by-hop, routing, destination options
 _V6_FRAGMENT = 44
+_V6_AH = 51  # Authentication Header: its length counts 4-octet units (RFC 4302 §2.2)
 _V6_MAX_EXT = 8
 
 
@@ -196,6 +201,12 @@ class CompiledAcl:
                         return False
                     first = (int.from_bytes(pkt[off + 2 : off + 4], "big") >> 3) == 0
                     proto, off = pkt[off], off + 8
+                elif proto == _V6_AH:
+                    if n < off + 8:
+                        return False
+                    proto, off = pkt[off], off + (pkt[off + 1] + 2) * 4
+                    if n < off:
+                        return False
                 else:
                     break
             else:

@@ -24,6 +24,7 @@ PROTO_TCP = 6
 PROTO_UDP = 17
 PROTO_ROUTING = 43
 PROTO_FRAGMENT = 44
+PROTO_AH = 51  # Authentication Header (RFC 4302): length in 4-octet units, minus 2
 PROTO_ICMPV6 = 58
 PROTO_NONE = 59
 PROTO_DSTOPTS = 60
@@ -197,6 +198,13 @@ def parse_packet(pkt: BytesLike) -> PacketInfo:
                 header_len += size
                 if header_len > end:
                     raise _fail("truncated IPv6 extension header")
+            elif proto == PROTO_AH:
+                if header_len + 8 > end:
+                    raise _fail("truncated IPv6 authentication header")
+                proto, size = pkt[header_len], (pkt[header_len + 1] + 2) << 2
+                header_len += size
+                if header_len > end:
+                    raise _fail("truncated IPv6 authentication header")
             elif proto == PROTO_FRAGMENT:
                 if header_len + 8 > end:
                     raise _fail("truncated IPv6 fragment header")

@@ -134,6 +134,34 @@ def v6_fragment(src: str, dst: str, inner: int, offset: int, payload: bytes) -> 
     return build_ipv6(src, dst, 44, frag + payload)
 
 
+def v6_ah(src: str, dst: str, inner: bytes, icv: int = 12) -> bytes:
+    """``inner`` (an upper-layer packet's payload with its protocol first) behind an
+    IPv6 Authentication Header (RFC 4302 §2: Payload Len = 4-octet units - 2)."""
+    proto, payload = inner[0], inner[1:]
+    ah = struct.pack("!BBHII", proto, (12 + icv) // 4 - 2, 0, 0x100, 1) + b"\x00" * icv
+    return build_ipv6(src, dst, 51, ah + payload)
+
+
+def ah_tcp(dst: str, port: int) -> bytes:
+    tcp = build_tcp(SRC6, dst, 1000, port)
+    return v6_ah(SRC6, dst, bytes([6]) + tcp[40:])
+
+
+def test_ipv6_ah_is_walked_like_other_extension_headers() -> None:
+    """A TCP segment behind AH is matched as TCP with its ports, not as protocol 51."""
+    deny_ssh = acl("deny 2001:db8:19::/64 tcp 22", "allow ::/0", default="deny").compile()
+    assert not deny_ssh.allows(ah_tcp("2001:db8:19::2", 22))
+    assert deny_ssh.allows(ah_tcp("2001:db8:19::2", 80))
+    only_web = acl("allow 2001:db8:19::/64 tcp 8080", default="deny").compile()
+    assert only_web.allows(ah_tcp("2001:db8:19::2", 8080))
+    assert not only_web.allows(ah_tcp("2001:db8:19::2", 8081))
+    info = parse_packet(ah_tcp("2001:db8:19::2", 22))
+    assert (info.proto, info.dst_port) == (6, 22)
+    # An AH header claiming more bytes than the packet holds is malformed: denied.
+    bad = build_ipv6(SRC6, "2001:db8:19::2", 51, struct.pack("!BBHII", 6, 200, 0, 1, 1))
+    assert not deny_ssh.allows(bad)
+
+
 @st.composite
 def packets(draw: st.DrawFn) -> bytes:
     v6 = draw(st.booleans())
@@ -144,8 +172,17 @@ def packets(draw: st.DrawFn) -> bytes:
     else:
         dst = f"198.19.{host % 3}.{host % 250}" if host < 300 else "198.20.0.1"
         src = SRC4
-    kind = draw(st.sampled_from(["tcp", "udp", "icmp", "frag"]))
+    kind = draw(st.sampled_from(["tcp", "udp", "icmp", "frag", "ah"]))
     port = draw(st.integers(0, 130))
+    if kind == "ah":
+        inner = build_tcp(src, dst, 1000, port) if draw(st.booleans()) else None
+        if inner is None:
+            inner = build_udp(src, dst, 1000, port, b"data")
+        head = 40 if v6 else 20
+        proto = inner[6] if v6 else inner[9]
+        if v6:
+            return v6_ah(src, dst, bytes([proto]) + inner[head:])
+        return inner
     if kind == "tcp":
         return build_tcp(src, dst, 1000, port)
     if kind == "udp":
