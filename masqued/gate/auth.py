@@ -303,3 +303,28 @@ def _verify_client_certificate(
         if entry is not None:
             raise AuthError(403, f"client certificate of {identity} is revoked (CRL)")
     return identity
+
+
+# -- the relay's certificate (checked by the client) ----------------------------------------
+
+
+def server_auth_problem(cert: x509.Certificate | None) -> str | None:
+    """Why the relay's certificate may not serve as one, or None.
+
+    aioquic's TLS layer has checked the chain, the validity and the name, but not
+    what the certificate is for: an extended key usage that is present must allow
+    serverAuth (RFC 5280 §4.2.1.12; without the extension any use is allowed, as
+    OpenSSL's TLS server purpose check has it). A client certificate of the same CA
+    must not pass for the relay.
+    """
+    if cert is None:
+        return "the relay presented no certificate"
+    try:
+        eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return None
+    except Exception as exc:  # a malformed extension: not a usable certificate
+        return f"the relay's certificate has a malformed extension ({type(exc).__name__})"
+    if ExtendedKeyUsageOID.SERVER_AUTH in eku or ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE in eku:
+        return None
+    return "the relay's certificate is not for server authentication (no serverAuth usage)"

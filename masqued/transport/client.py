@@ -22,6 +22,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from masqued.gate.auth import server_auth_problem
 from masqued.host.tun import Tun
 from masqued.logutil import RateLimitedLog
 from masqued.observe.metrics import LatencyHistogram, TrafficCounters
@@ -196,6 +197,11 @@ class Attempt:
         if settings is None:
             return  # the relay's SETTINGS first (RFC 9220 §3)
         extended, datagrams = settings
+        # Before anything (a token) goes to the relay: is its certificate a server's?
+        problem = server_auth_problem(self.link.peer_certificate()[0])
+        if problem is not None:
+            self.fail(TunnelFailed(problem))
+            return
         try:
             headers = self.session.request(extended_connect=extended, datagrams=datagrams)
         except ResponseError as exc:
