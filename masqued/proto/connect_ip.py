@@ -214,13 +214,29 @@ class RouteAdvertisement:
 
     def networks(self) -> tuple[IPNetwork, ...]:
         """Every range as CIDR blocks, protocol-specific ranges included, deduplicated."""
+        return self.some_networks(None)[0]
+
+    def some_networks(self, limit: int | None) -> tuple[tuple[IPNetwork, ...], bool]:
+        """At most ``limit`` of the CIDR blocks (None: all), and whether that is all.
+
+        A range that is not CIDR-aligned is up to 2 x 128 blocks: 16 KB of ranges can
+        expand into 10^5 networks, seconds of work; a bound keeps that per capsule.
+        """
         seen: dict[IPNetwork, None] = {}
+        complete = True
         for r in self.ranges:
-            for net in r.networks():
-                seen[net] = None
-        return tuple(ipaddress.collapse_addresses([n for n in seen if n.version == 4])) + tuple(  # type: ignore[misc]
+            blocks = ipaddress.summarize_address_range(r.start, r.end)  # type: ignore[type-var]
+            for net in blocks:
+                if limit is not None and len(seen) >= limit:
+                    complete = False
+                    break
+                seen[net] = None  # type: ignore[index]
+            if not complete:
+                break
+        nets = tuple(ipaddress.collapse_addresses([n for n in seen if n.version == 4])) + tuple(  # type: ignore[misc]
             ipaddress.collapse_addresses([n for n in seen if n.version == 6])  # type: ignore[misc]
         )
+        return nets, complete
 
 
 def _check_order(ranges: Sequence[IPRange]) -> None:

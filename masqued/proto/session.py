@@ -101,6 +101,9 @@ MAX_CONTROL_CAPSULE = 16384
 # Request IDs one ADDRESS_REQUEST stream may use in all (RFC 9484 §4.7.2 forbids
 # reuse, so the set of used IDs must be kept; this bounds it).
 MAX_REQUEST_IDS = 256
+# Networks the client keeps of a ROUTE_ADVERTISEMENT for its parameters (display, the
+# "not advertised" warning); packets are judged against the ranges themselves.
+MAX_ROUTE_NETWORKS = 1024
 # ICMP errors (Packet Too Big, prohibited) sent to one client: burst, then per second.
 ICMP_BURST = 10.0
 ICMP_RATE = 10.0
@@ -586,6 +589,10 @@ class ClientSession:
         self._assigned: tuple[IPNetwork, ...] | None = None
         self._routes: tuple[IPNetwork, ...] | None = None
         self._request_ids: dict[int, int] = {}  # request ID -> IP version
+        # The relay advertised more than MAX_ROUTE_NETWORKS networks / more than one
+        # address of a family: the adapter says so once.
+        self.routes_truncated = False
+        self.addresses_dropped = 0
 
     def request(self, *, extended_connect: bool, datagrams: bool) -> Headers:
         """The CONNECT-IP request for a peer whose SETTINGS allow ``extended_connect``
@@ -661,14 +668,22 @@ class ClientSession:
         events: list[Event] = []
         if kind == ADDRESS_ASSIGN:
             assign = decode_address_assign(capsule.value)
-            self._assigned = assign.usable()
+            # One address per family is what the TUN gets (the first the relay
+            # assigned): a capsule of hundreds would be as many host changes.
+            usable = assign.usable()
+            first: dict[int, IPNetwork] = {}
+            for prefix in usable:
+                first.setdefault(prefix.version, prefix)
+            self._assigned = tuple(first.values())
+            self.addresses_dropped = len(usable) - len(first)
             declined = tuple(
                 a.request_id for a in assign.addresses if a.is_rejection and a.request_id
             )
             events.append(AddressesAssigned(self._assigned, declined))
         elif kind == ROUTE_ADVERTISEMENT:
             advert = decode_route_advertisement(capsule.value)
-            self._routes = advert.networks()
+            self._routes, complete = advert.some_networks(MAX_ROUTE_NETWORKS)
+            self.routes_truncated = not complete
             self._set_filter(advert.ranges)
             events.append(RoutesAdvertised(advert.ranges))
         elif kind == ADDRESS_REQUEST:

@@ -31,6 +31,7 @@ from masqued.proto.errors import ProtocolError, ResponseError
 from masqued.proto.events import (
     AddressesAssigned,
     Event,
+    RoutesAdvertised,
     StreamEnded,
     TunnelChanged,
     TunnelOpened,
@@ -38,7 +39,7 @@ from masqued.proto.events import (
 from masqued.proto.events import TunnelRefused as Refused
 from masqued.proto.packet import addresses
 from masqued.proto.request import TunnelParams
-from masqued.proto.session import ClientSession, Mode
+from masqued.proto.session import MAX_ROUTE_NETWORKS, ClientSession, Mode
 from masqued.proto.template import UriTemplate
 from masqued.transport import aioquic_engine as engine
 from masqued.transport.dataplane import DataPlane, plane_for
@@ -295,6 +296,21 @@ class Attempt:
                 assert isinstance(event, AddressesAssigned)
                 if event.declined:
                     log.warning("relay declined address request(s) %s", list(event.declined))
+                if self.session.addresses_dropped:
+                    self.tunnel._ratelog.warning(
+                        "addresses_dropped",
+                        "relay assigned %d more addresses than one per IP version: "
+                        "using the first of each",
+                        self.session.addresses_dropped,
+                    )
+            elif kind is RoutesAdvertised and self.session.routes_truncated:
+                self.tunnel._ratelog.warning(
+                    "routes_truncated",
+                    "relay advertised routes of more than %d networks: they are all obeyed, "
+                    "status shows the first %d",
+                    MAX_ROUTE_NETWORKS,
+                    MAX_ROUTE_NETWORKS,
+                )
             elif kind is StreamEnded:
                 self._refused_request()
                 self.finish("relay closed the tunnel stream")
