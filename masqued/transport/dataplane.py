@@ -161,6 +161,20 @@ class DataPlane:
         """One packet outside a batch (an ICMP error): "" or the drop reason."""
         raise NotImplementedError
 
+    def stream_bound(self) -> BacklogBound:
+        """The bound of what the request stream may hold unacknowledged."""
+        raise NotImplementedError
+
+    def send_control(self, data: bytes) -> bool:
+        """Control bytes for the request stream (capsules answering the peer), within
+        the stream's bound like packets; False, and nothing queued, when they do not
+        fit: a peer that asks without taking the answers."""
+        sid = self.stream_id
+        if self.link.stream_backlog(sid) + len(data) > self.stream_bound().limit:
+            return False
+        self.link.send_data(sid, data)
+        return True
+
 
 class StreamPlane(DataPlane):
     """Stream mode: ``u16 length || packet`` records in DATA on the request stream."""
@@ -206,6 +220,9 @@ class StreamPlane(DataPlane):
             return DROP_QUEUE_FULL
         self.link.send_data(self.stream_id, encode_frame(packet))
         return ""
+
+    def stream_bound(self) -> BacklogBound:
+        return self.bound
 
 
 class DatagramPlane(DataPlane):
@@ -261,6 +278,9 @@ class DatagramPlane(DataPlane):
         # A lone packet refreshes the budget: one spent long ago must not stick.
         bound.refresh(link, time.monotonic())
         return bound.queue(link, self.stream_id, encode_ip_datagram(packet))
+
+    def stream_bound(self) -> BacklogBound:
+        return self.capsule_bound
 
     def _capsule(self, packet: bytes) -> str:
         if self.link.stream_backlog(self.stream_id) > self.capsule_bound.limit:

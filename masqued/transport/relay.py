@@ -290,8 +290,13 @@ class RelayServer:
             what = "malformed stream frame" if tunnel.mode is Mode.STREAM else "malformed capsule"
             self._abort(tunnel, exc.wire_code, f"{what} ({exc.reason})")
             return
-        if reply:
-            link.send_data(stream_id, reply)
+        if reply and not tunnel.plane.send_control(reply):
+            # Address requests while the stream holds all it may unacknowledged: the
+            # answers (RFC 9484 §4.7.2 wants one each) cannot be queued without limit.
+            self._abort(
+                tunnel, engine.H3_EXCESSIVE_LOAD, "address requests beyond the stream's send bound"
+            )
+            return
         if packets:
             self._from_client(tunnel, packets)
         if any(type(e) is StreamEnded for e in events):
