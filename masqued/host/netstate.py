@@ -7,7 +7,7 @@ reads and writes them (rtnetlink.py), so neither imports the other for its types
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
@@ -17,6 +17,8 @@ RT_TABLE_MAIN = 254
 RT_TABLE_LOCAL = 255
 FIB_RULE_INVERT = 0x2
 IFA_F_NODAD = 0x02
+IFA_F_NOPREFIXROUTE = 0x200  # linux/if_addr.h: no route for the address's prefix
+PROTO_KERNEL = 2  # rtm_protocol of the routes the kernel adds itself (RTPROT_KERNEL)
 
 
 @dataclass(frozen=True)
@@ -70,6 +72,9 @@ class NetState:
     addresses: frozenset[IPInterface] = frozenset()
     routes: frozenset[Route] = frozenset()
     rules: frozenset[Rule] = frozenset()
+    # Whether the kernel adds a route for each address's prefix (the relay's TUN
+    # gateways need theirs; a client's host addresses get none, IFA_F_NOPREFIXROUTE).
+    prefix_routes: bool = field(default=True, compare=False)
 
 
 

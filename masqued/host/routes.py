@@ -19,6 +19,7 @@ as sorted text.
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
@@ -35,6 +36,7 @@ from masqued.host.naming import (
 from masqued.host.netstate import (  # the values are part of this module's interface
     FIB_RULE_INVERT,  # noqa: F401
     IFA_F_NODAD,  # noqa: F401
+    PROTO_KERNEL,
     RT_TABLE_LOCAL,  # noqa: F401
     RT_TABLE_MAIN,
     IPAddress,
@@ -93,7 +95,10 @@ def client_state(
     not carrying the mark; the QUIC socket carries it, so the relay stays reachable
     whatever the routes cover. Without one they go into the main table.
     """
-    addresses = frozenset(addresses)
+    # Host addresses (/32, /128) without a prefix route, whatever prefix the relay
+    # named: "128.0.0.2/1" must not route half the Internet into the TUN (only the
+    # configured routes go there).
+    addresses = frozenset(ipaddress.ip_interface(a.ip) for a in addresses)
     families = {a.version for a in addresses}
     usable = [r for r in routes if r.version in families]
     table = ids.table if fwmark else RT_TABLE_MAIN
@@ -106,6 +111,7 @@ def client_state(
         addresses=addresses,
         routes=frozenset(Route(dst=r, dev=ids.tun, table=table) for r in usable),
         rules=rules,
+        prefix_routes=False,
     )
 
 
@@ -113,8 +119,9 @@ def _fam(version: int) -> str:
     return f"-{version}"
 
 
-def addr_cmd(verb: str, addr: IPInterface, dev: str) -> str:
-    return f"ip {_fam(addr.version)} address {verb} {addr.with_prefixlen} dev {dev}"
+def addr_cmd(verb: str, addr: IPInterface, dev: str, prefix_route: bool = True) -> str:
+    flags = "" if prefix_route or verb != "add" else " noprefixroute"
+    return f"ip {_fam(addr.version)} address {verb} {addr.with_prefixlen} dev {dev}{flags}"
 
 
 def route_cmd(verb: str, route: Route, proto: int = ROUTE_PROTO) -> str:
@@ -161,7 +168,10 @@ class Netlink(Protocol):
         """Addresses on ``ifname`` (empty if the link does not exist)."""
         ...
 
-    def address_add(self, ifname: str, addr: IPInterface) -> None: ...
+    def address_add(self, ifname: str, addr: IPInterface, prefix_route: bool = True) -> None:
+        """Add ``addr``; without ``prefix_route`` the kernel adds no route for its
+        prefix (IFA_F_NOPREFIXROUTE)."""
+        ...
 
     def address_del(self, ifname: str, addr: IPInterface) -> None: ...
 
@@ -250,13 +260,20 @@ class FakeNetlink:
     def addresses(self, ifname: str) -> set[IPInterface]:
         return set(self.addrs.get(ifname, set()))
 
-    def address_add(self, ifname: str, addr: IPInterface) -> None:
+    def address_add(self, ifname: str, addr: IPInterface, prefix_route: bool = True) -> None:
         if ifname not in self.links:
             raise OSError(errno.ENODEV, ifname)
         for have in self.addrs[ifname]:
             if have == addr or (addr.version == 6 and have.ip == addr.ip):
                 raise OSError(errno.EEXIST, str(addr))
         self.addrs[ifname].add(addr)
+        # As the kernel: a route for the address's prefix (an IPv4 /32 has none),
+        # unless asked not to (IFA_F_NOPREFIXROUTE).
+        if prefix_route and not (addr.version == 4 and addr.network.prefixlen == 32):
+            kernel = Route(addr.network, ifname, RT_TABLE_MAIN)
+            if not any(e.route == kernel and e.proto == PROTO_KERNEL for e in self.route_entries):
+                metric = 0 if addr.version == 4 else 256
+                self.route_entries.append(_FakeRoute(kernel, PROTO_KERNEL, metric))
 
     def address_del(self, ifname: str, addr: IPInterface) -> None:
         if ifname not in self.links:
@@ -264,6 +281,11 @@ class FakeNetlink:
         if addr not in self.addrs[ifname]:
             raise OSError(errno.EADDRNOTAVAIL, str(addr))
         self.addrs[ifname].discard(addr)
+        if not any(a.network == addr.network for a in self.addrs[ifname]):
+            kernel = Route(addr.network, ifname, RT_TABLE_MAIN)
+            self.route_entries = [
+                e for e in self.route_entries if not (e.route == kernel and e.proto == PROTO_KERNEL)
+            ]
 
     def routes(
         self, *, table: int | None = None, dev: str | None = None
@@ -416,7 +438,10 @@ class Router:
                 for old in [o for o in extra_addrs if o.version == 6 and o.ip == a.ip]:
                     self._try(addr_cmd("del", old, tun), partial(self.nl.address_del, tun, old))
                     extra_addrs = extra_addrs - {old}
-                self._try(addr_cmd("add", a, tun), partial(self.nl.address_add, tun, a))
+                self._try(
+                    addr_cmd("add", a, tun, desired.prefix_routes),
+                    partial(self.nl.address_add, tun, a, desired.prefix_routes),
+                )
             for r in sorted(desired.routes - have.routes, key=_route_key):
                 self._try(route_cmd("add", r), partial(self.nl.route_add, r))
             for rule in sorted(desired.rules - have.rules, key=_rule_key):

@@ -40,6 +40,7 @@ from masqued.host.naming import ROUTE_PROTO
 from masqued.host.netstate import (
     FIB_RULE_INVERT,
     IFA_F_NODAD,
+    IFA_F_NOPREFIXROUTE,
     RT_TABLE_MAIN,
     IPAddress,
     IPInterface,
@@ -669,9 +670,11 @@ class RtNetlink:
                 out.add(found[1])
         return out
 
-    def address_add(self, ifname: str, addr: IPInterface) -> None:
+    def address_add(self, ifname: str, addr: IPInterface, prefix_route: bool = True) -> None:
         # IPv6: IFA_F_NODAD makes it usable at once, no 1-2 s of "tentative"
         flags = IFA_F_NODAD if addr.version == 6 else 0
+        if not prefix_route:
+            flags |= IFA_F_NOPREFIXROUTE
         body = address_request(self._need_index(ifname), addr, flags)
         self._do(RTM_NEWADDR, body, NLM_F_CREATE | NLM_F_EXCL)
 

@@ -706,3 +706,49 @@ result = [len(buf), buf == (bytes(range(256)) * 100)[:12000]]
     snmp = sh(f"ip netns exec {t} cat /proc/net/snmp").splitlines()
     tcp = dict(zip(snmp[-4].split()[1:], snmp[-3].split()[1:], strict=True))
     assert tcp["InCsumErrors"] == "0"
+
+
+def test_client_host_addresses_route_nothing_outside_the_configured_routes(
+    netns: Callable[[str], str], agents: Callable[[str], Agent]
+) -> None:
+    """Issue 14: addresses a relay assigns with a wide prefix (198.18.200.2/16,
+    2001:db8:200::2/64) become /32 and /128 host addresses without a prefix route:
+    the kernel routes nothing into the TUN but the configured routes."""
+    ns = netns("c")
+    ids = InstanceIds("tc")
+    sh(f"ip -n {ns} link add mq-e0 type veth peer name mq-e1")
+    sh(f"ip -n {ns} link set mq-e0 up && ip -n {ns} link set mq-e1 up")
+    sh(f"ip -n {ns} addr add 198.18.1.2/24 dev mq-e0")
+    sh(f"ip -n {ns} route add default via 198.18.1.1 dev mq-e0")
+    agent = agents(ns)
+    ok = agent(
+        f"""
+import ipaddress
+from masqued.host.naming import InstanceIds
+from masqued.host.routes import Router, client_state
+from masqued.host.rtnetlink import RtNetlink
+from masqued.host.tun import open_tun
+ids = InstanceIds({ids.name!r})
+tun = open_tun(ids.tun, 1400)
+router = Router(RtNetlink(), ids)
+ifc, net = ipaddress.ip_interface, ipaddress.ip_network
+desired = client_state(
+    ids, [net("198.19.0.0/24")], [ifc("198.18.200.2/16"), ifc("2001:db8:200::2/64")], ids.fwmark
+)
+result = router.set(desired) == desired
+"""
+    )
+    assert ok, agent.log()
+    addrs = sh(f"ip -n {ns} addr show dev {ids.tun}")
+    assert "inet 198.18.200.2/32" in addrs and "inet6 2001:db8:200::2/128" in addrs, addrs
+    assert addrs.count("noprefixroute") == 2, addrs
+    routes = sh(f"ip -n {ns} route show table all") + sh(f"ip -n {ns} -6 route show table all")
+    tun_routes = [
+        line for line in routes.splitlines() if f"dev {ids.tun}" in line and "local" not in line
+    ]
+    # Only the configured route (in the instance's table); no prefix, no host route.
+    assert [line.split()[0] for line in tun_routes if "proto 109" in line] == ["198.19.0.0/24"]
+    assert not [line for line in tun_routes if "proto kernel" in line and "fe80::" not in line], (
+        tun_routes
+    )
+    assert "dev mq-e0" in sh(f"ip -n {ns} route get 198.18.5.5")

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 
 from masqued.host.cleanup import cleanup_instance
 from masqued.host.naming import ROUTE_PROTO, RULE_PRIORITY_TABLE, InstanceIds
+from masqued.host.netstate import PROTO_KERNEL
 from masqued.host.routes import (
     FakeNetlink,
     NetState,
@@ -66,7 +67,8 @@ def foreign_view(nl: FakeNetlink) -> str:
     owned_route = [
         f"route -{r.family} {r} proto {p}"
         for r, p in nl.routes()
-        if p == ROUTE_PROTO and (r.dev == TUN or r.table == T)
+        if (p == ROUTE_PROTO and (r.dev == TUN or r.table == T))
+        or (p == PROTO_KERNEL and r.dev == TUN)  # the prefix routes of our addresses
     ]
     owned = set(owned_route)
     owned |= {
@@ -88,12 +90,14 @@ CLIENT = NetState(
             Route(net("2001:db8:300::/48"), TUN),
         }
     ),
+    prefix_routes=False,
 )
 
 FULL = NetState(
     addresses=CLIENT.addresses,
     routes=frozenset({Route(net("0.0.0.0/0"), TUN, T), Route(net("::/0"), TUN, T)}),
     rules=full_tunnel_rules(IDS),
+    prefix_routes=False,
 )
 
 
@@ -445,3 +449,30 @@ def test_worker_tuns_are_short_distinct_and_found_again_by_cleanup(name: str) ->
     done = cleanup(nl, ids)
     assert {f"ip link delete dev {t}" for t in tuns[:3]} <= set(done)
     assert nl.link_names() == {"eth0", other.worker_tun(1)}
+
+
+def test_client_addresses_are_host_addresses_without_a_prefix_route() -> None:
+    """Issue 14: a relay that assigns 198.18.200.2/16 and 2001:db8:200::2/64 (or
+    128.0.0.2/1) must not get those prefixes routed into the TUN: the client adds
+    /32 and /128 host addresses with no prefix route, and routes only what it was
+    configured to."""
+    nl = FakeNetlink()
+    nl.add_link(TUN)
+    nl.add_link("eth0")
+    nl.seed_route(Route(net("0.0.0.0/0"), "eth0"))
+    nl.seed_rule(Rule(4, 32766, 254))  # the kernel's "from all lookup main"
+    assigned = [ifc("198.18.200.2/16"), ifc("2001:db8:200::2/64")]
+    desired = client_state(IDS, [net("198.19.0.0/24")], assigned, M)
+    assert Router(nl, IDS).set(desired) == desired
+    ours = sorted(line for line in nl.dump().splitlines() if TUN in line)
+    assert ours == [
+        "addr -4 198.18.200.2/32 dev mq-t1",
+        "addr -6 2001:db8:200::2/128 dev mq-t1",
+        "link mq-t1",
+        f"route -4 198.19.0.0/24 dev mq-t1 table {T} proto 109",
+    ]
+    # Other hosts of 198.18.0.0/16 stay where the main table sends them.
+    assert nl.route_get(ipaddress.ip_address("198.18.5.5"), mark=0)[0] == "eth0"
+    # The model does add the prefix route when asked (the relay's gateways).
+    Router(nl, IDS).set(NetState(addresses=frozenset({ifc("198.18.200.1/24")})))
+    assert "route -4 198.18.200.0/24 dev mq-t1 table main proto 2" in nl.dump()
