@@ -89,7 +89,9 @@ class InstanceIds:
 
     @property
     def nft_table(self) -> str:
-        return f"masqued_{self.name}".replace(".", "_").replace("-", "_")
+        """Own nftables table: the name as it is (nft takes "-" and "." in table
+        names), so that relay-1 and relay_1 never share one."""
+        return f"masqued_{self.name}"
 
     @property
     def ipt_chain(self) -> str:
@@ -102,3 +104,26 @@ class InstanceIds:
     def comment(self) -> str:
         """Comment stamped on rules we add to chains we do not own."""
         return f"masqued:{self.name}"
+
+    def shared_with(self, other: InstanceIds) -> list[str]:
+        """What of ``other``'s host objects this instance would take for its own.
+
+        The names are the instance name where they can hold it, but the routing
+        table / fwmark is 16 bits of a hash and long names are shortened with one:
+        two instances may meet there (r1623 and r8000 share table 0x4d7733). Their
+        set-up and cleanup would then tear down each other's routes and rules, so
+        such a pair must not run together.
+        """
+        if other.name == self.name:
+            return []
+        shared = []
+        if other.table == self.table:
+            shared.append(f"routing table and fwmark {self.table:#x}")
+        for what, mine, theirs in (
+            ("TUN", self._base_tun, other._base_tun),
+            ("nftables table", self.nft_table, other.nft_table),
+            ("iptables chain", self.ipt_chain, other.ipt_chain),
+        ):
+            if mine == theirs:
+                shared.append(f"{what} {mine}")
+        return shared

@@ -88,6 +88,11 @@ def running_instances() -> list[str]:
     return sorted(names)
 
 
+def live_instances() -> list[str]:
+    """``running_instances()`` whose control socket answers (not a crash's leftover)."""
+    return [name for name in running_instances() if _answers(socket_path(name))]
+
+
 def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
     """(pid, uid, gid) of the process at the other end of a unix socket."""
     raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)

@@ -18,7 +18,7 @@ from typing import Any
 from masqued.config import ClientConfig, ConfigError, RelayConfig, load_config
 from masqued.host.cleanup import cleanup_instance
 from masqued.host.naming import InstanceIds
-from masqued.observe.control import ControlSocketBusy
+from masqued.observe.control import ControlSocketBusy, live_instances
 from masqued.observe.metrics import TrafficCounters
 from masqued.observe.status import StatusService
 from masqued.runtime.service import (
@@ -123,8 +123,24 @@ class Instance:
         cleanup_instance(self.ids)  # logs each removal itself
 
 
+def refuse_collisions(ids: InstanceIds) -> None:
+    """A running instance whose host objects this one would take (the same routing
+    table and fwmark, TUN, NAT table or chain): refuse to start, before the cleanup
+    that would tear down that instance's routes and rules."""
+    for name in live_instances():
+        shared = ids.shared_with(InstanceIds(name))
+        if shared:
+            raise StartupError(
+                f"instance {ids.name} would share its {', '.join(shared)} with the running "
+                f"instance {name}: names that close cannot run together; rename one of them "
+                "(its config file /etc/masque/NAME.conf)"
+            )
+
+
 async def start_status(service: StatusService) -> StatusService:
-    """Open the control socket (and metrics); a live one means a second copy: refuse."""
+    """Open the control socket (and metrics); a live one means a second copy: refuse,
+    and so does a running instance this one's host objects would collide with."""
+    refuse_collisions(service.ids)
     try:
         await service.start()
     except ControlSocketBusy as exc:
