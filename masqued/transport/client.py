@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import ipaddress
 import logging
 import random
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from masqued.gate.auth import server_auth_problem
+from masqued.host.dns import DnsError, resolve_marked
 from masqued.host.tun import Tun
 from masqued.logutil import RateLimitedLog
 from masqued.observe.metrics import LatencyHistogram, TrafficCounters
@@ -377,6 +379,7 @@ class ClientTunnel:
         self.current: Attempt | None = None  # the attempt whose tunnel is up
         self.attempt: Attempt | None = None  # the attempt in progress (or up)
         self._ratelog = RateLimitedLog(log)
+        self._relay_addrs: list[tuple[int, Any]] = []  # the last (family, address) found
         self._stopping = False
         self._stop_event = asyncio.Event()
         # Set once the relay ended a tunnel in answer to an ADDRESS_REQUEST: later
@@ -425,6 +428,49 @@ class ClientTunnel:
             if attempt is not None:
                 attempt.fail("client shutting down")
 
+    async def _resolve(self) -> list[tuple[int, Any]]:
+        """The relay's addresses. Before the first tunnel (no routes of ours yet) and
+        without a fwmark: the system resolver (it knows /etc/hosts and nsswitch).
+        Once our routes are in place their queries would enter the tunnel, which is
+        down when we reconnect: then they leave from sockets with the fwmark
+        (masqued.host.dns), and when that finds nothing, the last addresses known."""
+        settings = self.settings
+        host, port = settings.relay_host, settings.relay_port
+        try:
+            ipaddress.ip_address(host)
+            literal = True
+        except ValueError:
+            literal = False
+        if literal or not settings.fwmark or self.status.connects == 0:
+            infos = await self.loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+            found: list[tuple[int, Any]] = [(info[0], info[4]) for info in infos]
+            if not found:
+                raise TunnelFailed(f"cannot resolve {host}")
+        else:
+            prefer = self._relay_addrs[0][0] if self._relay_addrs else socket.AF_INET
+            try:
+                found = list(
+                    await self.loop.run_in_executor(
+                        None,
+                        functools.partial(
+                            resolve_marked, host, port, settings.fwmark, prefer=prefer
+                        ),
+                    )
+                )
+            except DnsError as exc:
+                if not self._relay_addrs:
+                    raise TunnelFailed(f"cannot resolve {host} outside the tunnel: {exc}") from None
+                self._ratelog.warning(
+                    f"dns:{host}",
+                    "cannot resolve %s outside the tunnel (%s): trying its last address %s",
+                    host,
+                    exc,
+                    self._relay_addrs[0][1][0],
+                )
+                found = self._relay_addrs
+        self._relay_addrs = found
+        return found
+
     def _set_state(self, state: str) -> None:
         self.status.state = state
         if self.on_state is not None:
@@ -433,14 +479,10 @@ class ClientTunnel:
     async def _attempt(self, first_up: asyncio.Future[None] | None) -> str:
         settings = self.settings
         self._set_state("connecting")
-        infos = await self.loop.getaddrinfo(
-            settings.relay_host, settings.relay_port, type=socket.SOCK_DGRAM
-        )
-        if not infos:
-            raise TunnelFailed(f"cannot resolve {settings.relay_host}")
+        found = await self._resolve()
         if self._stopping:
             raise TunnelFailed("client shutting down")
-        family, _, _, _, addr = infos[0]
+        family, addr = found[0]
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             if settings.fwmark:
