@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from ipaddress import (
     IPv4Address,
     IPv4Interface,
@@ -123,19 +122,22 @@ def test_networks_in_configured_order() -> None:
     assert pool.capacity() == 2
 
 
-def test_large_v6_pool_is_fast() -> None:
+def test_a_large_v6_pool_holds_state_only_for_its_leases() -> None:
+    """A /64 (and a /8) are never materialised: what the pool keeps grows with the
+    leases and releases, not with the networks (O(log n) per allocation)."""
     pool = AddressPool([IPv4Network("10.0.0.0/8"), V6])
-    start = time.perf_counter()
     for i in range(5000):
         pool.allocate(f"c{i}")
     for i in range(0, 5000, 2):
         pool.release(f"c{i}")
     for i in range(5000, 7500):
         pool.allocate(f"c{i}")
-    assert time.perf_counter() - start < 2.0
     assert pool.used() == 5000
     assert pool.lease_of("c7499") is not None
     assert pool.capacity() == 2**24 - 3
+    for r in pool._ranges:  # the per-network state
+        assert len(r.held) <= 5000 and len(r._free) <= 2500 and len(r._free_set) <= 2500
+        assert r._next - r.first <= 5000  # the high-water mark moved past leases only
 
 
 # --- model-based test ----------------------------------------------------------------------
