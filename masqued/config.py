@@ -27,6 +27,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from masqued.gate.auth import TokenFileError, TokenStore
 from masqued.gate.clients import ClientPolicy, check_addresses, load_clients_dir, parse_client
 from masqued.host.naming import InvalidInstanceName, check_instance_name
+from masqued.proto.template import TemplateError, UriTemplate
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
@@ -105,6 +106,15 @@ RELAY_KEY_DOCS: tuple[KeyDoc, ...] = (
         '0.0.0.0/0 and ::/0, for the families in pool',
         "Destinations advertised to clients: what they may reach through the relay. "
         "Every route's family must be in pool.",
+    ),
+    KeyDoc(
+        "uri_template",
+        '"https://HOST[:PORT]/PATH..."',
+        "none (the default template only)",
+        "A URI template (RFC 9484 §3) this relay serves besides the default "
+        "/.well-known/masque/ip/{target}/{ipproto}/, for clients configured with it; "
+        "{target} and {ipproto} are optional (absent means any), e.g. "
+        '"https://relay.example/vpn".',
     ),
     KeyDoc(
         "egress",
@@ -238,6 +248,14 @@ CLIENT_KEY_DOCS: tuple[KeyDoc, ...] = (
         "Name sent in TLS SNI and checked against the relay's certificate.",
     ),
     KeyDoc("ca", "path", None, "CA certificate(s) (PEM) the relay's certificate must chain to."),
+    KeyDoc(
+        "uri_template",
+        '"https://HOST[:PORT]/PATH..."',
+        "the default template at server_name:PORT",
+        "The relay's URI template (RFC 9484 §3): the CONNECT's :authority and :path "
+        "are its expansion, with {target} and {ipproto} as * (the whole tunnel). "
+        "For proxies that serve another path than /.well-known/masque/ip/*/*/.",
+    ),
     KeyDoc(
         "routes",
         "array of CIDRs",
@@ -401,6 +419,7 @@ class RelayConfig:
     clients: Mapping[str, ClientPolicy] = field(default_factory=dict)
     clients_dir: Path | None = None
     state_dir: Path | None = None
+    uri_template: str | None = None  # served besides the default one (RFC 9484 §3)
 
     mode: Literal["relay"] = "relay"
 
@@ -425,6 +444,7 @@ class ClientConfig:
     certificate: Path | None = None  # client certificate for mTLS
     private_key: Path | None = None
     token_file: Path | None = None
+    uri_template: str | None = None  # the relay's template (RFC 9484 §3); None: default
 
     mode: Literal["client"] = "client"
 
@@ -846,6 +866,7 @@ def _load_relay(r: _Reader, name: str) -> RelayConfig:
         elif text:
             state_dir = r.base / text
 
+    uri_template = _uri_template(r)
     if r.errors:
         raise ConfigError(r.path, r.errors)
     assert cert is not None and key is not None and pool is not None and routes is not None
@@ -876,6 +897,7 @@ def _load_relay(r: _Reader, name: str) -> RelayConfig:
         clients=clients,
         clients_dir=clients_dir,
         state_dir=state_dir,
+        uri_template=uri_template,
     )
 
 
@@ -974,6 +996,7 @@ def _load_client(r: _Reader, name: str) -> ClientConfig:
             if not loaded[1].strip() or b"." not in loaded[1]:
                 r.error("token_file", f"{token_file} does not hold a token (NAME.SECRET)")
 
+    template = _uri_template(r)
     if r.errors:
         raise ConfigError(r.path, r.errors)
     assert relay is not None and ca is not None and routes is not None
@@ -996,7 +1019,23 @@ def _load_client(r: _Reader, name: str) -> ClientConfig:
         certificate=client_cert,
         private_key=client_key,
         token_file=token_file,
+        uri_template=template,
     )
+
+
+def _uri_template(r: _Reader) -> str | None:
+    """``uri_template``, validated as RFC 9484 §3 wants (TemplateError names the rule)."""
+    if not r.has("uri_template"):
+        return None
+    text = r.string("uri_template")
+    if text is None:
+        return None
+    try:
+        UriTemplate.parse(text)
+    except TemplateError as exc:
+        r.error("uri_template", f"{_show(text)}: {exc}")
+        return None
+    return text
 
 
 AUTH_METHODS = ("mtls", "token")

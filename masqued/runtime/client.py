@@ -23,6 +23,7 @@ from masqued.host.rtnetlink import RtNetlink
 from masqued.host.tun import TunDevice, open_tun
 from masqued.observe.status import StatusService
 from masqued.proto.request import TunnelParams
+from masqued.proto.template import UriTemplate
 from masqued.runtime.instance import Instance, StartupError, changed_keys, not_yet, start_status
 from masqued.runtime.service import Notifier, format_uptime, freeze_startup_objects, set_level
 from masqued.transport.client import ClientSettings, ClientTunnel
@@ -30,6 +31,7 @@ from masqued.transport.client import ClientSettings, ClientTunnel
 log = logging.getLogger("masqued")
 
 RESTART_KEYS = (
+    "uri_template",
     "relay_host",
     "relay_port",
     "server_name",
@@ -58,6 +60,7 @@ def client_settings(config: ClientConfig, fwmark: int) -> ClientSettings:
         token_file=str(config.token_file) if config.token_file else None,
         request_versions=tuple(sorted({r.version for r in config.routes})),
         routes=tuple(config.routes),
+        template=UriTemplate.parse(config.uri_template) if config.uri_template else None,
     )
 
 

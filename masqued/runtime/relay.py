@@ -89,7 +89,7 @@ def relay_settings(config: RelayConfig, worker: int) -> RelaySettings:
         max_clients=None if config.max_clients is None else -(-config.max_clients // count),
         worker=worker,
         workers=count,
-        templates=tuple(UriTemplate.parse(t) for t in getattr(config, "uri_templates", ())),
+        templates=(UriTemplate.parse(config.uri_template),) if config.uri_template else (),
         relay_addresses=relay_addresses([*config.pool, *shares]),
     )
 
