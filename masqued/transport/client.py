@@ -46,7 +46,7 @@ from masqued.proto.template import UriTemplate
 from masqued.transport import aioquic_engine as engine
 from masqued.transport.dataplane import DataPlane, plane_for
 from masqued.transport.h3link import H3Link, format_addr, monotonic
-from masqued.transport.link import Headers, Link
+from masqued.transport.link import Headers, Link, NullHandler
 from masqued.transport.udp import Address, UdpSocket, tune_socket
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -508,7 +508,7 @@ class ClientTunnel:
                 attempt.datagrams_received(batch)
 
         udp = UdpSocket(self.loop, sock, on_batch)
-        link = H3Link(self.loop, quic, udp.send, _Deferred(), addr)
+        link = H3Link(self.loop, quic, udp.send, NullHandler(), addr)
         attempt = Attempt(self, link, token)
         link.handler = attempt
         self.attempt = attempt
@@ -713,22 +713,3 @@ class ClientTunnel:
             "sessions": [tunnel],
             "totals": st.counters.snapshot(),
         }
-
-
-class _Deferred:
-    """A link's handler until its attempt exists (nothing arrives before connect)."""
-
-    def link_headers(self, link: Link, stream_id: int, headers: Headers, ended: bool) -> None:
-        pass
-
-    def link_data(self, link: Link, stream_id: int, data: bytes, ended: bool) -> None:
-        pass
-
-    def link_datagram(self, link: Link, stream_id: int, payload: bytes) -> None:
-        pass
-
-    def link_reset(self, link: Link, stream_id: int, code: int) -> None:
-        pass
-
-    def link_closed(self, link: Link, code: int, reason: str) -> None:
-        pass

@@ -33,6 +33,26 @@ class TunnelHandler(Protocol):
         """The connection is over (closed by either side, or timed out)."""
 
 
+class NullHandler:
+    """A TunnelHandler that ignores everything (a link before its owner is ready, or
+    one that carries no tunnel); subclasses override what they need."""
+
+    def link_headers(self, link: Link, stream_id: int, headers: Headers, ended: bool) -> None:
+        pass
+
+    def link_data(self, link: Link, stream_id: int, data: bytes, ended: bool) -> None:
+        pass
+
+    def link_datagram(self, link: Link, stream_id: int, payload: bytes) -> None:
+        pass
+
+    def link_reset(self, link: Link, stream_id: int, code: int) -> None:
+        pass
+
+    def link_closed(self, link: Link, code: int, reason: str) -> None:
+        pass
+
+
 class Link(Protocol):
     """One HTTP connection carrying CONNECT-IP tunnels."""
 

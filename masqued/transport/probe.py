@@ -15,7 +15,7 @@ from typing import Any
 
 from masqued.transport import aioquic_engine as engine
 from masqued.transport.h3link import H3Link, monotonic
-from masqued.transport.link import Headers, Link
+from masqued.transport.link import Link, NullHandler
 from masqued.transport.udp import Address, UdpSocket, tune_socket
 
 
@@ -28,23 +28,11 @@ class ProbeResult:
     rtt_ms: float | None = None
 
 
-class _Watch:
+class _Watch(NullHandler):
     """The probe's link handler: only the end of the connection matters."""
 
     def __init__(self) -> None:
         self.closed: str | None = None
-
-    def link_headers(self, link: Link, stream_id: int, headers: Headers, ended: bool) -> None:
-        pass
-
-    def link_data(self, link: Link, stream_id: int, data: bytes, ended: bool) -> None:
-        pass
-
-    def link_datagram(self, link: Link, stream_id: int, payload: bytes) -> None:
-        pass
-
-    def link_reset(self, link: Link, stream_id: int, code: int) -> None:
-        pass
 
     def link_closed(self, link: Link, code: int, reason: str) -> None:
         self.closed = reason

@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from masqued.config import RelayConfig
 from masqued.gate import pki
 from masqued.gate.access import AccessControl, FailureLimiter, Identity, LeaseStore
 from masqued.gate.auth import AuthError, new_token
 from masqued.gate.clients import ClientPolicy
 from masqued.gate.policy import Acl
 from masqued.proto.packet import build_tcp, build_udp
+from tests.inproc import relay_config
 
 
 @pytest.fixture(scope="module")
@@ -31,22 +31,6 @@ def ca(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def cert(ca: Path, name: str) -> x509.Certificate:
     return x509.load_pem_x509_certificate((ca / f"{name}.pem").read_bytes())
-
-
-def relay_config(ca: Path, **kw: object) -> RelayConfig:
-    base = RelayConfig(
-        name="relay",
-        path=ca / "relay.conf",
-        listen_host="0.0.0.0",
-        listen_port=443,
-        certificate=ca / "relay.example.pem",
-        private_key=ca / "relay.example.key",
-        pool=(ipaddress.ip_network("198.18.200.0/24"),),
-        routes=(ipaddress.ip_network("0.0.0.0/0"),),
-        egress="auto",
-        nat="auto",
-    )
-    return replace(base, **kw)  # type: ignore[arg-type]
 
 
 def test_open_relay_lets_everyone_in(ca: Path) -> None:

@@ -15,10 +15,10 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from masqued.config import RelayConfig
 from masqued.gate import pki
 from masqued.gate.access import AccessControl
 from masqued.gate.auth import AuthError, new_token
+from tests.inproc import relay_config
 
 
 @pytest.fixture(scope="module")
@@ -44,22 +44,6 @@ def ca(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def load(path: Path) -> x509.Certificate:
     return x509.load_pem_x509_certificate(path.read_bytes())
-
-
-def relay_config(ca: Path, **kw: object) -> RelayConfig:
-    base = RelayConfig(
-        name="relay",
-        path=ca / "relay.conf",
-        listen_host="0.0.0.0",
-        listen_port=443,
-        certificate=ca / "relay.example.pem",
-        private_key=ca / "relay.example.key",
-        pool=(ipaddress.ip_network("198.18.200.0/24"),),
-        routes=(ipaddress.ip_network("0.0.0.0/0"),),
-        egress="auto",
-        nat="auto",
-    )
-    return replace(base, **kw)  # type: ignore[arg-type]
 
 
 def bearer(token: str) -> dict[str, str]:
