@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import collections
 import time
+from collections.abc import Callable
+from functools import partial
 
 from masqued.observe.metrics import TrafficCounters
 from masqued.proto.capsule import encode_datagram_capsule
@@ -243,24 +245,17 @@ class DatagramPlane(DataPlane):
 
     def send(self, packets: list[bytes], counters: TrafficCounters) -> int:
         link, sid = self.link, self.stream_id
+        queue: Callable[[bytes], str]
+        if link.accepts_datagrams():
+            bound = _bounds(link)
+            bound.refresh(link, time.monotonic())
+            queue = partial(_queue_datagram, bound, link, sid)
+        else:
+            queue = self._capsule
         drops = counters.drops
-        if not link.accepts_datagrams():
-            sent = nbytes = 0
-            for pkt in packets:
-                reason = self._capsule(pkt)
-                if reason:
-                    drops[reason] += 1
-                    continue
-                sent += 1
-                nbytes += len(pkt)
-            if sent:
-                counters.sent(sent, nbytes)
-            return sent
-        bound = _bounds(link)
-        bound.refresh(link, time.monotonic())
         sent = nbytes = 0
         for pkt in packets:
-            reason = bound.queue(link, sid, encode_ip_datagram(pkt))
+            reason = queue(pkt)
             if reason:
                 drops[reason] += 1
                 continue
@@ -287,6 +282,10 @@ class DatagramPlane(DataPlane):
             return DROP_QUEUE_FULL
         self.link.send_data(self.stream_id, encode_datagram_capsule(encode_ip_datagram(packet)))
         return ""
+
+
+def _queue_datagram(bound: DatagramBound, link: Link, stream_id: int, packet: bytes) -> str:
+    return bound.queue(link, stream_id, encode_ip_datagram(packet))
 
 
 def plane_for(mode: Mode, link: Link, stream_id: int, mtu: int) -> DataPlane:
