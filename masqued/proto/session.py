@@ -14,8 +14,6 @@ Two framings of the request stream (docs/architecture.md §3): ``stream`` (masqu
 
 from __future__ import annotations
 
-import bisect
-import enum
 import ipaddress
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
@@ -24,11 +22,8 @@ from typing import Protocol
 from masqued.proto.capsule import (
     ADDRESS_ASSIGN,
     ADDRESS_REQUEST,
-    DATAGRAM,
     ROUTE_ADVERTISEMENT,
     Capsule,
-    CapsuleDecoder,
-    encode_datagram_capsule,
 )
 from masqued.proto.connect_ip import (
     AssignedAddress,
@@ -36,11 +31,9 @@ from masqued.proto.connect_ip import (
     RequestedAddress,
     decode_address_assign,
     decode_address_request,
-    decode_datagram_payload,
     decode_route_advertisement,
     encode_address_assign,
     encode_address_request,
-    encode_ip_datagram,
     encode_route_advertisement,
     ranges_for,
     rejection,
@@ -54,9 +47,8 @@ from masqued.proto.drops import (
     DROP_OVERSIZED,
     DROP_SPOOFED,
     DROP_TTL_EXPIRED,
-    DROP_UNKNOWN_CONTEXT,
 )
-from masqued.proto.errors import CapsuleError, PacketError, ProtocolError, ResponseError
+from masqued.proto.errors import CapsuleError, PacketError, ResponseError
 from masqued.proto.events import (
     AddressesAssigned,
     AddressesRequested,
@@ -67,7 +59,8 @@ from masqued.proto.events import (
     TunnelOpened,
     TunnelRefused,
 )
-from masqued.proto.framing import FrameDecoder, encode_frames
+from masqued.proto.filters import IcmpBudget, RouteFilter, is_link_local
+from masqued.proto.framings import CapsuleFraming, Framing, Mode, RecordFraming, datagram_packet
 from masqued.proto.packet import (
     PROTO_ICMP,
     PROTO_ICMPV6,
@@ -95,178 +88,15 @@ from masqued.proto.template import UriTemplate
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 
-# Largest control capsule either side accepts (a few hundred addresses or ranges);
-# a longer one aborts the stream without being buffered.
-MAX_CONTROL_CAPSULE = 16384
 # Request IDs one ADDRESS_REQUEST stream may use in all (RFC 9484 §4.7.2 forbids
 # reuse, so the set of used IDs must be kept; this bounds it).
 MAX_REQUEST_IDS = 256
 # Networks the client keeps of a ROUTE_ADVERTISEMENT for its parameters (display, the
 # "not advertised" warning); packets are judged against the ranges themselves.
 MAX_ROUTE_NETWORKS = 1024
-# ICMP errors (Packet Too Big, prohibited) sent to one client: burst, then per second.
-ICMP_BURST = 10.0
-ICMP_RATE = 10.0
 # ICMP Time Exceeded (RFC 792) / ICMPv6 Time Exceeded (RFC 4443 §3.3), code 0.
 ICMPV4_TIME_EXCEEDED = 11
 ICMPV6_TIME_EXCEEDED = 3
-
-
-class Mode(enum.Enum):
-    """How packets and control share the request stream."""
-
-    STREAM = "stream"  # u16-length records; parameters in response headers
-    DATAGRAM = "datagram"  # RFC 9484 capsules; packets in HTTP Datagrams
-
-    def __str__(self) -> str:
-        return self.value
-
-
-class Framing:
-    """The request stream's framing for one tunnel: what arrives, what we write."""
-
-    def decode(self, data: bytes) -> tuple[list[bytes], list[Capsule]]:
-        """Packets and control capsules that ``data`` completes; ProtocolError if bad."""
-        raise NotImplementedError
-
-    def end(self) -> None:
-        """The peer finished the stream; ProtocolError if it stopped mid-record."""
-        raise NotImplementedError
-
-    def encode_packets(self, packets: Iterable[bytes]) -> bytes:
-        """``packets`` as bytes for the request stream."""
-        raise NotImplementedError
-
-
-class RecordFraming(Framing):
-    """Stream mode: nothing but ``u16 length || packet`` records (masqued.proto.framing)."""
-
-    def __init__(self, mtu: int) -> None:
-        self._decoder = FrameDecoder(mtu)
-
-    def decode(self, data: bytes) -> tuple[list[bytes], list[Capsule]]:
-        return self._decoder.feed(data), []
-
-    def end(self) -> None:
-        if self._decoder.buffered:
-            raise ProtocolError("stream ended inside a record")
-
-    def encode_packets(self, packets: Iterable[bytes]) -> bytes:
-        return encode_frames(packets)
-
-
-class CapsuleFraming(Framing):
-    """Datagram mode: capsules (RFC 9297 §3); IP packets may come in DATAGRAM capsules
-    (§3.5, context ID 0), which a peer without QUIC datagrams sends."""
-
-    def __init__(self, mtu: int, drops: Counter[str]) -> None:
-        # A DATAGRAM capsule holds a context ID (≤ 8 bytes) and one packet.
-        self._decoder = CapsuleDecoder(max_value=MAX_CONTROL_CAPSULE, max_datagram=mtu + 8)
-        self._drops = drops
-
-    def decode(self, data: bytes) -> tuple[list[bytes], list[Capsule]]:
-        packets: list[bytes] = []
-        control: list[Capsule] = []
-        for capsule in self._decoder.feed(data):
-            if capsule.type != DATAGRAM:
-                control.append(capsule)
-                continue
-            context_id, payload = decode_datagram_payload(capsule.value)
-            if context_id == 0:
-                packets.append(payload)
-            else:
-                self._drops[DROP_UNKNOWN_CONTEXT] += 1  # RFC 9484 §6
-        return packets, control
-
-    def end(self) -> None:
-        self._decoder.end()
-
-    def encode_packets(self, packets: Iterable[bytes]) -> bytes:
-        return b"".join(encode_datagram_capsule(encode_ip_datagram(p)) for p in packets)
-
-
-def datagram_packet(payload: bytes, drops: Counter[str]) -> bytes | None:
-    """The IP packet of an HTTP Datagram payload (RFC 9484 §6), None if dropped."""
-    try:
-        context_id, packet = decode_datagram_payload(payload)
-    except CapsuleError:
-        drops[DROP_MALFORMED] += 1
-        return None
-    if context_id != 0:
-        drops[DROP_UNKNOWN_CONTEXT] += 1
-        return None
-    return packet
-
-
-def is_link_local(version: int, addr: bytes) -> bool:
-    """Link-local unicast or link-scope multicast (RFC 9484 §7: never forwarded)."""
-    if version == 4:
-        return (addr[0] == 169 and addr[1] == 254) or (
-            addr[0] == 224 and addr[1] == 0 and addr[2] == 0
-        )
-    return (addr[0] == 0xFE and addr[1] & 0xC0 == 0x80) or (
-        addr[0] == 0xFF and addr[1] & 0x0F == 0x02
-    )
-
-
-class IcmpBudget:
-    """Token bucket for the ICMP errors sent to one peer (RFC 1812 §4.3.2.8)."""
-
-    __slots__ = ("_at", "_tokens")
-
-    def __init__(self) -> None:
-        self._tokens = ICMP_BURST
-        self._at = 0.0
-
-    def take(self, now: float) -> bool:
-        self._tokens = min(ICMP_BURST, self._tokens + (now - self._at) * ICMP_RATE)
-        self._at = now
-        if self._tokens < 1.0:
-            return False
-        self._tokens -= 1.0
-        return True
-
-
-class RouteFilter:
-    """Which packets a peer said it routes (ROUTE_ADVERTISEMENT, RFC 9484 §4.7.3): the
-    destination in a range whose IP protocol is 0 or the packet's own. ICMP always
-    passes (errors about a flow must reach it)."""
-
-    def __init__(self, ranges: Iterable[IPRange]) -> None:
-        spans: dict[tuple[int, int], list[tuple[int, int]]] = {}
-        for r in ranges:
-            spans.setdefault((r.version, r.ipproto), []).append((int(r.start), int(r.end)))
-        self._starts = {k: [a for a, _ in sorted(v)] for k, v in spans.items()}
-        self._ends = {k: [b for _, b in sorted(v)] for k, v in spans.items()}
-
-    def _covers(self, version: int, proto: int, addr: int) -> bool:
-        starts = self._starts.get((version, proto))
-        if not starts:
-            return False
-        i = bisect.bisect_right(starts, addr) - 1
-        return i >= 0 and self._ends[(version, proto)][i] >= addr
-
-    def covers_network(self, net: IPNetwork) -> bool:
-        """``net`` lies inside one all-protocol range."""
-        lo, hi = int(net.network_address), int(net.broadcast_address)
-        starts = self._starts.get((net.version, 0))
-        if not starts:
-            return False
-        i = bisect.bisect_right(starts, lo) - 1
-        return i >= 0 and self._ends[(net.version, 0)][i] >= hi
-
-    def allows(self, pkt: bytes) -> bool:
-        """May ``pkt`` go to this peer? (Malformed packets: no.)"""
-        try:
-            info = parse_packet(pkt)
-        except PacketError:
-            return False
-        addr = int(info.dst)
-        if self._covers(info.version, 0, addr):
-            return True
-        if info.proto == (PROTO_ICMP if info.version == 4 else PROTO_ICMPV6):
-            return any(self._covers(v, p, addr) for v, p in self._starts if v == info.version)
-        return self._covers(info.version, info.proto, addr)
 
 
 class Destinations(Protocol):

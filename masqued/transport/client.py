@@ -39,9 +39,10 @@ from masqued.proto.events import (
     TunnelOpened,
 )
 from masqued.proto.events import TunnelRefused as Refused
+from masqued.proto.framings import Mode
 from masqued.proto.packet import addresses
 from masqued.proto.request import TunnelParams
-from masqued.proto.session import MAX_ROUTE_NETWORKS, ClientSession, Mode
+from masqued.proto.session import MAX_ROUTE_NETWORKS, ClientSession
 from masqued.proto.template import UriTemplate
 from masqued.transport import aioquic_engine as engine
 from masqued.transport.dataplane import DataPlane, plane_for

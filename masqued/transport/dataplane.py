@@ -20,7 +20,7 @@ from masqued.proto.capsule import encode_datagram_capsule
 from masqued.proto.connect_ip import encode_ip_datagram
 from masqued.proto.drops import DROP_OVERSIZED, DROP_QUEUE_FULL
 from masqued.proto.framing import encode_frame, encode_frames
-from masqued.proto.session import Mode
+from masqued.proto.framings import Mode
 from masqued.transport.link import Link
 
 # Datagrams waiting in the engine's queue beyond which new ones are dropped whatever

@@ -39,8 +39,9 @@ from masqued.proto.drops import (
 )
 from masqued.proto.errors import H3_DATAGRAM_ERROR, ProtocolError, RequestError
 from masqued.proto.events import StreamEnded
+from masqued.proto.framings import Mode
 from masqued.proto.request import build_response_headers, parse_connect_request
-from masqued.proto.session import Mode, ProxySession
+from masqued.proto.session import ProxySession
 from masqued.proto.template import UriTemplate
 from masqued.runtime.service import client_fields
 from masqued.transport import aioquic_engine as engine
