@@ -15,7 +15,7 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -218,6 +218,12 @@ class LeaseStore:
 
     def __init__(self, path: Path | None) -> None:
         self.path = path
+        # Where writes run: None writes at once; a relay passes a function that runs
+        # its argument off the event loop (an fsync on a busy disk took seconds and
+        # stalled every client's handshake), coalescing changes made meanwhile.
+        self.schedule: Callable[[Callable[[], None]], object] | None = None
+        self.run_blocking: Callable[[Callable[[], None]], object] | None = None
+        self._dirty = False
         self._leases: dict[str, list[str]] = {}
         if path is not None:
             self._load(path)
@@ -254,12 +260,38 @@ class LeaseStore:
         self._leases[identity] = value
         while len(self._leases) > self.MAX_ENTRIES:
             self._leases.pop(next(iter(self._leases)))
-        self._save()
-
-    def _save(self) -> None:
         if self.path is None:
             return
-        data = json.dumps({"version": self.VERSION, "leases": self._leases}, indent=1)
+        if self.schedule is None or self.run_blocking is None:
+            self._write(self._dump())
+            return
+        if not self._dirty:
+            self._dirty = True
+            self.schedule(self._flush)
+
+    def _flush(self) -> None:
+        """On the owner's loop: one write for every change since the last, done by
+        ``run_blocking`` (one ordered worker thread) with what the map holds now."""
+        if not self._dirty:
+            return  # written meanwhile (save at shutdown)
+        self._dirty = False
+        data = self._dump()
+        if self.run_blocking is None:
+            self._write(data)
+            return
+        self.run_blocking(lambda: self._write(data))
+
+    def save(self) -> None:
+        """Write the file now (atomically, fsynced): the caller's thread may block."""
+        self._dirty = False
+        self._write(self._dump())
+
+    def _dump(self) -> str:
+        return json.dumps({"version": self.VERSION, "leases": self._leases}, indent=1)
+
+    def _write(self, data: str) -> None:
+        if self.path is None:
+            return
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
             fd, tmp = tempfile.mkstemp(prefix=".leases.", dir=self.path.parent)

@@ -11,6 +11,7 @@ who may connect and with what address is admission's (gate/admission.py).
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import ipaddress
 import logging
@@ -59,6 +60,9 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 # CONNECT-IP tunnels one connection may carry at once.
 MAX_TUNNELS_PER_CONNECTION = 4
 TUN_READ_BATCH = 256
+# Lease-file changes are written this long after the first of them (one write for a
+# burst of reconnects).
+LEASE_WRITE_DELAY = 0.2
 # How a refusal's drop reason reads in the log line.
 _DENIED_WHY = {
     DROP_ACL: "denied by ACL",
@@ -149,10 +153,15 @@ class RelayServer:
         self.tun = tun
         self.pool = pool
         self.settings = settings
+        leases = leases or LeaseStore(None)
+        # Lease writes (an fsync each) off the packet loop, coalesced, in order.
+        self._writer = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="leases")
+        leases.schedule = lambda fn: loop.call_later(LEASE_WRITE_DELAY, fn)
+        leases.run_blocking = lambda fn: loop.run_in_executor(self._writer, fn)
         self.admitter = Admitter(
             access,
             pool,
-            leases or LeaseStore(None),
+            leases,
             routes=settings.routes,
             max_clients=settings.max_clients,
             max_tunnels_per_connection=MAX_TUNNELS_PER_CONNECTION,
@@ -243,6 +252,10 @@ class RelayServer:
         for tunnel in list(self.tunnels.values()):
             self.end_tunnel(tunnel, "relay shutting down")
         self.endpoint.close("relay shutting down")
+        leases = self.admitter.leases
+        leases.schedule = leases.run_blocking = None
+        self._writer.shutdown(wait=True)
+        leases.save()  # what a pending write had not written yet
 
     def count(self, result: str) -> None:
         self.results[result] = self.results.get(result, 0) + 1
