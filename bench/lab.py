@@ -323,7 +323,11 @@ class Lab:
 
 
 def client_config(pki: Path, mtu: int, transport: str = "stream", port: int = RELAY_PORT) -> str:
-    """A client config for the lab (only the target network goes through the tunnel)."""
+    """A client config for the lab (only the target network goes through the tunnel).
+    ``transport`` "h2": datagram mode over HTTP/2 (TLS over TCP) on the relay's port."""
+    http = ""
+    if transport == "h2":
+        transport, http = "datagram", 'http_version = "h2"\n'
     return (
         'mode = "client"\n'
         f'relay = "{RELAY_V4}:{port}"\n'
@@ -331,5 +335,6 @@ def client_config(pki: Path, mtu: int, transport: str = "stream", port: int = RE
         f'ca = "{pki / "ca.pem"}"\n'
         f'routes = ["{TARGET_NET_V4}"]\n'
         f'transport = "{transport}"\n'
+        f"{http}"
         f"mtu = {mtu}\n"
     )

@@ -1,5 +1,6 @@
 """One path measured end to end: the direct routed path, or masqued in stream or datagram
-mode, each in a fresh namespace lab (client -> relay -> target)."""
+mode over HTTP/3 or datagram mode over HTTP/2, each in a fresh namespace lab
+(client -> relay -> target)."""
 
 from __future__ import annotations
 
@@ -87,7 +88,7 @@ def measure_path(
     time_left: Callable[[], float],
     log: Callable[[str], None],
 ) -> dict[str, Any]:
-    """Measure ``kind`` ("direct", "stream" or "datagram"); never raises PathFailed."""
+    """Measure ``kind`` ("direct", "stream", "datagram" or "h2"); never raises PathFailed."""
     lab = Lab(workdir / kind, pki, clients=1)
     result: dict[str, Any] = {"status": "ok", "errors": []}
     try:

@@ -10,7 +10,7 @@ from typing import Any
 README_BEGIN = "<!-- bench:latest:begin -->"
 README_END = "<!-- bench:latest:end -->"
 
-MASQUED_PATHS = ("masqued-stream", "masqued-datagram")
+MASQUED_PATHS = ("masqued-stream", "masqued-datagram", "masqued-h2")
 PEER_PATHS = ("wireguard-go", "wireguard-go-current", "openvpn-udp", "openvpn-tcp")
 REFERENCE_PATHS = ("direct", *PEER_PATHS)
 PATH_ORDER = ("direct", *MASQUED_PATHS, *PEER_PATHS)
@@ -122,6 +122,10 @@ def check_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
         add(f"{m}: added RTT at idle, ms", added, "<= 1", None if added is None else added <= 1)
         p99 = _med(_get(paths, m, "ping_loaded", "p99_ms"))
         add(f"{m}: ping p99 under TCP load, ms", p99, "<= 20", None if p99 is None else p99 <= 20)
+    # HTTP/2 is the fallback where UDP is blocked, where OpenVPN would run over TCP.
+    r = _get(ratios, "masqued-h2 vs openvpn-tcp", "tcp1")
+    if _get(paths, "masqued-h2", "status") == "ok":
+        add("h2 TCP 1 stream / OpenVPN-TCP", r, ">= 1.0", None if r is None else r >= 1.0)
     loss = _med(_get(paths, "masqued-datagram", "below_capacity", "loss_pct"))
     if loss is not None:
         add("datagram: loss below capacity, %", loss, "< 0.1", loss < 0.1)

@@ -2,7 +2,8 @@
 
 Order: the current wireguard-go's build (cached; before the time budget starts), the
 direct routed path, masqued stream mode, masqued datagram mode (when ``masqued check``
-accepts ``transport = "datagram"``), the peer VPNs through the bench-peers scripts
+accepts ``transport = "datagram"``), masqued over HTTP/2 (datagram mode, TLS over
+TCP: beside OpenVPN-TCP), the peer VPNs through the bench-peers scripts
 (their own quiet.sh may wait for an idle machine), then the relay with 1/10/50 clients
 and with 1 and 2 workers. Prints the tables, writes
 ``bench/results/<date>-<commit>.json`` and renders them into ``bench/README.md``.
@@ -176,7 +177,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--mtu", type=int, help="masqued tunnel MTU (default 1300)")
     p.add_argument(
         "--only",
-        help="comma list of sections: direct,stream,datagram,peers,scale,cores (default all)",
+        help="comma list of sections: direct,stream,datagram,h2,peers,scale,cores (default all)",
     )
     p.add_argument(
         "--peers",
@@ -226,7 +227,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log(f"bench: {tool} not found; run `make bench-deps`")
             return 2
     settings = settings_from(args)
-    sections = set((args.only or "direct,stream,datagram,peers,scale,cores").split(","))
+    sections = set((args.only or "direct,stream,datagram,h2,peers,scale,cores").split(","))
     if args.peers:
         wanted = [] if args.peers == "none" else args.peers.split(",")
     else:
@@ -315,6 +316,8 @@ def _run(
                     "note": f"masqued check refuses transport = datagram: {why}",
                 }
                 notes.append(f"datagram mode not measured: masqued check said: {why}")
+        if "h2" in sections:
+            kinds.append("h2")
         for kind in kinds:
             name = kind if kind == "direct" else f"masqued-{kind}"
             # every repeat, plus the lab and daemons coming up and going down

@@ -128,7 +128,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
         log.error("relay worker %d: %s (start it through masqued run)", args.index, exc)
         return EXIT_USAGE
     try:
-        return asyncio.run(daemon.run_worker(config, args.index, fds, args.vnet == 1))
+        return asyncio.run(
+            daemon.run_worker(config, args.index, fds, args.vnet == 1, tcp_fd=args.tcp_fd)
+        )
     except daemon.StartupError as exc:
         log.error("%s", exc)
         return EXIT_FAILURE
@@ -369,6 +371,7 @@ def worker_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=int, required=True)
     p.add_argument("--tun-fd", type=int, required=True)
     p.add_argument("--udp-fd", type=int, required=True)
+    p.add_argument("--tcp-fd", type=int, default=-1)
     p.add_argument("--ipc-fd", type=int, required=True)
     p.add_argument("--vnet", type=int, choices=(0, 1), default=1)
     p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])

@@ -33,6 +33,7 @@ Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 NatMode = Literal["auto", "nftables", "iptables", "off"]
 Transport = Literal["stream", "datagram", "auto"]
+HttpVersion = Literal["auto", "h3", "h2"]
 
 DEFAULT_CONFIG_DIR = Path("/etc/masque")
 DEFAULT_PORT = 443
@@ -46,6 +47,9 @@ DEFAULT_RECONNECT_MAX = 4.0
 LOG_LEVELS = ("debug", "info", "warning", "error")
 NAT_MODES: tuple[NatMode, ...] = ("auto", "nftables", "iptables", "off")
 TRANSPORTS: tuple[Transport, ...] = ("stream", "datagram", "auto")
+HTTP_VERSIONS: tuple[HttpVersion, ...] = ("auto", "h3", "h2")
+DEFAULT_FALLBACK_AFTER = 2.0
+DEFAULT_H3_RETRY = 30.0
 IFNAMSIZ = 16
 MAX_PEM_BYTES = 1 << 20  # a certificate bundle is a few KiB; refuse to slurp huge files
 
@@ -76,6 +80,14 @@ RELAY_KEY_DOCS: tuple[KeyDoc, ...] = (
         '"0.0.0.0:443"',
         "UDP address and port for HTTP/3. ADDR is an IP address; IPv6 goes in "
         'brackets, e.g. "[::]:443".',
+    ),
+    KeyDoc(
+        "listen_tcp",
+        '"ADDR:PORT" or "off"',
+        "the address and port of listen",
+        "TCP address and port for HTTP/2 over TLS (RFC 8441 extended CONNECT), for "
+        'clients on networks that drop UDP; "off" serves HTTP/3 only. Workers share '
+        "the port (SO_REUSEPORT).",
     ),
     KeyDoc(
         "certificate",
@@ -274,6 +286,37 @@ CLIENT_KEY_DOCS: tuple[KeyDoc, ...] = (
         "offers HTTP/3 datagrams, else stream.",
     ),
     KeyDoc(
+        "http_version",
+        '"auto", "h3" or "h2"',
+        '"auto"',
+        '"h3": HTTP/3 over QUIC only; "h2": HTTP/2 over TLS over TCP only (datagram '
+        'mode, packets in DATAGRAM capsules); "auto": HTTP/3, and HTTP/2 as well when '
+        "no QUIC handshake completes within fallback_after; on HTTP/2 it tries HTTP/3 "
+        "again every h3_retry seconds and moves back, keeping the TUN, the routes and "
+        "(with auth) the address.",
+    ),
+    KeyDoc(
+        "fallback_after",
+        "seconds 0.1..10",
+        "2.0",
+        'http_version = "auto": how long HTTP/3 may take to complete a QUIC handshake '
+        "before HTTP/2 is tried as well.",
+    ),
+    KeyDoc(
+        "h3_retry",
+        "seconds 1..3600",
+        "30",
+        'http_version = "auto": seconds between tries to move a tunnel on HTTP/2 back '
+        "to HTTP/3.",
+    ),
+    KeyDoc(
+        "h2_port",
+        "integer 1..65535",
+        "the PORT of relay",
+        "The relay's TCP port for HTTP/2, when its listen_tcp uses another port than "
+        "its UDP one.",
+    ),
+    KeyDoc(
         "address_request",
         "boolean",
         "false",
@@ -290,7 +333,7 @@ CLIENT_KEY_DOCS: tuple[KeyDoc, ...] = (
         "fwmark",
         '"auto", "off" or integer 1..4294967295',
         '"auto"',
-        "Firewall mark on the QUIC socket so that its packets bypass the tunnel "
+        "Firewall mark on the QUIC and TCP sockets so that their packets bypass the tunnel "
         "(wg-quick's loop guard). \"auto\": a mark derived from the instance name; "
         "\"off\": none, and a config whose routes cover the relay is refused.",
     ),
@@ -403,6 +446,8 @@ class RelayConfig:
     nat: NatMode
     mtu: int = DEFAULT_MTU
     log_level: str = "info"
+    # TCP (HTTP/2) listener (host, port); None: off
+    listen_tcp: tuple[str, int] | None = None
     max_clients: int | None = None
     # relay processes sharing the UDP port, each with its share of the pool and TUN
     workers: int = 1
@@ -435,6 +480,10 @@ class ClientConfig:
     routes: tuple[Network, ...]
     transport: Transport = "auto"
     address_request: bool = False  # datagram mode: send ADDRESS_REQUEST (RFC 9484 §4.7.2)
+    http_version: HttpVersion = "auto"
+    fallback_after: float = DEFAULT_FALLBACK_AFTER
+    h3_retry: float = DEFAULT_H3_RETRY
+    h2_port: int | None = None  # None: relay_port
     mtu: int = DEFAULT_MTU
     fwmark: int | None = None  # None: the instance default; 0: no mark ("off")
     log_level: str = "info"
@@ -796,6 +845,7 @@ def _load_relay(r: _Reader, name: str) -> RelayConfig:
             )
         else:
             listen_host = str(ip)
+    listen_tcp = _load_listen_tcp(r, listen_host, listen[1] if listen else DEFAULT_PORT)
 
     cert = r.certificates("certificate")
     key = r.private_key("private_key")
@@ -876,6 +926,7 @@ def _load_relay(r: _Reader, name: str) -> RelayConfig:
         path=r.path,
         listen_host=listen_host,
         listen_port=listen[1] if listen else DEFAULT_PORT,
+        listen_tcp=listen_tcp,
         certificate=cert[0],
         private_key=key[0],
         pool=pool,
@@ -899,6 +950,26 @@ def _load_relay(r: _Reader, name: str) -> RelayConfig:
         state_dir=state_dir,
         uri_template=uri_template,
     )
+
+
+def _load_listen_tcp(r: _Reader, udp_host: str, udp_port: int) -> tuple[str, int] | None:
+    """``listen_tcp``: "ADDR:PORT" (port: listen's when left out), "off", or, when
+    absent, listen's address and port."""
+    if not r.has("listen_tcp"):
+        return (udp_host, udp_port) if udp_host else None
+    text = r.string("listen_tcp")
+    if text is None or text == "off":
+        return None
+    try:
+        host, port = parse_host_port(text, default_port=udp_port)
+    except ValueError as e:
+        r.error("listen_tcp", f'{e} (or "off")')
+        return None
+    ip = _ip_or_none(host)
+    if ip is None:
+        r.error("listen_tcp", f"{host!r} is not an IP address (use e.g. '0.0.0.0:443' or \"off\")")
+        return None
+    return str(ip), port
 
 
 def _load_workers(r: _Reader, pool: tuple[Network, ...] | None) -> int:
@@ -948,6 +1019,16 @@ def _load_client(r: _Reader, name: str) -> ClientConfig:
 
     transport = r.choice("transport", TRANSPORTS, "auto")
     address_request = r.boolean("address_request", False)
+    http_version = r.choice("http_version", HTTP_VERSIONS, "auto")
+    if http_version == "h2" and transport == "stream":
+        r.error(
+            "transport",
+            '"stream" needs HTTP/3, and http_version = "h2": over HTTP/2 packets travel '
+            'in DATAGRAM capsules (use transport = "datagram" or "auto")',
+        )
+    fallback_after = r.number("fallback_after", DEFAULT_FALLBACK_AFTER, 0.1, 10.0)
+    h3_retry = r.number("h3_retry", DEFAULT_H3_RETRY, 1.0, 3600.0)
+    h2_port = r.integer("h2_port", 0, 1, 65535) if r.has("h2_port") else None
 
     mtu = r.integer("mtu", DEFAULT_MTU, MIN_MTU, MAX_MTU)
     _check_mtu(r, mtu, _ipv6_reason("routes", routes or ()))
@@ -1010,6 +1091,10 @@ def _load_client(r: _Reader, name: str) -> ClientConfig:
         routes=routes,
         transport=cast(Transport, transport),
         address_request=address_request,
+        http_version=cast(HttpVersion, http_version),
+        fallback_after=fallback_after,
+        h3_retry=h3_retry,
+        h2_port=h2_port or None,
         mtu=mtu,
         fwmark=fwmark,
         log_level=log_level,

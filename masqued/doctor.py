@@ -30,7 +30,7 @@ from cryptography import x509
 
 from masqued.config import ClientConfig, Config, ConfigError, RelayConfig, load_config
 from masqued.host.naming import InstanceIds
-from masqued.transport.probe import ProbeResult, probe
+from masqued.transport.probe import ProbeResult, probe, probe_h2
 
 Level = Literal["ok", "warn", "fail"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -302,6 +302,33 @@ def probe_relay(
     return asyncio.run(probe(host, port, server_name, fwmark, timeout))
 
 
+def probe_relay_h2(
+    host: str, port: int, server_name: str, fwmark: int, timeout: float = PROBE_TIMEOUT
+) -> ProbeResult:
+    """A TLS handshake (ALPN h2) to the relay over TCP, with the client's fwmark."""
+    return asyncio.run(probe_h2(host, port, server_name, fwmark, timeout))
+
+
+def check_probe_h2(result: ProbeResult, quic: ProbeResult, host: str, port: int) -> Finding:
+    """HTTP/2 for a client that may fall back to it (http_version auto or h2): when
+    QUIC does not get through but TLS over TCP does, the tunnel runs over HTTP/2."""
+    quic_ok = quic.reached and quic.error is None
+    if result.reached and result.error is None:
+        if quic_ok:
+            return ok("http2", f"{host}:{port} answers HTTP/2 over TLS too (fallback ready)")
+        return warn(
+            "http2",
+            f"{host}:{port} answers HTTP/2 over TLS ({result.rtt_ms} ms) but not QUIC: the "
+            "tunnel runs over HTTP/2 (TCP over TCP: slower on lossy paths)",
+            f"allow UDP {port} on the firewalls on the path for HTTP/3",
+        )
+    fix = (
+        f'check the relay\'s listen_tcp (not "off") and that TCP {port} is allowed on every '
+        "firewall on the path"
+    )
+    return (warn if quic_ok else fail)("http2", f"HTTP/2 at {host}:{port}: {result.error}", fix)
+
+
 def check_probe(result: ProbeResult, host: str, port: int) -> Finding:
     if result.reached and result.error is None:
         return ok("relay", f"{host}:{port} answers QUIC (handshake {result.rtt_ms} ms)")
@@ -430,7 +457,12 @@ def _client_checks(
     findings: list[Finding] = []
     fwmark = ids.fwmark if config.fwmark is None else config.fwmark
     probe = probe_relay(config.relay_host, config.relay_port, config.server_name, fwmark)
-    findings.append(check_probe(probe, config.relay_host, config.relay_port))
+    if config.http_version != "h2":
+        findings.append(check_probe(probe, config.relay_host, config.relay_port))
+    if config.http_version != "h3":
+        h2_port = config.h2_port or config.relay_port
+        h2 = probe_relay_h2(config.relay_host, h2_port, config.server_name, fwmark)
+        findings.append(check_probe_h2(h2, probe, config.relay_host, h2_port))
     if probe.chain:
         ca = x509.load_pem_x509_certificates(config.ca.read_bytes())
         findings += check_relay_certificate(

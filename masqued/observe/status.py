@@ -114,6 +114,8 @@ class StatusService:
         if isinstance(config, RelayConfig):
             doc |= {
                 "listen": _hostport(config.listen_host, config.listen_port),
+                "listen_tcp": _hostport(*config.listen_tcp) if config.listen_tcp else None,
+                "http_versions": ["h3", "h2"] if config.listen_tcp else ["h3"],
                 "relay": None,
                 "transports": ["stream", "datagram"],  # every relay serves both
                 "routes": [str(r) for r in config.routes],
@@ -132,6 +134,7 @@ class StatusService:
                 "relay": _hostport(config.relay_host, config.relay_port),
                 "server_name": config.server_name,
                 "transports": [config.transport],
+                "http_versions": [config.http_version],
                 "routes": [str(r) for r in config.routes],
                 "pool_networks": [],
                 "egress": None,
@@ -277,10 +280,23 @@ def render_text(doc: dict[str, Any], rates: Rates | None = None) -> str:
     if role == "relay":
         in_use = doc.get("transports_in_use") or {}
         used = ", ".join(f"{mode} {n}" for mode, n in sorted(in_use.items())) or "none"
+        tcp = doc.get("listen_tcp")
+        where = f"{doc.get('listen')} (udp)"
+        if tcp:
+            where = (
+                f"{doc.get('listen')} (udp, tcp)"
+                if tcp == doc.get("listen")
+                else (f"{where}, {tcp} (tcp)")
+            )
+        by_http: dict[str, int] = {}
+        for s in doc.get("sessions", []):
+            if s.get("http"):
+                by_http[s["http"]] = by_http.get(s["http"], 0) + 1
+        http = ", ".join(f"{v} {n}" for v, n in sorted(by_http.items(), reverse=True))
         kv(
             "listening",
-            f"{doc.get('listen')} (udp), serves {' and '.join(doc['transports'])}, "
-            f"sessions by transport: {used}",
+            f"{where}, serves {' and '.join(doc['transports'])}, "
+            f"sessions by transport: {used}" + (f", by HTTP version: {http}" if http else ""),
         )
     else:
         state = doc.get("state", "?")
@@ -291,6 +307,9 @@ def render_text(doc: dict[str, Any], rates: Rates | None = None) -> str:
         now_mode, http = sessions[0].get("transport"), sessions[0].get("http")
         in_use = f" -> {now_mode} over {http}" if state == "connected" and http else ""
         kv("transport", f"{wanted}{in_use}")
+        why = sessions[0].get("http_reason")
+        versions = ", ".join(doc.get("http_versions") or [])
+        kv("http", f"{versions}" + (f" -> {http} ({why})" if state == "connected" and http else ""))
     tun = doc.get("tun", {})
     kv("tun", f"{tun.get('name')}, mtu {tun.get('mtu')}")
     if role == "relay":
@@ -370,7 +389,8 @@ def render_text(doc: dict[str, Any], rates: Rates | None = None) -> str:
             quic.append(f"cwnd {human_bytes(cwnd)}")
         if s.get("bytes_in_flight") is not None:
             quic.append(f"in flight {human_bytes(s['bytes_in_flight'])}")
-        kv("quic", ", ".join(quic))
+        # The connection under the session: QUIC for HTTP/3, TCP (TCP_INFO) for HTTP/2.
+        kv("tcp" if s.get("http") == "h2" else "quic", ", ".join(quic))
         last = max(s.get("last_rx") or 0, s.get("last_tx") or 0) or None
         kv("latest packet", _ago(now, last))
     return "\n".join(out) + "\n"

@@ -6,9 +6,13 @@ Core code raises these; the transport adapter turns them into an HTTP status
 
 from __future__ import annotations
 
-# HTTP/3 error codes (RFC 9114 §8.1) used when we abort a stream.
+# HTTP/3 error codes (RFC 9114 §8.1) used when we abort a stream or close a
+# connection; an HTTP/2 link maps them to its own (RFC 9114 §A.4).
+H3_NO_ERROR = 0x100
 H3_GENERAL_PROTOCOL_ERROR = 0x101
 H3_INTERNAL_ERROR = 0x102
+H3_EXCESSIVE_LOAD = 0x107
+H3_REQUEST_REJECTED = 0x10B
 H3_REQUEST_CANCELLED = 0x10C
 H3_MESSAGE_ERROR = 0x10E
 H3_DATAGRAM_ERROR = 0x33  # RFC 9297 §5.2

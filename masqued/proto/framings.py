@@ -12,10 +12,12 @@ from collections.abc import Iterable
 
 from masqued.proto.capsule import DATAGRAM, Capsule, CapsuleDecoder, encode_datagram_capsule
 from masqued.proto.connect_ip import decode_datagram_payload, encode_ip_datagram
-from masqued.proto.drops import DROP_MALFORMED, DROP_UNKNOWN_CONTEXT
+from masqued.proto.drops import DROP_MALFORMED, DROP_OVERSIZED, DROP_UNKNOWN_CONTEXT
 from masqued.proto.errors import CapsuleError, ProtocolError
 from masqued.proto.framing import FrameDecoder, encode_frames
 
+# Largest IP packet without jumbograms (RFC 791, RFC 8200 §3).
+MAX_IP_PACKET = 65535
 # Largest control capsule either side accepts (a few hundred addresses or ranges);
 # a longer one aborts the stream without being buffered.
 MAX_CONTROL_CAPSULE = 16384
@@ -69,14 +71,24 @@ class CapsuleFraming(Framing):
     (§3.5, context ID 0), which a peer without QUIC datagrams sends."""
 
     def __init__(self, mtu: int, drops: Counter[str]) -> None:
-        # A DATAGRAM capsule holds a context ID (≤ 8 bytes) and one packet.
-        self._decoder = CapsuleDecoder(max_value=MAX_CONTROL_CAPSULE, max_datagram=mtu + 8)
+        # A DATAGRAM capsule holds a context ID (≤ 8 bytes) and one IP packet: one
+        # above the MTU is kept (and answered with Packet Too Big, as a QUIC
+        # datagram would be, RFC 9484 §7.2); a longer capsule holds no IP packet and
+        # is skipped as it streams by, never buffered.
+        self._decoder = CapsuleDecoder(
+            max_value=MAX_CONTROL_CAPSULE, max_datagram=max(mtu, MAX_IP_PACKET) + 8
+        )
         self._drops = drops
 
     def decode(self, data: bytes) -> tuple[list[bytes], list[Capsule]]:
         packets: list[bytes] = []
         control: list[Capsule] = []
-        for capsule in self._decoder.feed(data):
+        decoder = self._decoder
+        oversized = decoder.oversized
+        capsules = decoder.feed(data)
+        if decoder.oversized != oversized:
+            self._drops[DROP_OVERSIZED] += decoder.oversized - oversized
+        for capsule in capsules:
             if capsule.type != DATAGRAM:
                 control.append(capsule)
                 continue

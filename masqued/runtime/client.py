@@ -40,6 +40,10 @@ RESTART_KEYS = (
     "fwmark",
     "transport",
     "address_request",
+    "http_version",
+    "fallback_after",
+    "h3_retry",
+    "h2_port",
 )
 
 
@@ -61,6 +65,10 @@ def client_settings(config: ClientConfig, fwmark: int) -> ClientSettings:
         request_versions=tuple(sorted({r.version for r in config.routes})),
         routes=tuple(config.routes),
         template=UriTemplate.parse(config.uri_template) if config.uri_template else None,
+        http_version=config.http_version,
+        fallback_after=config.fallback_after,
+        h3_retry=config.h3_retry,
+        h2_port=config.h2_port,
     )
 
 
@@ -167,7 +175,12 @@ class ClientInstance(Instance):
             up = ""
             if st.connected_since is not None:
                 up = f", up {format_uptime(time.time() - st.connected_since)}"
-            return f"client: connected to {config.relay_host}:{config.relay_port} as {addrs}{up}"
+            current = self.tunnel.current
+            over = ", over HTTP/2" if current is not None and current.http == "h2" else ""
+            return (
+                f"client: connected to {config.relay_host}:{config.relay_port} as {addrs}{up}"
+                f"{over}"
+            )
         err = f" ({st.last_error})" if st.last_error else ""
         return f"client: {st.state} to {config.relay_host}:{config.relay_port}{err}"
 

@@ -48,6 +48,7 @@ from masqued.runtime.workers import (
 from masqued.transport.balance import Balancer, RetryTokens
 from masqued.transport.relay import RelayServer, RelaySettings
 from masqued.transport.steering import reuseport_group
+from masqued.transport.tcpendpoint import listen_tcp
 
 log = logging.getLogger("masqued")
 
@@ -55,7 +56,20 @@ IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
 # What a running relay cannot change on reload (pool growth is the exception, with one
 # worker); the running values stay in force until a restart.
-RESTART_KEYS = ("listen_host", "listen_port", "pool", "egress", "nat", "mtu", "workers")
+RESTART_KEYS = (
+    "listen_host",
+    "listen_port",
+    "listen_tcp",
+    "pool",
+    "egress",
+    "nat",
+    "mtu",
+    "workers",
+)
+
+
+def _hostport(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def access_control(config: RelayConfig) -> AccessControl:
@@ -90,6 +104,7 @@ def relay_settings(config: RelayConfig, worker: int) -> RelaySettings:
         worker=worker,
         workers=count,
         templates=(UriTemplate.parse(config.uri_template),) if config.uri_template else (),
+        client_ca=str(config.client_ca) if "mtls" in config.auth and config.client_ca else None,
         relay_addresses=relay_addresses([*config.pool, *shares]),
     )
 
@@ -144,6 +159,7 @@ class RelayInstance(Instance):
         self.pool = AddressPool(self.shares[0])
         self.tuns: list[TunDevice] = []
         self.socks: list[socket.socket] = []
+        self.tcp_socks: list[socket.socket] = []  # one per worker (HTTP/2), or none
         self.workers: list[WorkerProcess] = []
         self.egress = ""
         self.nat: NatBackend | None = None
@@ -205,14 +221,26 @@ class RelayInstance(Instance):
             )
 
     def listen(self) -> None:
+        """The UDP sockets (one per worker, steered by connection ID) and, unless
+        listen_tcp is off, the TCP ones (SO_REUSEPORT)."""
         config = self.config
+        workers_note = f" with {self.count} workers" if self.count > 1 else ""
         try:
             self.socks.extend(reuseport_group(config.listen_host, config.listen_port, self.count))
         except OSError as exc:
-            workers_note = f" with {self.count} workers" if self.count > 1 else ""
             raise StartupError(
                 f"cannot listen on {config.listen_host}:{config.listen_port}/udp"
                 f"{workers_note}: {exc.strerror or exc}"
+            ) from exc
+        if config.listen_tcp is None:
+            return
+        host, port = config.listen_tcp
+        try:
+            self.tcp_socks.extend(listen_tcp(host, port, self.count))
+        except OSError as exc:
+            raise StartupError(
+                f"cannot listen on {_hostport(host, port)}/tcp{workers_note}: "
+                f"{exc.strerror or exc} (set listen_tcp to another port, or \"off\")"
             ) from exc
 
     def serve(self) -> RelayServer:
@@ -229,6 +257,7 @@ class RelayInstance(Instance):
             access=access_control(config),
             leases=LeaseStore(lease_file(config, 0)),
             balancer=self.balancer,
+            tcp_socks=self.tcp_socks[:1],
         )
         server.on_change = self.changed
         self.server = server
@@ -244,6 +273,7 @@ class RelayInstance(Instance):
                 name=config.name,
                 tun_fd=self.tuns[k].fileno(),
                 udp_fd=self.socks[k].fileno(),
+                tcp_fd=self.tcp_socks[k].fileno() if self.tcp_socks else -1,
                 vnet=self.tuns[k].vnet,
                 log_level=config.log_level,
                 pool=config.pool,
@@ -335,9 +365,12 @@ class RelayInstance(Instance):
         reports = [w.snapshot["pool"] for w in self.workers if w.snapshot is not None]
         used = self.pool.used() + sum(r["used"] for r in reports)
         capacity = self.pool.capacity() + sum(r["capacity"] for r in reports)
+        tcp = " (udp, tcp)" if config.listen_tcp == (config.listen_host, config.listen_port) else ""
+        if config.listen_tcp is not None and not tcp:
+            tcp = f" (udp), {_hostport(*config.listen_tcp)} (tcp)"
         return (
             f"relay: {sum(self.loads())} clients, pool {used}/{capacity} used, listening on "
-            f"{config.listen_host}:{config.listen_port}"
+            f"{_hostport(config.listen_host, config.listen_port)}{tcp}"
             + (f", {self.count} workers" if self.count > 1 else "")
         )
 
@@ -386,10 +419,10 @@ class RelayInstance(Instance):
             if self.count > 1:
                 await self.start_workers()
             log.info(
-                "relay %s listening on %s:%d (udp), tun %s, pool %s%s",
+                "relay %s listening on %s (udp)%s, tun %s, pool %s%s",
                 self.ids.name,
-                config.listen_host,
-                config.listen_port,
+                _hostport(config.listen_host, config.listen_port),
+                f" and {_hostport(*config.listen_tcp)} (tcp, HTTP/2)" if config.listen_tcp else "",
                 ", ".join(t.name for t in self.tuns),
                 ", ".join(map(str, config.pool)),
                 f", {self.count} workers" if self.count > 1 else "",
@@ -413,7 +446,7 @@ class RelayInstance(Instance):
             self.server.close()
             # Give the CONNECTION_CLOSE frames a moment to leave.
             await asyncio.sleep(0.05)
-        for sock in self.socks:
+        for sock in self.socks + self.tcp_socks:
             sock.close()
         for t in self.tuns:
             t.close()
@@ -425,9 +458,12 @@ async def run_relay(config: RelayConfig, notifier: Notifier) -> int:
     return await RelayInstance(config, notifier).run()
 
 
-async def run_worker(config: RelayConfig, index: int, fds: tuple[int, int, int], vnet: bool) -> int:
+async def run_worker(
+    config: RelayConfig, index: int, fds: tuple[int, int, int], vnet: bool, tcp_fd: int = -1
+) -> int:
     """``masqued worker``: relay worker ``index`` of ``config.workers`` on the TUN and
-    UDP socket its parent made (runtime/workers.py); reports over the ``ipc`` fd."""
+    UDP socket (and listening TCP socket) its parent made (runtime/workers.py); reports
+    over the ``ipc`` fd."""
     loop = asyncio.get_running_loop()
     tun_fd, udp_fd, ipc_fd = fds
     count = config.workers
@@ -452,6 +488,7 @@ async def run_worker(config: RelayConfig, index: int, fds: tuple[int, int, int],
         access=access_control(config),
         leases=LeaseStore(lease_file(config, index)),
         balancer=balancer,
+        tcp_socks=[socket.socket(fileno=tcp_fd)] if tcp_fd >= 0 else [],
     )
     uplink = Uplink(writer, server.snapshot)
     server.on_change = uplink.changed

@@ -4,11 +4,12 @@ The main process does everything a one-process relay does (host set-up, NAT, the
 control socket, systemd), runs worker 0 itself, and starts workers 1..N-1 as
 ``masqued worker`` processes. Before that it creates every worker's TUN device
 (``mq-NAME+k``, with worker k's share of the pool: ``pool_slice``) and every UDP
-socket of the SO_REUSEPORT group (``masqued.transport.steering``), and keeps them
-open: a worker that dies is started again on the same TUN and socket, and its
-clients reconnect to it. No packet crosses processes: the kernel steers each
-client's datagrams to its worker by connection ID, and routes the replies to the
-TUN of the worker whose share holds the destination.
+socket of the SO_REUSEPORT group (``masqued.transport.steering``), with one listening
+TCP socket each for HTTP/2, and keeps them open: a worker that dies is started again
+on the same TUN and sockets, and its clients reconnect to it. No packet crosses
+processes: the kernel steers each client's datagrams to its worker by connection ID
+(and spreads TCP connections over the listening sockets), and routes the replies to
+the TUN of the worker whose share holds the destination.
 
 Between the main process and a worker runs a socket pair carrying JSON lines. The
 worker sends ``{"ready": ...}`` once it serves and then its status snapshot whenever
@@ -140,6 +141,7 @@ class WorkerProcess:
         udp_fd: int,
         vnet: bool,
         log_level: str,
+        tcp_fd: int = -1,
         pool: Iterable[object] = (),
         mtu: int = 0,
         on_change: Callable[[], None] | None = None,
@@ -152,6 +154,7 @@ class WorkerProcess:
         self.name = name
         self.tun_fd = tun_fd
         self.udp_fd = udp_fd
+        self.tcp_fd = tcp_fd  # its listening TCP socket (HTTP/2), -1: none
         self.vnet = vnet
         self.log_level = log_level
         # What the instance runs with, whatever the config file says by now (a worker
@@ -179,6 +182,7 @@ class WorkerProcess:
             *("-m", "masqued", "worker", "--config", self.config_path, "--name", self.name),
             *("--index", str(self.index), "--workers", str(self.count)),
             *("--tun-fd", str(self.tun_fd), "--udp-fd", str(self.udp_fd)),
+            *(("--tcp-fd", str(self.tcp_fd)) if self.tcp_fd >= 0 else ()),
             *("--ipc-fd", str(ipc_fd), "--vnet", "1" if self.vnet else "0"),
             *("--log-level", self.log_level),
             *(("--pool", self.pool) if self.pool else ()),
@@ -229,7 +233,12 @@ class WorkerProcess:
             self.proc = await asyncio.create_subprocess_exec(
                 *self.argv(child.fileno()),
                 stdin=asyncio.subprocess.DEVNULL,
-                pass_fds=(self.tun_fd, self.udp_fd, child.fileno()),
+                pass_fds=(
+                    self.tun_fd,
+                    self.udp_fd,
+                    child.fileno(),
+                    *((self.tcp_fd,) if self.tcp_fd >= 0 else ()),
+                ),
             )
         except OSError as exc:
             parent.close()
@@ -366,8 +375,9 @@ class Uplink:
 
 
 def worker_env_fds(args: Any) -> tuple[int, int, int]:
-    """(tun, udp, ipc) fds from ``masqued worker``'s arguments, checked to be open."""
+    """(tun, udp, ipc) fds from ``masqued worker``'s arguments, checked to be open
+    (and the TCP one, when given)."""
     fds = (args.tun_fd, args.udp_fd, args.ipc_fd)
-    for fd in fds:
+    for fd in (*fds, *((args.tcp_fd,) if getattr(args, "tcp_fd", -1) >= 0 else ())):
         os.fstat(fd)  # raises OSError(EBADF) when the parent did not pass it
     return fds

@@ -1,11 +1,19 @@
 """The client's tunnel: the TUN device <-> one CONNECT-IP session to the relay.
 
 ``ClientTunnel.run`` keeps a tunnel up for as long as the daemon runs: each attempt
-makes a link (an HTTP/3 connection), sends the extended CONNECT once the relay's
-SETTINGS allow it, applies the relay's answer (addresses, routes, MTU) through a
-callback, and moves packets. When the relay goes away the TUN and routes stay and
-the client reconnects with capped exponential backoff. The protocol itself is the
-ClientSession's (proto/session.py); how packets leave is the data plane's.
+makes a link (an HTTP/3 connection, or HTTP/2 over TLS over TCP), sends the extended
+CONNECT once the relay's SETTINGS allow it, applies the relay's answer (addresses,
+routes, MTU) through a callback, and moves packets. When the relay goes away the TUN
+and routes stay and the client reconnects with capped exponential backoff.
+
+``http_version = "auto"`` races the two the way Happy Eyeballs races address
+families: HTTP/3 first, HTTP/2 as well once no QUIC handshake has completed within
+``fallback_after`` (at once if UDP failed outright, or if the last tunnel had to fall
+back), the first tunnel up wins. On HTTP/2 it tries HTTP/3 again every ``h3_retry``
+seconds and moves the tunnel there once a CONNECT over it is admitted; the relay
+gives the identity the same address, so the TUN, the routes and the flows stay.
+The protocol itself is the ClientSession's (proto/session.py); how packets leave is
+the data plane's.
 """
 
 from __future__ import annotations
@@ -46,8 +54,11 @@ from masqued.proto.session import MAX_ROUTE_NETWORKS, ClientSession
 from masqued.proto.template import UriTemplate
 from masqued.transport import aioquic_engine as engine
 from masqued.transport.dataplane import DataPlane, plane_for
-from masqued.transport.h3link import H3Link, format_addr, monotonic
+from masqued.transport.h2link import ALPN as H2_ALPN
+from masqued.transport.h2link import H2Link
+from masqued.transport.h3link import H3Link, monotonic
 from masqued.transport.link import Headers, Link, NullHandler
+from masqued.transport.tcp import TlsPipe, client_context, tune_tcp
 from masqued.transport.udp import Address, UdpSocket, tune_socket
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -56,6 +67,7 @@ log = logging.getLogger("masqued.client")
 
 # The handshake, SETTINGS and the CONNECT response must all arrive within this time.
 CONNECT_TIMEOUT = 5.0
+HTTP_VERSIONS = ("auto", "h3", "h2")
 BACKOFF_INITIAL = 0.25
 TUN_READ_BATCH = 256
 
@@ -96,6 +108,14 @@ class ClientSettings:
     token_file: str | None = None
     template: UriTemplate | None = None  # the relay's URI template (RFC 9484 §3)
     routes: tuple[IPNetwork, ...] = ()  # what the host routes into the tunnel
+    # "h3", "h2" (TLS over TCP), or "auto": HTTP/3, falling back to HTTP/2 when no
+    # QUIC handshake completes within fallback_after; back to HTTP/3 when a probe
+    # every h3_retry seconds gets a tunnel. h2_port: the relay's TCP port (None: the
+    # same as relay_port).
+    http_version: str = "auto"
+    fallback_after: float = 2.0
+    h3_retry: float = 30.0
+    h2_port: int | None = None
 
     def token(self) -> str | None:
         """The bearer token, read at each attempt (so a replaced file takes effect)."""
@@ -130,24 +150,36 @@ class ClientStatus:
     connected_since: float | None = None
     last_error: str | None = None
     connects: int = 0
+    # Why the tunnel runs over the HTTP version it does (status and log).
+    http_reason: str | None = None
     counters: TrafficCounters = field(default_factory=TrafficCounters)
     handshakes: LatencyHistogram = field(default_factory=LatencyHistogram)
     started: float = field(default_factory=time.time)
 
 
 class Attempt:
-    """One try at a tunnel: a link, one CONNECT-IP session on it, its data plane."""
+    """One try at a tunnel: a link (HTTP/3 or HTTP/2), one CONNECT-IP session on it,
+    its data plane. ``release`` frees the link's socket once the attempt is over."""
 
-    def __init__(self, tunnel: ClientTunnel, link: H3Link, token: str | None) -> None:
+    def __init__(
+        self,
+        tunnel: ClientTunnel,
+        link: H3Link | H2Link,
+        token: str | None,
+        release: Callable[[], None] = lambda: None,
+    ) -> None:
         self.tunnel = tunnel
         self.link = link
+        self.http = link.http_version
+        self.release = release
         settings = tunnel.settings
         extra: list[tuple[bytes, bytes]] = []
         if token is not None:
             extra.append((b"authorization", b"Bearer " + token.encode()))
         self.session = ClientSession(
             authority=settings.authority,
-            wanted=settings.transport,
+            # HTTP/2 carries datagram mode only: packets in DATAGRAM capsules.
+            wanted="datagram" if self.http == "h2" else settings.transport,
             mtu=settings.mtu,
             drops=tunnel.status.counters.drops,
             request_versions=(
@@ -162,11 +194,16 @@ class Attempt:
         self.stream_id: int | None = None
         self.plane: DataPlane | None = None
         self.rx_packets: list[bytes] = []
-        self.ready: asyncio.Future[TunnelParams] = tunnel.loop.create_future()
-        self.done: asyncio.Future[str] = tunnel.loop.create_future()
+        loop = tunnel.loop
+        self.ready: asyncio.Future[TunnelParams] = loop.create_future()
+        self.done: asyncio.Future[str] = loop.create_future()
+        # The transport handshake (QUIC, or TCP and TLS) completed: the relay is
+        # reachable this way.
+        self.reachable: asyncio.Future[None] = loop.create_future()
         # Nobody awaits ``ready`` after a timeout or a stop: mark its exception seen.
         self.ready.add_done_callback(lambda f: f.cancelled() or f.exception())
-        self.last_rx = monotonic()
+        self.started = monotonic()
+        self.last_rx = self.started
         self._ping_uid = 0
         self.closed = False
         self.asked = False
@@ -174,15 +211,32 @@ class Attempt:
     # -- the link's input ----------------------------------------------------------------
 
     def datagrams_received(self, batch: list[tuple[bytes, Address]]) -> None:
+        """HTTP/3: a batch of UDP datagrams for the QUIC connection."""
         now = monotonic()
         self.last_rx = now
         link = self.link
+        assert isinstance(link, H3Link)
         for data, addr in batch:
             link.receive(data, addr, now)
+        self.received(link.process)
+
+    def bytes_received(self, data: bytes) -> None:
+        """HTTP/2: what TLS decrypted from one read."""
+        self.last_rx = monotonic()
+        link = self.link
+        assert isinstance(link, H2Link)
+        self.received(lambda: link.receive(data))
+
+    def received(self, process: Callable[[], None]) -> None:
+        """Let the link hand its events to us (``process``), then act on them: send the
+        request once the relay's SETTINGS are in, write what arrived to the TUN in one
+        batch, answer with what the TUN had, flush."""
         tunnel = self.tunnel
         tunnel.batching = True
         try:
-            link.process()
+            process()
+            if self.link.handshake_done and not self.reachable.done():
+                self.reachable.set_result(None)
             if self.stream_id is None and not self.closed:
                 self._send_request()
             if self.rx_packets:
@@ -192,14 +246,14 @@ class Attempt:
             tunnel.batching = False
             tunnel.write_tun()
         if not self.closed:
-            if tunnel.attempt is self and tunnel.current is self:
+            if tunnel.current is self:
                 tunnel.pump_tun()
-            link.flush()
+            self.link.flush()
 
     def _send_request(self) -> None:
         settings = self.link.settings()
         if settings is None:
-            return  # the relay's SETTINGS first (RFC 9220 §3)
+            return  # the relay's SETTINGS first (RFC 9220 §3, RFC 8441 §4)
         extended, datagrams = settings
         # Before anything (a token) goes to the relay: is its certificate a server's?
         problem = server_auth_problem(self.link.peer_certificate()[0])
@@ -211,7 +265,7 @@ class Attempt:
         except ResponseError as exc:
             self.fail(exc.reason)
             return
-        if self.tunnel.settings.transport == "auto":
+        if self.tunnel.settings.transport == "auto" and self.http == "h3":
             log.info(
                 "transport auto: relay %s H3 datagrams, using %s mode",
                 "offers" if datagrams else "does not offer",
@@ -238,7 +292,7 @@ class Attempt:
         self._events(events)
 
     def link_data(self, link: Link, stream_id: int, data: bytes, ended: bool) -> None:
-        if stream_id != self.stream_id:
+        if stream_id != self.stream_id or self.closed:
             return
         try:
             packets, events = self.session.receive_data(data, ended)
@@ -350,9 +404,13 @@ class Attempt:
             return
         self.closed = True
         self.link.closed = True
-        self.link.cancel_timer()
+        with contextlib.suppress(Exception):
+            self.release()
         if not self.ready.done():
             self.ready.set_exception(TunnelFailed(reason))
+        if not self.reachable.done():
+            self.reachable.set_exception(TunnelFailed(reason))
+            self.reachable.exception()  # seen: nobody may be waiting
         if not self.done.done():
             self.done.set_result(reason)
 
@@ -368,6 +426,8 @@ class ClientTunnel:
         on_params: Callable[[TunnelParams], None],
         on_state: Callable[[ClientStatus], None] | None = None,
     ) -> None:
+        if settings.http_version not in HTTP_VERSIONS:
+            raise ValueError(f"unknown http_version {settings.http_version!r}")
         self.loop = loop
         self.settings = settings
         self.tun = tun
@@ -379,6 +439,7 @@ class ClientTunnel:
         self.status = ClientStatus()
         self.current: Attempt | None = None  # the attempt whose tunnel is up
         self.attempt: Attempt | None = None  # the attempt in progress (or up)
+        self.live: set[Attempt] = set()  # every attempt not yet over (races, probes)
         self._ratelog = RateLimitedLog(log)
         self._relay_addrs: list[tuple[int, Any]] = []  # the last (family, address) found
         self._stopping = False
@@ -386,6 +447,9 @@ class ClientTunnel:
         # Set once the relay ended a tunnel in answer to an ADDRESS_REQUEST: later
         # attempts let it assign addresses unprompted (RFC 9484 allows either).
         self.without_address_request = False
+        # Set when the last tunnel had to fall back to HTTP/2 (no QUIC handshake):
+        # the next race starts both at once instead of giving HTTP/3 a head start.
+        self.h3_blocked = False
 
     # -- lifecycle --------------------------------------------------------------------
 
@@ -425,9 +489,8 @@ class ClientTunnel:
     def stop(self) -> None:
         self._stopping = True
         self._stop_event.set()
-        for attempt in (self.current, self.attempt):
-            if attempt is not None:
-                attempt.fail("client shutting down")
+        for attempt in list(self.live):
+            attempt.fail("client shutting down")
 
     async def _resolve(self) -> list[tuple[int, Any]]:
         """The relay's addresses. Before the first tunnel (no routes of ours yet) and
@@ -478,12 +541,87 @@ class ClientTunnel:
             self.on_state(self.status)
 
     async def _attempt(self, first_up: asyncio.Future[None] | None) -> str:
-        settings = self.settings
+        """One tunnel, from connecting until it is over: returns why it ended."""
         self._set_state("connecting")
+        attempt = await self._establish()
+        keepalive: asyncio.Task[None] | None = None
+        try:
+            self._up(attempt)
+            if first_up is not None and not first_up.done():
+                first_up.set_result(None)
+            while True:
+                keepalive = self.loop.create_task(self._keepalive(attempt))
+                reason, moved = await self._serve(attempt)
+                keepalive.cancel()
+                if moved is None:
+                    return reason
+                attempt = moved
+        finally:
+            if keepalive is not None:
+                keepalive.cancel()
+            self.current = None
+            self.attempt = None
+            for live in list(self.live):
+                live.fail("attempt ended")
+
+    def _up(self, attempt: Attempt) -> None:
+        """``attempt`` carries the tunnel now: host state, status, log."""
+        params = attempt.ready.result()
+        settings = self.settings
+        st = self.status
+        if params != st.params:
+            self.on_params(params)
+        self.current = self.attempt = attempt
+        st.relay_addr = attempt.link.peer
+        st.params = params
+        st.connected_since = st.connected_since if st.state == "connected" else time.time()
+        st.connects += 1
+        st.handshakes.observe(monotonic() - attempt.started)
+        st.last_error = None
+        self._set_state("connected")
+        log.info(
+            "tunnel up: %s via %s over %s as %s, mtu %d (%s)",
+            settings.authority,
+            attempt.link.peer,
+            "HTTP/3" if attempt.http == "h3" else "HTTP/2",
+            ", ".join(str(a.ip) for a in params.addresses),
+            params.mtu,
+            st.http_reason,
+        )
+
+    async def _keepalive(self, attempt: Attempt) -> None:
+        interval = min(self.settings.keepalive, 1.0)
+        while not attempt.closed:
+            await asyncio.sleep(interval)
+            attempt.keepalive()
+
+    # -- links ------------------------------------------------------------------------
+
+    async def _address(self, http: str) -> tuple[int, Address]:
+        """Where to reach the relay over ``http``: its first address, on h2_port for
+        HTTP/2 (the same as HTTP/3's unless configured)."""
         found = await self._resolve()
         if self._stopping:
             raise TunnelFailed("client shutting down")
         family, addr = found[0]
+        settings = self.settings
+        if http == "h2" and settings.h2_port and settings.h2_port != settings.relay_port:
+            addr = (addr[0], settings.h2_port, *addr[2:])
+        return family, addr
+
+    def _token(self) -> str | None:
+        return self.settings.token()
+
+    async def _start(self, http: str) -> Attempt:
+        """Start an attempt over ``http`` ("h3" or "h2"); it is tracked in ``live``."""
+        family, addr = await self._address(http)
+        attempt = self._start_h3(family, addr) if http == "h3" else self._start_h2(family, addr)
+        self.live.add(attempt)
+        attempt.done.add_done_callback(lambda _: self.live.discard(attempt))
+        return attempt
+
+    def _start_h3(self, family: int, addr: Address) -> Attempt:
+        settings = self.settings
         sock = socket.socket(family, socket.SOCK_DGRAM)
         try:
             if settings.fwmark:
@@ -500,7 +638,7 @@ class ClientTunnel:
             certificate=settings.certificate,
             private_key=settings.private_key,
         )
-        token = settings.token()
+        token = self._token()
         quic = engine.client_connection(config)
         attempt: Attempt | None = None
 
@@ -510,60 +648,209 @@ class ClientTunnel:
 
         udp = UdpSocket(self.loop, sock, on_batch)
         link = H3Link(self.loop, quic, udp.send, NullHandler(), addr)
-        attempt = Attempt(self, link, token)
-        link.handler = attempt
-        self.attempt = attempt
-        udp.start()
-        keepalive: asyncio.Task[None] | None = None
-        try:
-            quic.connect(addr, now=monotonic())
-            link.flush()
-            try:
-                params = await asyncio.wait_for(asyncio.shield(attempt.ready), CONNECT_TIMEOUT)
-            except TimeoutError:
-                attempt.fail("timed out connecting")
-                raise TunnelFailed(
-                    f"no tunnel within {CONNECT_TIMEOUT:.0f}s (relay down or UDP blocked?)"
-                ) from None
-            self.on_params(params)
-            self.current = attempt
-            self.status.relay_addr = format_addr(addr)
-            self.status.params = params
-            self.status.connected_since = time.time()
-            self.status.connects += 1
-            self.status.handshakes.observe(monotonic() - link.created)
-            self.status.last_error = None
-            self._set_state("connected")
-            log.info(
-                "tunnel up: %s via %s as %s, mtu %d",
-                settings.authority,
-                format_addr(addr),
-                ", ".join(str(a.ip) for a in params.addresses),
-                params.mtu,
-            )
-            if first_up is not None and not first_up.done():
-                first_up.set_result(None)
-            keepalive = self.loop.create_task(self._keepalive(attempt))
-            return await attempt.done
-        finally:
-            if keepalive is not None:
-                keepalive.cancel()
-            if self.current is attempt:
-                self.current = None
-            self.attempt = None
-            if not attempt.closed:
-                attempt.fail("attempt ended")
+
+        def release() -> None:
             link.cancel_timer()
             udp.close()
 
-    async def _keepalive(self, attempt: Attempt) -> None:
-        interval = min(self.settings.keepalive, 1.0)
-        while not attempt.closed:
-            await asyncio.sleep(interval)
-            attempt.keepalive()
+        attempt = Attempt(self, link, token, release)
+        link.handler = attempt
+        self.attempt = self.attempt or attempt
+        udp.start()
+        quic.connect(addr, now=monotonic())
+        link.flush()
+        return attempt
+
+    def _start_h2(self, family: int, addr: Address) -> Attempt:
+        settings = self.settings
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            tune_tcp(sock, settings.fwmark)
+        except OSError:
+            sock.close()
+            raise
+        context = client_context(
+            settings.ca, H2_ALPN, settings.certificate, settings.private_key
+        )
+        token = self._token()
+        pipe = TlsPipe(
+            self.loop, sock, context, server_side=False, server_hostname=settings.server_name
+        )
+        link = H2Link(self.loop, pipe, NullHandler(), addr, client=True)
+        attempt = Attempt(self, link, token, pipe.close)
+        link.handler = attempt
+        link.input = attempt.bytes_received
+        self.attempt = self.attempt or attempt
+
+        async def connect() -> None:
+            try:
+                await self.loop.sock_connect(sock, addr)
+            except OSError as exc:
+                attempt.fail(f"cannot reach relay over TCP: {exc.strerror or exc}")
+                return
+            if not attempt.closed:
+                link.start()
+
+        task = self.loop.create_task(connect())
+        attempt.done.add_done_callback(lambda _: task.cancel())
+        return attempt
+
+    # -- choosing the HTTP version ----------------------------------------------------
+
+    async def _establish(self) -> Attempt:
+        """A tunnel over the configured HTTP version, or raced (auto)."""
+        version = self.settings.http_version
+        if version == "auto":
+            return await self._race()
+        attempt = await self._start(version)
+        self.status.http_reason = f'http_version = "{version}"'
+        await self._ready(attempt, CONNECT_TIMEOUT)
+        return attempt
+
+    async def _ready(self, attempt: Attempt, timeout: float) -> None:
+        """Wait for ``attempt``'s tunnel; TunnelFailed (or TunnelRefused) if none comes."""
+        try:
+            await asyncio.wait_for(asyncio.shield(attempt.ready), max(0.0, timeout))
+        except TimeoutError:
+            attempt.fail("timed out connecting")
+            hint = "relay down or UDP blocked?" if attempt.http == "h3" else "relay down?"
+            raise TunnelFailed(f"no tunnel within {CONNECT_TIMEOUT:.0f}s ({hint})") from None
+
+    async def _race(self) -> Attempt:
+        """HTTP/3 first; HTTP/2 too once HTTP/3 has no QUIC handshake after
+        ``fallback_after`` (or failed); the first tunnel up wins."""
+        settings = self.settings
+        head_start = 0.0 if self.h3_blocked else settings.fallback_after
+        errors: dict[str, str] = {}
+        h3: Attempt | None = None
+        try:
+            h3 = await self._start("h3")
+        except OSError as exc:
+            errors["h3"] = f"cannot reach relay: {exc.strerror or exc}"
+        if h3 is not None and head_start > 0:
+            first: set[asyncio.Future[Any]] = {h3.reachable, h3.ready}
+            await asyncio.wait(first, timeout=head_start, return_when="FIRST_COMPLETED")
+            if h3.reachable.done() and not h3.reachable.exception():
+                # QUIC works: HTTP/3 it is, whatever the relay answers.
+                self.h3_blocked = False
+                self.status.http_reason = "HTTP/3 (auto)"
+                await self._ready(h3, CONNECT_TIMEOUT - (monotonic() - h3.started))
+                return h3
+        if h3 is not None:
+            if h3.closed:
+                errors["h3"] = h3.done.result()
+            else:
+                errors["h3"] = f"no QUIC handshake within {head_start:.1f}s (UDP blocked?)"
+        log.info("HTTP/3: %s; trying HTTP/2 as well", errors["h3"])
+        h2: Attempt | None = None
+        try:
+            h2 = await self._start("h2")
+        except OSError as exc:
+            errors["h2"] = f"cannot reach relay: {exc.strerror or exc}"
+        racing = {a: a.http for a in (h3, h2) if a is not None and not a.closed}
+        deadline = {a: a.started + CONNECT_TIMEOUT for a in racing}
+        while racing:
+            remaining = min(deadline[a] for a in racing) - monotonic()
+            readies: set[asyncio.Future[Any]] = {a.ready for a in racing}
+            await asyncio.wait(readies, timeout=max(0.0, remaining), return_when="FIRST_COMPLETED")
+            for attempt in list(racing):
+                if attempt.ready.done():
+                    del racing[attempt]
+                    error = attempt.ready.exception()
+                    if error is None:
+                        return self._won(attempt, racing, errors)
+                    if isinstance(error, TunnelRefused):
+                        for other in racing:
+                            other.fail("another attempt was refused")
+                        raise error
+                    errors[attempt.http] = str(error)
+                elif monotonic() >= deadline[attempt]:
+                    del racing[attempt]
+                    attempt.fail("timed out connecting")
+                    if attempt.http == "h3" and "h3" not in errors:
+                        errors["h3"] = f"no tunnel within {CONNECT_TIMEOUT:.0f}s"
+                    elif attempt.http == "h2":
+                        errors["h2"] = f"no tunnel within {CONNECT_TIMEOUT:.0f}s"
+        raise TunnelFailed(
+            "; ".join(f"{'HTTP/3' if k == 'h3' else 'HTTP/2'}: {v}" for k, v in errors.items())
+        )
+
+    def _won(self, winner: Attempt, others: dict[Attempt, str], errors: dict[str, str]) -> Attempt:
+        for other in others:
+            other.fail(f"{'HTTP/3' if winner.http == 'h3' else 'HTTP/2'} was faster")
+        if winner.http == "h3":
+            self.h3_blocked = False
+            self.status.http_reason = "HTTP/3 (auto)"
+        else:
+            self.h3_blocked = "h3" in errors and "QUIC handshake" in errors["h3"]
+            self.status.http_reason = f"fallback to HTTP/2: HTTP/3 {errors.get('h3', 'slower')}"
+        return winner
+
+    async def _serve(self, attempt: Attempt) -> tuple[str, Attempt | None]:
+        """Until ``attempt``'s tunnel ends: (why, None); or, in auto mode over HTTP/2,
+        until a probe got a tunnel over HTTP/3: ("", that attempt)."""
+        probing = self.settings.http_version == "auto" and attempt.http == "h2"
+        if not probing:
+            return await attempt.done, None
+        probe = self.loop.create_task(self._probe_h3())
+        try:
+            either: set[asyncio.Future[Any]] = {attempt.done, probe}
+            await asyncio.wait(either, return_when="FIRST_COMPLETED")
+            asked = self._probing is not None and self._probing.stream_id is not None
+            if not probe.done() and asked:
+                # The relay may end the HTTP/2 tunnel before the new one's answer
+                # reaches us (it replaces the identity's old tunnel): wait for it.
+                await asyncio.wait({probe}, timeout=CONNECT_TIMEOUT)
+            if probe.done() and not probe.cancelled() and probe.exception() is None:
+                moved = probe.result()
+                self._move(attempt, moved)
+                return "", moved
+            return await attempt.done, None
+        finally:
+            probe.cancel()
+            if self._probing is not None and self._probing is not self.current:
+                self._probing.fail("probe ended")
+            self._probing = None
+
+    _probing: Attempt | None = None
+
+    async def _probe_h3(self) -> Attempt:
+        """Every h3_retry seconds, try HTTP/3 again; return the first attempt over it
+        that got a tunnel. A probe without a QUIC handshake in fallback_after ends
+        quietly; only one that reached the relay sends a CONNECT."""
+        settings = self.settings
+        while True:
+            await asyncio.sleep(settings.h3_retry)
+            try:
+                probe = await self._start("h3")
+            except (OSError, TunnelFailed) as exc:
+                log.debug("HTTP/3 probe: %s", exc)
+                continue
+            self._probing = probe
+            await asyncio.wait(
+                {probe.reachable}, timeout=settings.fallback_after, return_when="FIRST_COMPLETED"
+            )
+            if not probe.reachable.done() or probe.reachable.exception():
+                probe.fail("probe: no QUIC handshake")
+                self._probing = None
+                log.debug("HTTP/3 probe: no QUIC handshake within %.1fs", settings.fallback_after)
+                continue
+            try:
+                await self._ready(probe, CONNECT_TIMEOUT - (monotonic() - probe.started))
+            except TunnelFailed as exc:
+                self._probing = None
+                self._ratelog.info(f"probe:{exc}"[:80], "HTTP/3 probe: no tunnel: %s", exc)
+                continue
+            return probe
+
+    def _move(self, old: Attempt, new: Attempt) -> None:
+        """The tunnel moves from ``old`` (HTTP/2) to ``new`` (HTTP/3)."""
+        self.h3_blocked = False
+        self.status.http_reason = "back on HTTP/3: a probe got a tunnel over it"
+        self._up(new)
+        old.fail("moved to HTTP/3")
 
     # -- packets ----------------------------------------------------------------------
-
     def packets_from_relay(self, packets: list[bytes]) -> None:
         """IP packets from the relay (records, HTTP Datagrams or DATAGRAM capsules) -> TUN."""
         counters = self.status.counters
@@ -654,9 +941,8 @@ class ClientTunnel:
     def set_routes(self, routes: tuple[IPNetwork, ...]) -> None:
         """The host routes other CIDRs into the tunnel now (reload)."""
         self.settings = dataclasses.replace(self.settings, routes=routes)
-        for attempt in (self.current, self.attempt):
-            if attempt is not None:
-                attempt.session.set_routes(routes)
+        for attempt in self.live:
+            attempt.session.set_routes(routes)
 
     def params_changed(self, attempt: Attempt, params: TunnelParams) -> None:
         """The relay sent new ADDRESS_ASSIGN / ROUTE_ADVERTISEMENT on a live tunnel."""
@@ -695,6 +981,7 @@ class ClientTunnel:
             "addresses": [str(a) for a in st.params.addresses] if st.params else [],
             "transport": str(mode or Mode.STREAM),
             "http": link.http_version if link is not None else None,
+            "http_reason": st.http_reason if link is not None else None,
             "state": st.state,
             "connected_since": st.connected_since if st.state == "connected" else None,
             **stats,

@@ -13,7 +13,6 @@ from __future__ import annotations
 import collections
 import time
 from collections.abc import Callable
-from functools import partial
 
 from masqued.observe.metrics import TrafficCounters
 from masqued.proto.capsule import encode_datagram_capsule
@@ -178,6 +177,44 @@ class DataPlane:
         return True
 
 
+def send_on_stream(
+    link: Link,
+    stream_id: int,
+    bound: BacklogBound,
+    packets: list[bytes],
+    counters: TrafficCounters,
+    mtu: int,
+    encode: Callable[[list[bytes]], bytes],
+    overhead: int,
+) -> int:
+    """Queue a batch on the request stream in one write, within ``bound`` (each packet
+    costs its size plus ``overhead`` framing bytes); drops counted; returns how many
+    were queued."""
+    now = time.monotonic()
+    acked = link.stream_acked(stream_id)
+    limit = bound.limit if acked is None else bound.follow(link, acked, now)
+    budget = bound.room(limit, link.stream_backlog(stream_id), now)
+    batch: list[bytes] = []
+    nbytes = 0
+    drops = counters.drops
+    for pkt in packets:
+        size = len(pkt)
+        if size > mtu:
+            drops[DROP_OVERSIZED] += 1
+            continue
+        if nbytes + size + overhead > budget:
+            drops[DROP_QUEUE_FULL] += 1
+            bound.limited = True
+            continue
+        batch.append(pkt)
+        nbytes += size + overhead
+    if not batch:
+        return 0
+    counters.sent(len(batch), nbytes - overhead * len(batch))
+    link.send_data(stream_id, encode(batch))
+    return len(batch)
+
+
 class StreamPlane(DataPlane):
     """Stream mode: ``u16 length || packet`` records in DATA on the request stream."""
 
@@ -191,31 +228,9 @@ class StreamPlane(DataPlane):
         return self.mtu
 
     def send(self, packets: list[bytes], counters: TrafficCounters) -> int:
-        link, sid, bound = self.link, self.stream_id, self.bound
-        now = time.monotonic()
-        acked = link.stream_acked(sid)
-        limit = bound.limit if acked is None else bound.follow(link, acked, now)
-        budget = bound.room(limit, link.stream_backlog(sid), now)
-        mtu = self.mtu
-        batch: list[bytes] = []
-        nbytes = 0
-        drops = counters.drops
-        for pkt in packets:
-            size = len(pkt)
-            if size > mtu:
-                drops[DROP_OVERSIZED] += 1
-                continue
-            if nbytes + size + 2 > budget:
-                drops[DROP_QUEUE_FULL] += 1
-                bound.limited = True
-                continue
-            batch.append(pkt)
-            nbytes += size + 2
-        if not batch:
-            return 0
-        counters.sent(len(batch), nbytes - 2 * len(batch))
-        link.send_data(sid, encode_frames(batch))
-        return len(batch)
+        return send_on_stream(
+            self.link, self.stream_id, self.bound, packets, counters, self.mtu, encode_frames, 2
+        )
 
     def send_one(self, packet: bytes) -> str:
         if self.link.stream_backlog(self.stream_id) > self.bound.limit:
@@ -227,15 +242,25 @@ class StreamPlane(DataPlane):
         return self.bound
 
 
+def encode_capsules(packets: list[bytes]) -> bytes:
+    """IP packets as DATAGRAM capsules (RFC 9297 §3.5) with context ID 0."""
+    return b"".join([encode_datagram_capsule(encode_ip_datagram(p)) for p in packets])
+
+
+# A DATAGRAM capsule around an IP packet below 16 KiB: type, length, context ID.
+CAPSULE_OVERHEAD = 1 + 2 + 1
+
+
 class DatagramPlane(DataPlane):
     """Datagram mode: one HTTP Datagram per packet (context ID 0), or DATAGRAM
-    capsules on the stream when the peer takes no datagrams (RFC 9297 §3.5)."""
+    capsules on the stream when the link takes no datagrams (RFC 9297 §3.5: HTTP/2,
+    or an HTTP/3 peer without them), bounded in time like stream mode."""
 
     mode = Mode.DATAGRAM
 
     def __init__(self, link: Link, stream_id: int, mtu: int) -> None:
         super().__init__(link, stream_id, mtu)
-        self.capsule_bound = BacklogBound()  # the stream's, for the capsule fallback
+        self.capsule_bound = BacklogBound()  # the stream's, for capsules
 
     def room(self) -> int:
         if not self.link.accepts_datagrams():
@@ -245,17 +270,23 @@ class DatagramPlane(DataPlane):
 
     def send(self, packets: list[bytes], counters: TrafficCounters) -> int:
         link, sid = self.link, self.stream_id
-        queue: Callable[[bytes], str]
-        if link.accepts_datagrams():
-            bound = _bounds(link)
-            bound.refresh(link, time.monotonic())
-            queue = partial(_queue_datagram, bound, link, sid)
-        else:
-            queue = self._capsule
+        if not link.accepts_datagrams():
+            return send_on_stream(
+                link,
+                sid,
+                self.capsule_bound,
+                packets,
+                counters,
+                self.mtu,
+                encode_capsules,
+                CAPSULE_OVERHEAD,
+            )
         drops = counters.drops
+        bound = _bounds(link)
+        bound.refresh(link, time.monotonic())
         sent = nbytes = 0
         for pkt in packets:
-            reason = queue(pkt)
+            reason = bound.queue(link, sid, encode_ip_datagram(pkt))
             if reason:
                 drops[reason] += 1
                 continue
@@ -268,7 +299,10 @@ class DatagramPlane(DataPlane):
     def send_one(self, packet: bytes) -> str:
         link = self.link
         if not link.accepts_datagrams():
-            return self._capsule(packet)
+            if link.stream_backlog(self.stream_id) > self.capsule_bound.limit:
+                return DROP_QUEUE_FULL
+            link.send_data(self.stream_id, encode_capsules([packet]))
+            return ""
         bound = _bounds(link)
         # A lone packet refreshes the budget: one spent long ago must not stick.
         bound.refresh(link, time.monotonic())
@@ -276,16 +310,6 @@ class DatagramPlane(DataPlane):
 
     def stream_bound(self) -> BacklogBound:
         return self.capsule_bound
-
-    def _capsule(self, packet: bytes) -> str:
-        if self.link.stream_backlog(self.stream_id) > self.capsule_bound.limit:
-            return DROP_QUEUE_FULL
-        self.link.send_data(self.stream_id, encode_datagram_capsule(encode_ip_datagram(packet)))
-        return ""
-
-
-def _queue_datagram(bound: DatagramBound, link: Link, stream_id: int, packet: bytes) -> str:
-    return bound.queue(link, stream_id, encode_ip_datagram(packet))
 
 
 def plane_for(mode: Mode, link: Link, stream_id: int, mtu: int) -> DataPlane:

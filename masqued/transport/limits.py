@@ -1,10 +1,11 @@
-"""What a QUIC peer can make us hold before and after its CONNECT is admitted.
+"""What a peer can make us hold before and after its CONNECT is admitted.
 
 Engine-neutral policy: the receive windows and stream counts a connection starts with,
 what an admitted tunnel stream gets, the bytes a peer may leave buffered (out of order
 or in a half-parsed HTTP/3 or TLS message), and how many connections may wait for a
 handshake or an admitted CONNECT. The engine seam (masqued.transport.aioquic_engine) applies it
-to the QUIC library; the relay's endpoint counts and enforces the connection caps.
+to the QUIC library; the relay's endpoints (QUIC and TCP) count and enforce the
+connection caps.
 """
 
 from __future__ import annotations
@@ -64,6 +65,17 @@ class EndpointLimits:
     # the total past it is closed.
     max_buffered_total: int = 256 * MIB
     receive: ReceiveLimits = field(default_factory=ReceiveLimits)
+    # TCP (HTTP/2): connections one address may hold open at once, pending or not
+    # (the pending ones also count against max_pending_per_address); CONNECT
+    # requests one connection may make in its life (a refused or reset one included:
+    # no rapid-reset loops); seconds without a byte from the peer before it is closed
+    # (the client pings every keepalive); bytes an admitted connection may leave
+    # unsent because its peer does not read (the data plane bounds tunnel data far
+    # below this; PING and SETTINGS acknowledgements do not count against it).
+    max_tcp_per_address: int = 64
+    max_requests_per_connection: int = 16
+    tcp_idle_timeout: float = 30.0
+    max_unsent: int = 16 * MIB
 
 
 DEFAULT_ENDPOINT_LIMITS = EndpointLimits()

@@ -1,4 +1,5 @@
-"""A QUIC handshake to a relay and nothing more, on the client's own machinery.
+"""A QUIC handshake (or a TLS one over TCP) to a relay and nothing more, on the
+client's own machinery.
 
 ``masqued doctor`` asks this to learn whether a relay answers and which certificate
 it presents: the same socket set-up (fwmark), engine configuration and link as a
@@ -10,12 +11,15 @@ from __future__ import annotations
 import asyncio
 import errno
 import socket
+import ssl
 from dataclasses import dataclass
 from typing import Any
 
 from masqued.transport import aioquic_engine as engine
+from masqued.transport.h2link import ALPN as H2_ALPN
 from masqued.transport.h3link import H3Link, monotonic
 from masqued.transport.link import Link, NullHandler
+from masqued.transport.tcp import TlsPipe, tune_tcp
 from masqued.transport.udp import Address, UdpSocket, tune_socket
 
 
@@ -102,3 +106,54 @@ async def probe(
     finally:
         link.cancel_timer()
         udp.close()
+
+
+async def probe_h2(
+    host: str, port: int, server_name: str, fwmark: int, timeout: float
+) -> ProbeResult:
+    """A TLS handshake (ALPN h2) with the relay over TCP, on the tunnel's socket set-up
+    (fwmark), without certificate checks: is HTTP/2 there when UDP is not?"""
+    loop = asyncio.get_running_loop()
+    try:
+        infos = await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError as exc:
+        return ProbeResult(False, f"cannot resolve {host}: {exc}")
+    family, _, _, _, addr = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    start = monotonic()
+    try:
+        tune_tcp(sock, fwmark)
+        await asyncio.wait_for(loop.sock_connect(sock, addr), timeout)
+    except ConnectionRefusedError:
+        sock.close()
+        return ProbeResult(False, f"nothing listens on TCP {port} at {addr[0]}", refused=True)
+    except (OSError, TimeoutError) as exc:
+        sock.close()
+        what = f"no TCP answer within {timeout:g}s" if isinstance(exc, TimeoutError) else exc
+        return ProbeResult(False, f"cannot connect to TCP {port}: {what}")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE  # the certificate is checked on the QUIC probe
+    context.set_alpn_protocols([H2_ALPN])
+    pipe = TlsPipe(loop, sock, context, server_side=False, server_hostname=server_name)
+    done: asyncio.Future[str | None] = loop.create_future()
+
+    def ended(reason: str | None, error: BaseException | None = None) -> None:
+        if not done.done():
+            done.set_result(reason)
+
+    pipe.on_open = lambda: ended(None)
+    pipe.on_closed = ended
+    pipe.start()
+    try:
+        error = await asyncio.wait_for(done, max(0.1, timeout - (monotonic() - start)))
+    except TimeoutError:
+        error = f"no TLS answer within {timeout:g}s"
+    try:
+        if error is not None:
+            return ProbeResult(True, error)
+        if pipe.alpn() != H2_ALPN:
+            return ProbeResult(True, "the TLS server there does not speak HTTP/2 (ALPN)")
+        return ProbeResult(True, rtt_ms=round((monotonic() - start) * 1000, 1))
+    finally:
+        pipe.close()

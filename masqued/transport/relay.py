@@ -4,8 +4,9 @@ Each admitted request becomes a ``Tunnel``: a ProxySession (the protocol), a dat
 plane (how its packets leave) and the client's lease. Packets from a client pass the
 session's checks and are written to the TUN once per UDP batch; the kernel forwards
 and NATs them. Packets read from the TUN go to the tunnel that owns their destination.
-The QUIC side (connections, Retry, limits) is the endpoint's (transport/endpoint.py),
-who may connect and with what address is admission's (gate/admission.py).
+Tunnels come from HTTP/3 links (the QUIC endpoint: connections, Retry, limits,
+transport/endpoint.py) and from HTTP/2 links (the TCP endpoint, transport/tcpendpoint.py)
+alike; who may connect and with what address is admission's (gate/admission.py).
 """
 
 from __future__ import annotations
@@ -49,9 +50,11 @@ from masqued.transport import aioquic_engine as engine
 from masqued.transport.balance import Balancer
 from masqued.transport.dataplane import DataPlane, plane_for
 from masqued.transport.endpoint import QuicEndpoint, peer_ip
+from masqued.transport.h2link import H2Link
 from masqued.transport.h3link import monotonic
 from masqued.transport.limits import DEFAULT_ENDPOINT_LIMITS, EndpointLimits
 from masqued.transport.link import Headers, Link
+from masqued.transport.tcpendpoint import TcpEndpoint
 
 log = logging.getLogger("masqued.relay")
 
@@ -87,6 +90,9 @@ class RelaySettings:
     workers: int = 1
     limits: EndpointLimits = DEFAULT_ENDPOINT_LIMITS
     templates: tuple[UriTemplate, ...] = ()  # served besides the default one
+    # The CA that signs client certificates (auth = mtls): the TCP endpoint's TLS
+    # asks for a certificate and checks its chain (the ssl module cannot defer that).
+    client_ca: str | None = None
     # Addresses of the relay host no client may send to, besides those of this
     # server's own pool (masqued.gate.policy.relay_addresses): the other workers'.
     relay_addresses: tuple[bytes, ...] = ()
@@ -136,7 +142,8 @@ class Tunnel:
 
 
 class RelayServer:
-    """Serves CONNECT-IP on a QUIC endpoint and moves packets to and from the TUN."""
+    """Serves CONNECT-IP on a QUIC endpoint (and, given TCP sockets, a TCP endpoint)
+    and moves packets to and from the TUN."""
 
     def __init__(
         self,
@@ -148,6 +155,7 @@ class RelayServer:
         access: AccessControl | None = None,
         leases: LeaseStore | None = None,
         balancer: Balancer | None = None,
+        tcp_socks: Sequence[socket.socket] = (),
     ) -> None:
         self.loop = loop
         self.tun = tun
@@ -178,6 +186,17 @@ class RelayServer:
             balancer=balancer,
             client_certificates=self._wants_certificates,
         )
+        self.tcp: TcpEndpoint | None = None
+        if tcp_socks:
+            self.tcp = TcpEndpoint(
+                loop,
+                list(tcp_socks),
+                self,
+                certificate=settings.certificate,
+                private_key=settings.private_key,
+                client_ca=settings.client_ca,
+                limits=settings.limits,
+            )
         self.tunnels: dict[tuple[Link, int], Tunnel] = {}
         self.by_addr: dict[bytes, Tunnel] = {}
         self.totals = TrafficCounters()
@@ -216,12 +235,18 @@ class RelayServer:
 
     def start(self) -> None:
         self.endpoint.start()
+        if self.tcp is not None:
+            self.tcp.start()
         self.loop.add_reader(self.tun.fileno(), self._tun_ready)
 
     def update_settings(self, settings: RelaySettings) -> None:
         """Apply settings that can change live (routes, certificates): the routes
         also for the live tunnels (what they may reach). Nothing changes if the new
         certificate cannot be loaded (it raises)."""
+        if self.tcp is not None:
+            self.tcp.set_certificate(
+                settings.certificate, settings.private_key, settings.client_ca
+            )
         self.endpoint.set_certificate(settings.certificate, settings.private_key)
         self.settings = settings
         self._reach_changed()
@@ -245,6 +270,12 @@ class RelayServer:
             scoped = session.request.target is not None
             session.reach = self._reach_for(session.routes, scoped)
 
+    def flush(self) -> None:
+        """Send what every link of every endpoint queued."""
+        self.endpoint.flush()
+        if self.tcp is not None:
+            self.tcp.flush()
+
     def close(self) -> None:
         """Close every connection (CONNECTION_CLOSE, H3_NO_ERROR) and stop reading."""
         with contextlib.suppress(ValueError, OSError):
@@ -252,6 +283,8 @@ class RelayServer:
         for tunnel in list(self.tunnels.values()):
             self.end_tunnel(tunnel, "relay shutting down")
         self.endpoint.close("relay shutting down")
+        if self.tcp is not None:
+            self.tcp.close("relay shutting down")
         leases = self.admitter.leases
         leases.schedule = leases.run_blocking = None
         self._writer.shutdown(wait=True)
@@ -273,6 +306,8 @@ class RelayServer:
         self._batching = False
         self._write_tun()
         self._pump_tun()
+        # What the TUN answered may be for clients of either endpoint.
+        self.flush()
 
     def _write_tun(self) -> None:
         """Write what the clients sent in this batch, one TUN batch per tunnel."""
@@ -345,6 +380,11 @@ class RelayServer:
     def _request(self, link: Link, stream_id: int, headers: Headers) -> None:
         try:
             request = parse_connect_request(headers, self.settings.templates)
+            if request.transport == "stream" and link.http_version != "h3":
+                # Over HTTP/2 packets travel as DATAGRAM capsules only (RFC 9484).
+                raise RequestError(
+                    400, "stream mode needs HTTP/3; over HTTP/2 send capsule-protocol: ?1"
+                )
             cert, chain = link.peer_certificate()
             caller = Caller(
                 peer_ip=peer_ip(link.peer_addr),
@@ -441,6 +481,22 @@ class RelayServer:
         except Exception:  # the stream may already be gone
             link.abort(stream_id, engine.H3_REQUEST_REJECTED)
 
+    def tls_refused(self, link: H2Link, reason: str) -> None:
+        """The TCP endpoint's TLS refused a client certificate (not from client_ca):
+        an authentication failure like a 403 over HTTP/3, counted as one and towards
+        the address's failure limit; the client saw a TLS alert, not a status."""
+        self.count("auth_failed")
+        ip = peer_ip(link.peer_addr)
+        access = self.admitter.access
+        if access is not None:
+            access.limiter.failed(ip)
+        self._ratelog.warning(
+            f"auth_failed:{ip}:tls",
+            "%s: authentication failed: client certificate refused in the TLS handshake (%s)",
+            link.peer,
+            reason,
+        )
+
     def _abort(self, tunnel: Tunnel, code: int, reason: str) -> None:
         """A peer error on one tunnel: log once, abort only that stream."""
         self._ratelog.warning(
@@ -507,7 +563,7 @@ class RelayServer:
                 continue
             acl = self.admitter.acl_for(tunnel.identity)
             tunnel.session.acl = acl.allows if acl is not None else None
-        self.endpoint.flush()
+        self.flush()
 
     # -- client -> TUN ------------------------------------------------------------------------
 
@@ -550,7 +606,7 @@ class RelayServer:
 
     def _tun_ready(self) -> None:
         self._pump_tun()
-        self.endpoint.flush()
+        self.flush()
 
     def _pump_tun(self) -> None:
         """Hand every packet waiting on the TUN to its tunnel, without sending.

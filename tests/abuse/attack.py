@@ -1,4 +1,5 @@
-"""Hostile QUIC peers for the abuse suite: what an unauthenticated attacker can send.
+"""Hostile QUIC and HTTP/2 peers for the abuse suite: what an unauthenticated attacker
+can send.
 
 Each attack drives a real relay over real UDP, from aioquic's own client machinery
 (so handshakes and packet protection are genuine) plus frames written by hand where a
@@ -576,12 +577,173 @@ def malformed_eku_certificate(d: Path) -> Path:
     return d / "mallory.pem"
 
 
+# -- HTTP/2 over TLS over TCP --------------------------------------------------------------
+
+H2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
+def h2_frame(kind: int, flags: int, stream_id: int, payload: bytes) -> bytes:
+    """One HTTP/2 frame (RFC 9113 §4.1), however wrong."""
+    header = len(payload).to_bytes(3, "big") + bytes((kind, flags))
+    return header + stream_id.to_bytes(4, "big") + payload
+
+
+def malformed_h2(rng: random.Random, i: int) -> bytes:
+    """The ``i``-th hostile thing to send after a valid preface: frames RFC 9113 says
+    are connection errors, and random garbage."""
+    fixed = [
+        h2_frame(0x0, 0, 0, b"data on stream 0"),
+        h2_frame(0x4, 0, 0, b"\x00\x04\x80\x00\x00\x00"),  # window above 2^31-1
+        h2_frame(0x4, 0, 0, b"\x00\x05"),  # SETTINGS not a multiple of 6
+        h2_frame(0x1, 0x4, 1, b"\xff\xff\xff\xff"),  # HPACK garbage
+        h2_frame(0x0, 0, 1, b"x" * 20000),  # above SETTINGS_MAX_FRAME_SIZE
+        h2_frame(0x9, 0x4, 1, b""),  # CONTINUATION without HEADERS
+        h2_frame(0x8, 0, 0, b"\x00\x00\x00\x00"),  # WINDOW_UPDATE of 0
+        h2_frame(0x6, 0, 0, b"short"),  # PING of 5 bytes
+        h2_frame(0x3, 0, 0, b"\x00\x00\x00\x08"),  # RST_STREAM on stream 0
+    ]
+    if i % 2 == 0:
+        return fixed[(i // 2) % len(fixed)]
+    return bytes(rng.getrandbits(8) for _ in range(rng.randrange(9, 4000)))
+
+
+def _h2_context() -> ssl.SSLContext:
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # an attacker does not care who answers
+    ctx.set_alpn_protocols(["h2"])
+    return ctx
+
+
+def _goaway_code(data: bytes) -> int | None:
+    """The error code of the first GOAWAY among the frames in ``data``."""
+    pos = 0
+    while pos + 9 <= len(data):
+        length = int.from_bytes(data[pos : pos + 3], "big")
+        kind = data[pos + 3]
+        if kind == 0x7 and pos + 9 + 8 <= len(data):
+            return int.from_bytes(data[pos + 13 : pos + 17], "big")
+        pos += 9 + length
+    return None
+
+
+async def h2_malformed(addr: Address, count: int, seed: int) -> dict[str, Any]:
+    """``count`` TLS connections, each sending a valid preface and then one malformed
+    frame or garbage; what the relay answered (GOAWAY code, or just a close)."""
+    rng = random.Random(seed)
+    codes: collections.Counter[str] = collections.Counter()
+    # A few at a time: past 32 waiting connections per address the relay refuses.
+    gate = asyncio.Semaphore(8)
+
+    async def one(i: int) -> None:
+        async with gate:
+            await attempt(i)
+
+    async def attempt(i: int) -> None:
+        try:
+            reader, writer = await asyncio.open_connection(*addr, ssl=_h2_context())
+        except (ConnectionError, ssl.SSLError):
+            codes["refused"] += 1
+            return
+        try:
+            writer.write(H2_PREFACE + h2_frame(0x4, 0, 0, b"") + malformed_h2(rng, i))
+            received = b""
+            with contextlib.suppress(ConnectionError, ssl.SSLError, TimeoutError):
+                while chunk := await asyncio.wait_for(reader.read(65536), 15):
+                    received += chunk
+            code = _goaway_code(received)
+            kind = "fixed" if i % 2 == 0 else "garbage"
+            codes[f"{kind}:closed" if code is None else f"{kind}:goaway_{code}"] += 1
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(one(i) for i in range(count)))
+    return {"connections": count, "answers": dict(codes)}
+
+
+def client_hello(server_name: str) -> bytes:
+    """The bytes of a real TLS ClientHello (ALPN h2), made by the ssl module."""
+    incoming, outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+    tls = _h2_context().wrap_bio(incoming, outgoing, server_hostname=server_name)
+    with contextlib.suppress(ssl.SSLWantReadError):
+        tls.do_handshake()
+    return outgoing.read()
+
+
+async def tls_stall(addr: Address, connections: int, hold: float) -> dict[str, Any]:
+    """Connections that start a TLS handshake and never finish it (half a ClientHello,
+    then silence): how many the relay closed within ``hold`` seconds."""
+    hello = client_hello("relay.example")
+    socks = []
+    loop = asyncio.get_running_loop()
+    for _ in range(connections):
+        sock = socket.socket(socket.AF_INET6 if ":" in addr[0] else socket.AF_INET)
+        sock.setblocking(False)
+        await loop.sock_connect(sock, addr)
+        await loop.sock_sendall(sock, hello[: len(hello) // 2])
+        socks.append(sock)
+    began = time.monotonic()
+
+    async def closes(sock: socket.socket) -> bool:
+        with contextlib.suppress(ConnectionError):
+            data = await asyncio.wait_for(loop.sock_recv(sock, 4096), hold)
+            return not data or await closes(sock)
+        return True
+
+    results = await asyncio.gather(*(closes(s) for s in socks), return_exceptions=True)
+    closed = sum(1 for r in results if r is True)
+    for sock in socks:
+        sock.close()
+    return {"opened": connections, "closed_by_relay": closed, "seconds": time.monotonic() - began}
+
+
+async def tcp_flood(addr: Address, connections: int, hold: float) -> dict[str, Any]:
+    """Plain TCP connections from one address, held open without a byte: how many
+    the relay refused (closed at once) and how many it let wait."""
+    loop = asyncio.get_running_loop()
+    socks = []
+    for _ in range(connections):
+        sock = socket.socket(socket.AF_INET6 if ":" in addr[0] else socket.AF_INET)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, addr)
+        except OSError:
+            sock.close()
+            continue
+        socks.append(sock)
+    await asyncio.sleep(0.5)
+    refused = 0
+    for sock in socks:
+        try:
+            data = sock.recv(1)
+            refused += data == b""
+        except BlockingIOError:
+            pass  # still open: waiting for its handshake
+        except ConnectionError:
+            refused += 1
+    await asyncio.sleep(hold)
+    for sock in socks:
+        sock.close()
+    return {"opened": len(socks), "refused": refused}
+
+
 def main(argv: list[str] | None = None) -> int:
     """``python -m tests.abuse.attack NAME --relay HOST:PORT ...``: one attack, a JSON
     line with its result on stdout."""
     parser = argparse.ArgumentParser(prog="python -m tests.abuse.attack")
     parser.add_argument(
-        "attack", choices=["gap", "streams", "headers", "hello", "flood", "capsules"]
+        "attack",
+        choices=[
+            "gap",
+            "streams",
+            "headers",
+            "hello",
+            "flood",
+            "capsules",
+            "h2frames",
+            "tlsstall",
+            "tcpflood",
+        ],
     )
     parser.add_argument("--relay", required=True)
     parser.add_argument("--server-name", default="relay.example")
@@ -594,11 +756,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spoof-net", default="198.18.64.0/18")
     parser.add_argument("--token", default="")
     parser.add_argument("--seed", type=int, default=1)
+    parser.add_argument("--seconds", type=float, default=12.0)
     args = parser.parse_args(argv)
     host, _, port = args.relay.rpartition(":")
     addr = (host.strip("[]"), int(port))
 
     async def run() -> dict[str, Any]:
+        if args.attack == "h2frames":
+            return await h2_malformed(addr, args.count, args.seed)
+        if args.attack == "tlsstall":
+            return await tls_stall(addr, args.connections, args.seconds)
+        if args.attack == "tcpflood":
+            return await tcp_flood(addr, args.connections, args.seconds)
         if args.attack == "flood":
             hellos = client_hellos(args.server_name, args.count)
             began = time.monotonic()

@@ -268,6 +268,88 @@ def test_fuzzed_capsules_from_an_authenticated_client(abuse: Abuse) -> None:
     abuse.check()
 
 
+def test_malformed_http2_frames(abuse: Abuse) -> None:
+    """Malformed frames and garbage after a valid HTTP/2 preface: each connection is
+    closed with a GOAWAY (its RFC 9113 error code), counted, nothing else disturbed."""
+    count = n(40)
+    before = abuse.status()["results"].get("h2_protocol_error", 0)
+    ping = abuse.start_ping(40)
+    out = abuse.attack("h2frames", "--relay", RELAY, "--count", str(count))
+    answers = out["answers"]
+    assert sum(answers.values()) == count
+    # Every malformed frame gets a GOAWAY with an error code (never NO_ERROR).
+    fixed = {k: v for k, v in answers.items() if k.startswith("fixed:")}
+    assert sum(fixed.values()) == (count + 1) // 2, answers
+    assert all(k.startswith("fixed:goaway_") and k != "fixed:goaway_0" for k in fixed), answers
+    # Garbage gets one too, or is ignored as unknown frames (RFC 9113 §5.5) until
+    # the admission timeout's GOAWAY NO_ERROR.
+    after = abuse.status()["results"].get("h2_protocol_error", 0)
+    assert after - before >= sum(fixed.values())
+    sent, received = abuse.ping_received(ping)
+    assert received >= sent * 0.9
+    abuse.check()
+
+
+def test_tls_handshakes_that_never_finish(abuse: Abuse) -> None:
+    """Half a ClientHello, then silence: every such connection is closed after the
+    handshake timeout (10 s), counted."""
+    conns = min(n(20), 30)  # below the 32 pending per address, or some are refused
+    before = abuse.status()["results"].get("tls_handshake_timeout", 0)
+    out = abuse.attack(
+        "tlsstall", "--relay", RELAY, "--connections", str(conns), "--seconds", "14"
+    )
+    assert out["closed_by_relay"] == conns, out
+    after = abuse.status()["results"].get("tls_handshake_timeout", 0)
+    assert after - before == conns
+    abuse.check()
+
+
+def test_too_many_tcp_connections_from_one_address(abuse: Abuse) -> None:
+    """One address opening many TCP connections: past 32 waiting for a handshake the
+    relay refuses the rest at once; other addresses still get in over HTTP/2."""
+    conns = n(120)
+    before = abuse.status()["results"].get("tcp_refused", 0)
+    proc = abuse.lab.spawn(
+        abuse.attacker_ns,
+        PYTHON,
+        "-m",
+        "tests.abuse.attack",
+        "tcpflood",
+        "--relay",
+        RELAY,
+        "--connections",
+        str(conns),
+        "--seconds",
+        "6",
+        log=abuse.lab.workdir / "tcpflood.out",
+    )
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if abuse.status()["results"].get("tcp_refused", 0) - before >= conns - 32:
+            break
+        time.sleep(0.2)
+    # Meanwhile a client from another address comes up over HTTP/2 (its own identity:
+    # it must not replace alice's tunnel).
+    token = abuse.lab.workdir / "mallory.token"
+    token.write_text(abuse.mallory_token + "\n")
+    token.chmod(0o600)
+    newcomer = abuse.lab.start_daemon(
+        "c3",
+        abuse.lab.client_ns(3),
+        abuse.lab.client_config(extra=f'token_file = "{token}"\nhttp_version = "h2"\n'),
+        run="h2newcomer",
+    )
+    newcomer.wait_ready(timeout=20)
+    newcomer.stop()
+    assert proc.wait(timeout=60) == 0
+    out = json.loads((abuse.lab.workdir / "tcpflood.out").read_text().strip().splitlines()[-1])
+    assert out["opened"] == conns
+    assert out["refused"] >= conns - 32, out
+    after = abuse.status()["results"].get("tcp_refused", 0)
+    assert after - before >= conns - 32
+    abuse.check()
+
+
 def test_soak_eight_clients_started_at_once(
     pki_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> None:

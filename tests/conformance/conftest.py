@@ -1,4 +1,4 @@
-"""Fixtures: our relay (real RelayServer, in-memory TUN, loopback UDP) and PKI."""
+"""Fixtures: our relay (real RelayServer, in-memory TUN, loopback UDP and TCP) and PKI."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ import pytest
 from masqued.gate.ipam import AddressPool
 from masqued.host.tun import FakeTun
 from masqued.transport.relay import RelayServer, RelaySettings
+from masqued.transport.tcpendpoint import listen_tcp
 
 ROUTES = (ipaddress.ip_network("198.19.0.0/24"), ipaddress.ip_network("2001:db8:19::/64"))
 RELAY_MTU = 1300
@@ -24,6 +25,9 @@ class OurRelay:
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(("127.0.0.1", 0))
         self.port: int = self.sock.getsockname()[1]
+        # HTTP/2 on a port of its own (the daemon's default is the UDP one's number).
+        self.tcp_socks = listen_tcp("127.0.0.1", 0)
+        self.tcp_port: int = self.tcp_socks[0].getsockname()[1]
         self.pool = AddressPool(
             [ipaddress.ip_network("198.18.200.0/24"), ipaddress.ip_network("2001:db8:200::/64")]
         )
@@ -34,7 +38,12 @@ class OurRelay:
             private_key=str(certs / "relay.example.key"),
         )
         self.server = RelayServer(
-            asyncio.get_running_loop(), self.sock, self.tun, self.pool, settings
+            asyncio.get_running_loop(),
+            self.sock,
+            self.tun,
+            self.pool,
+            settings,
+            tcp_socks=self.tcp_socks,
         )
         self.server.start()
 
@@ -44,3 +53,5 @@ async def relay(certs: Path) -> AsyncIterator[OurRelay]:
     r = OurRelay(certs)
     yield r
     r.server.close()
+    for sock in r.tcp_socks:
+        sock.close()

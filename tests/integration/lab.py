@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 import shutil
 import signal
@@ -582,6 +583,36 @@ class NamespaceLab(LabTraffic):
             timeout=30,
         )
         return "nftables"
+
+    def block_udp(self, i: int, port: int = 4433) -> None:
+        """Client ``i``'s network drops UDP to the relay's port (nftables in its own
+        namespace, both directions), as hotel and office networks do; TCP passes."""
+        script = (
+            "table inet mq_block_udp {\n"
+            " chain out { type filter hook output priority 0;"
+            f" udp dport {port} counter drop; }}\n"
+            " chain in { type filter hook input priority 0;"
+            f" udp sport {port} counter drop; }}\n"
+            "}\n"
+        )
+        subprocess.run(
+            ["ip", "netns", "exec", self.client_ns(i), "nft", "-f", "-"],
+            input=script,
+            text=True,
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+
+    def unblock_udp(self, i: int) -> None:
+        self.run(self.client_ns(i), "nft", "delete", "table", "inet", "mq_block_udp", check=False)
+
+    def udp_blocked_count(self, i: int) -> int:
+        """Packets the block dropped so far (its two counters)."""
+        out = self.run(
+            self.client_ns(i), "nft", "list", "table", "inet", "mq_block_udp", check=False
+        ).stdout
+        return sum(int(n) for n in re.findall(r"counter packets (\d+)", out))
 
     def remove_loss(self, i: int) -> None:
         c, r = self.client_ns(i), self.relay_ns

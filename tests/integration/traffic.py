@@ -1,6 +1,7 @@
 """Traffic client for the lab, run inside a client namespace.
 
-    traffic.py tcp HOST NBYTES [--port P]   -> "ok <peer-as-seen-by-target> <Mbit/s>"
+    traffic.py tcp HOST NBYTES [--port P] [--rate B/s]
+                                            -> "ok <peer-as-seen-by-target> <Mbit/s>"
     traffic.py udp HOST COUNT [--port P]    -> "ok <peer-as-seen-by-target> <received>/<count>"
 
 Exits non-zero with a message when the transfer fails or the checksum differs.
@@ -17,8 +18,10 @@ import sys
 import time
 
 
-def tcp(host: str, port: int, nbytes: int, timeout: float) -> str:
-    payload = os.urandom(min(nbytes, 1 << 20))
+def tcp(host: str, port: int, nbytes: int, timeout: float, rate: float = 0.0) -> str:
+    """Send NBYTES (at ``rate`` bytes per second if given: a long-lived flow) and
+    compare the target's SHA-256 of them with ours."""
+    payload = os.urandom(min(nbytes, 1 << 20 if not rate else 16 * 1024))
     h = hashlib.sha256()
     start = time.monotonic()
     with socket.create_connection((host, port), timeout=timeout) as s:
@@ -29,6 +32,10 @@ def tcp(host: str, port: int, nbytes: int, timeout: float) -> str:
             s.sendall(chunk)
             h.update(chunk)
             sent += len(chunk)
+            if rate:
+                ahead = sent / rate - (time.monotonic() - start)
+                if ahead > 0:
+                    time.sleep(ahead)
         answer = b""
         while not answer.endswith(b"\n"):
             part = s.recv(256)
@@ -76,10 +83,11 @@ def main() -> None:
     p.add_argument("amount", type=int)
     p.add_argument("--port", type=int)
     p.add_argument("--timeout", type=float, default=60)
+    p.add_argument("--rate", type=float, default=0.0, help="tcp: bytes per second")
     a = p.parse_args()
     try:
         if a.mode == "tcp":
-            print(tcp(a.host, a.port or 5201, a.amount, a.timeout))
+            print(tcp(a.host, a.port or 5201, a.amount, a.timeout, a.rate))
         else:
             print(udp(a.host, a.port or 5202, a.amount, a.timeout))
     except OSError as exc:

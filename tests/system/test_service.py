@@ -259,6 +259,47 @@ def test_start_and_traffic(env: Env) -> None:
         assert "workers" not in doc
 
 
+def test_relay_serves_http2_too(env: Env) -> None:
+    """masqued@relay listens on TCP 443 beside UDP 443 (one SO_REUSEPORT socket per
+    worker, inside the hardened unit); a client set to HTTP/2 gets its tunnel there,
+    and back on "auto" it is on HTTP/3 again."""
+    relay, client = env.relay, env.client
+    doc = json.loads(relay.run("masqued", "status", "relay", "--json").stdout)
+    assert doc["listen_tcp"] == "0.0.0.0:443"
+    sockets = relay.run("ss", "-Hltn", "sport", "= :443").stdout.splitlines()
+    assert len(sockets) == max(1, len(doc.get("workers", []))), sockets
+
+    def client_http() -> str | None:
+        out = client.run("masqued", "status", "client", "--json", check=False).stdout
+        if not out:
+            return None
+        session = json.loads(out)["sessions"][0]
+        return session["http"] if session["state"] == "connected" else None
+
+    conf = "/etc/masque/client.conf"
+    client.sh(f"sed -i 's/^http_version = .*/http_version = \"h2\"/' {conf}")
+    res = client.run("systemctl", "restart", "masqued@client", check=False, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert client_http() == "h2"
+    _ping(client, TARGET_V4)
+    assert _tcp_peer(client, TARGET_V4) == EGRESS_V4
+    relay.wait_for(
+        "an HTTP/2 session on the relay",
+        lambda: [
+            s["http"]
+            for s in json.loads(relay.run("masqued", "status", "relay", "--json").stdout)[
+                "sessions"
+            ]
+        ]
+        == ["h2"],
+    )
+    client.sh(f"sed -i 's/^http_version = .*/http_version = \"auto\"/' {conf}")
+    res = client.run("systemctl", "restart", "masqued@client", check=False, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert client_http() == "h3"
+    _ping(client, TARGET_V4)
+
+
 def test_one_journal_for_all_instances(env: Env) -> None:
     for c, name in _pairs(env):
         # The operator's line: every instance's log under the umbrella unit.

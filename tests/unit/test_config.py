@@ -156,6 +156,7 @@ def test_relay_defaults(relay: Callable[..., RelayConfig], pkidir: Path, tmp_pat
         nat="auto",
         mtu=1300,
         log_level="info",
+        listen_tcp=("0.0.0.0", 443),  # HTTP/2 on the same address and port
         max_clients=None,
     )
     assert cfg.mode == "relay"
@@ -177,6 +178,7 @@ def test_relay_all_keys(relay: Callable[..., RelayConfig]) -> None:
         max_clients="50",
     )
     assert (cfg.listen_host, cfg.listen_port) == ("2001:db8::1", 8443)
+    assert cfg.listen_tcp == ("2001:db8::1", 8443)
     assert cfg.routes == (net("198.19.0.0/24"), net("2001:db8:19::/48"))
     assert (cfg.egress, cfg.nat, cfg.mtu, cfg.log_level) == ("eth0", "nftables", 1400, "debug")
     assert cfg.max_clients == 50
@@ -949,6 +951,70 @@ def test_bad_transport(client: Callable[..., ClientConfig]) -> None:
 
 
 @pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ('"0.0.0.0:8443"', ("0.0.0.0", 8443)),
+        ('"[::]:443"', ("::", 443)),
+        ('"198.18.1.1"', ("198.18.1.1", 443)),  # the port of listen
+        ('"off"', None),
+    ],
+)
+def test_listen_tcp(
+    relay: Callable[..., RelayConfig], value: str, expected: tuple[str, int] | None
+) -> None:
+    assert relay(listen_tcp=value).listen_tcp == expected
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"),
+    [
+        ('"relay.example:443"', "listen_tcp: 'relay.example' is not an IP address"),
+        ('"0.0.0.0:0"', "listen_tcp: '0.0.0.0:0': port 0 is out of range 1..65535"),
+        ("443", "listen_tcp: expected a string, got integer 443"),
+    ],
+)
+def test_bad_listen_tcp(relay: Callable[..., RelayConfig], value: str, expected: str) -> None:
+    assert one_problem(relay, listen_tcp=value).startswith(expected)
+
+
+def test_http_version_keys(client: Callable[..., ClientConfig]) -> None:
+    cfg = client()
+    assert (cfg.http_version, cfg.fallback_after, cfg.h3_retry, cfg.h2_port) == (
+        "auto",
+        2.0,
+        30.0,
+        None,
+    )
+    cfg = client(http_version='"h2"', fallback_after="0.5", h3_retry="5", h2_port="8443")
+    assert (cfg.http_version, cfg.fallback_after, cfg.h3_retry, cfg.h2_port) == (
+        "h2",
+        0.5,
+        5.0,
+        8443,
+    )
+    assert client(http_version='"h3"', transport='"stream"').http_version == "h3"
+
+
+@pytest.mark.parametrize(
+    ("overrides", "expected"),
+    [
+        ({"http_version": '"h1"'}, 'http_version: \'h1\' is not one of "auto", "h3", "h2"'),
+        ({"fallback_after": "0"}, "fallback_after: 0 is out of range 0.1..10.0"),
+        ({"h3_retry": "0.5"}, "h3_retry: 0.5 is out of range 1.0..3600.0"),
+        ({"h2_port": "70000"}, "h2_port: 70000 is out of range 1..65535"),
+        (
+            {"http_version": '"h2"', "transport": '"stream"'},
+            'transport: "stream" needs HTTP/3, and http_version = "h2"',
+        ),
+    ],
+)
+def test_bad_http_version_keys(
+    client: Callable[..., ClientConfig], overrides: dict[str, str], expected: str
+) -> None:
+    assert one_problem(client, **overrides).startswith(expected)
+
+
+@pytest.mark.parametrize(
     ("key", "value", "expected"),
     [
         ("keepalive", "0.1", "keepalive: 0.1 is out of range 0.2..60.0"),
@@ -1036,7 +1102,7 @@ def example(name: str, pkidir: Path) -> str:
 
 
 def documented_keys(text: str) -> set[str]:
-    return set(re.findall(r"^#? ?([a-z_]+) = ", text, re.MULTILINE))
+    return set(re.findall(r"^#? ?([a-z][a-z0-9_]*) = ", text, re.MULTILINE))
 
 
 def test_example_relay_config(pkidir: Path, write: Callable[..., Path]) -> None:
@@ -1071,7 +1137,9 @@ def test_example_commented_alternatives_parse(
     """Uncommenting any '# key = value' line (replacing the active one) still parses."""
     text = example(name, pkidir)
     lines = text.splitlines()
-    alternatives = [i for i, line in enumerate(lines) if re.match(r"^# [a-z_]+ = ", line)]
+    alternatives = [
+        i for i, line in enumerate(lines) if re.match(r"^# [a-z][a-z0-9_]* = ", line)
+    ]
     assert alternatives
     for i in alternatives:
         key = lines[i][2:].split(" ", 1)[0]

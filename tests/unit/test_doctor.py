@@ -301,3 +301,35 @@ def test_bad_config_fails_and_render(tmp_path: Path, monkeypatch: pytest.MonkeyP
     text = doctor.render(findings, "masqued doctor x")
     assert "FAIL  config:" in text and "fix: edit" in text and "problem(s)" in text
     assert doctor.main(conf, "x") == 1
+
+
+def test_http2_probe_findings() -> None:
+    quic_ok = doctor.ProbeResult(True, rtt_ms=1.0)
+    quic_silent = doctor.ProbeResult(False, "no QUIC answer within 3s")
+    h2_ok = doctor.ProbeResult(True, rtt_ms=2.0)
+    h2_down = doctor.ProbeResult(False, "nothing listens on TCP 443", refused=True)
+    assert doctor.check_probe_h2(h2_ok, quic_ok, "h", 443).level == "ok"
+    fallback = doctor.check_probe_h2(h2_ok, quic_silent, "h", 443)
+    assert fallback.level == "warn" and "runs over HTTP/2" in fallback.message
+    assert doctor.check_probe_h2(h2_down, quic_ok, "h", 443).level == "warn"
+    both = doctor.check_probe_h2(h2_down, quic_silent, "h", 443)
+    assert both.level == "fail" and both.fix is not None and "listen_tcp" in both.fix
+
+
+async def test_http2_probe_of_a_live_relay(certs: Path) -> None:
+    relay = Relay(certs, ("198.18.200.0/24",))
+    try:
+        result = await asyncio.to_thread(
+            doctor.probe_relay_h2, "127.0.0.1", relay.port, "relay.example", 0, 5.0
+        )
+        closed = socket.socket()
+        closed.bind(("127.0.0.1", 0))
+        port = closed.getsockname()[1]
+        closed.close()
+        refused = await asyncio.to_thread(
+            doctor.probe_relay_h2, "127.0.0.1", port, "relay.example", 0, 2.0
+        )
+    finally:
+        relay.close()
+    assert result.reached and result.error is None and result.rtt_ms is not None
+    assert not refused.reached and refused.refused
