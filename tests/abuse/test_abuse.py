@@ -130,6 +130,15 @@ class Abuse:
         assert match, text
         return int(match.group(1)), int(match.group(2))
 
+    def wait_result(self, key: str, at_least: int, timeout: float = 30) -> int:
+        """Wait until the relay's ``results`` counter ``key`` reaches ``at_least``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            got = int(self.status()["results"].get(key, 0))
+            if got >= at_least or time.monotonic() > deadline:
+                return got
+            time.sleep(0.5)
+
     def check(self) -> None:
         """The relay's bounds held and it stayed healthy."""
         growth = proc_status(self.relay.proc.pid, "VmHWM") - self.baseline_hwm
@@ -179,14 +188,24 @@ def abuse(pki_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[A
         assert "tunnel down" not in client.log_text()
 
 
+# Connections one address may have waiting for a handshake or a CONNECT
+# (EndpointLimits.max_pending_per_address); more are dropped at their first Initial.
+PER_ADDRESS = 32
+
+
 def test_stream_gap_flood(abuse: Abuse) -> None:
     conns = n(16)
+    timeouts = abuse.status()["results"].get("admission_timeout", 0)
     ping = abuse.start_ping(40)
     out = abuse.attack("gap", "--relay", RELAY, "--connections", str(conns), "--rounds", "8")
     sent, received = abuse.ping_received(ping)
     # Never more credit than the pre-admission window per connection.
     assert out["claimed"] <= conns * 64 * 1024
     assert received >= sent * 0.9
+    # Held open without a CONNECT, the attacker's connections end at the admission
+    # timeout (10 s), which frees the address's pending slots for the next test.
+    want = timeouts + min(conns, PER_ADDRESS)
+    assert abuse.wait_result("admission_timeout", want) >= want
     abuse.check()
 
 
@@ -199,7 +218,11 @@ def test_many_streams(abuse: Abuse) -> None:
 
 def test_incomplete_headers(abuse: Abuse) -> None:
     conns = n(16)
+    timeouts = abuse.status()["results"].get("admission_timeout", 0)
     abuse.attack("headers", "--relay", RELAY, "--connections", str(conns), "--bytes", "1000000")
+    # Headers that never end are no CONNECT: the admission timeout closes them.
+    want = timeouts + min(conns, PER_ADDRESS)
+    assert abuse.wait_result("admission_timeout", want) >= want
     abuse.check()
 
 
