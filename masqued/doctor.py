@@ -110,29 +110,21 @@ def check_forwarding(flags: dict[str, bool]) -> list[Finding]:
     ]
 
 
-def expected_nft_rules(pool: Sequence[IPNetwork], egress: str) -> list[str]:
-    return [
-        f'{"ip" if n.version == 4 else "ip6"} saddr {n} oifname "{egress}" masquerade' for n in pool
-    ]
-
-
-def check_nat_listing(
-    kind: str, listing: str, ids: InstanceIds, pool: Sequence[IPNetwork], egress: str
+def check_nat(
+    kind: str, missing: Sequence[str], ids: InstanceIds, pool: Sequence[IPNetwork], egress: str
 ) -> list[Finding]:
-    """Our NAT rules in a listing: ``nft list table inet masqued_X`` or ``iptables -S``."""
+    """What the NAT backend says is missing of the rules it would make (``missing()``)."""
     restart = f"systemctl restart masqued@{ids.name}  (re-creates its NAT); find what removed it"
-    lines = {line.strip() for line in listing.splitlines()}
-    if kind == "nftables":
-        if f"table inet {ids.nft_table} {{" not in lines:
-            return [fail("nat", f"nftables table inet {ids.nft_table} is missing", restart)]
-        expected = expected_nft_rules(pool, egress)
-    else:
-        if not any(f"-j {ids.ipt_chain}" in line and "POSTROUTING" in line for line in lines):
-            return [fail("nat", f"no jump from POSTROUTING to {ids.ipt_chain}", restart)]
-        expected = [f"-A {ids.ipt_chain} -s {n} -o {egress} -j MASQUERADE" for n in pool]
-    missing = [rule for rule in expected if rule not in lines]
-    if missing:
-        return [fail("nat", f"NAT rule missing: {rule}", restart) for rule in missing]
+    findings = []
+    for item in missing:
+        if item.startswith("table inet "):
+            findings.append(fail("nat", f"nftables {item} is missing", restart))
+        elif item.startswith("-A POSTROUTING"):
+            findings.append(fail("nat", f"no jump from POSTROUTING to {ids.ipt_chain}", restart))
+        else:
+            findings.append(fail("nat", f"NAT rule missing: {item}", restart))
+    if findings:
+        return findings
     return [ok("nat", f"{kind}: masquerading {', '.join(map(str, pool))} out of {egress}")]
 
 
@@ -410,7 +402,7 @@ def check_daemon(name: str) -> tuple[Finding, dict[str, Any] | None]:
 def _relay_checks(
     config: RelayConfig, ids: InstanceIds, doc: dict[str, Any] | None
 ) -> list[Finding]:
-    from masqued.host.nat import make_nat
+    from masqued.host.nat import NatError, make_nat
     from masqued.host.routes import default_interface, forwarding_status
 
     findings: list[Finding] = []
@@ -438,8 +430,18 @@ def _relay_checks(
     elif running and egress:
         nat = make_nat(config.nat, ids)
         assert nat is not None
-        listing = nat.describe()
-        findings += check_nat_listing(nat.kind, listing, ids, config.pool, egress)
+        try:
+            missing = nat.missing(config.pool, egress)
+        except NatError as e:
+            findings.append(
+                fail(
+                    "nat",
+                    f"cannot read the {nat.kind} NAT rules: {e}",
+                    f"masqued cleanup {ids.name}, then restart it",
+                )
+            )
+        else:
+            findings += check_nat(nat.kind, missing, ids, config.pool, egress)
         res = _run("nft", "-j", "list", "ruleset")
         if res is not None and res.returncode == 0:
             with contextlib.suppress(ValueError):

@@ -56,6 +56,11 @@ class NatBackend(Protocol):
         """The rules as the operator sees them, and the command to see them."""
         ...
 
+    def missing(self, sources: Sequence[IPNetwork], egress: str) -> list[str]:
+        """What ``apply(sources, egress)`` makes that the host lacks now, in the
+        backend's own notation (doctor's NAT check); empty when all is in place."""
+        ...
+
 
 def _net_key(net: IPNetwork) -> tuple[int, int, int]:
     return (net.version, int(net.network_address), net.prefixlen)
@@ -84,11 +89,31 @@ def nft_ruleset(table: str, sources: Sequence[IPNetwork], egress: str) -> str:
         "\tchain postrouting {",
         "\t\ttype nat hook postrouting priority srcnat; policy accept;",
     ]
-    for src in sorted(sources, key=_net_key):
-        fam = "ip" if src.version == 4 else "ip6"
-        lines.append(f'\t\t{fam} saddr {src} oifname "{egress}" masquerade')
+    lines += [f"\t\t{rule}" for rule in nft_rules(sources, egress)]
     lines += ["\t}", "}", ""]
     return "\n".join(lines)
+
+
+def nft_rules(sources: Sequence[IPNetwork], egress: str) -> list[str]:
+    """Our masquerade rules as ``nft list table`` prints them."""
+    _check_ifname(egress)
+    return [
+        f'{"ip" if src.version == 4 else "ip6"} saddr {src} oifname "{egress}" masquerade'
+        for src in sorted(sources, key=_net_key)
+    ]
+
+
+def absent(expected: Sequence[str], listing: str) -> list[str]:
+    """The lines of ``expected`` that ``listing`` does not hold (spacing ignored)."""
+    present = {line.strip() for line in listing.splitlines()}
+    return [line for line in expected if line not in present]
+
+
+def nft_missing(listing: str, table: str, sources: Sequence[IPNetwork], egress: str) -> list[str]:
+    """What ``nft list table inet TABLE`` (``listing``) lacks of our ruleset."""
+    if f"table inet {table} {{" not in {line.strip() for line in listing.splitlines()}:
+        return [f"table inet {table}"]
+    return absent(nft_rules(sources, egress), listing)
 
 
 def nft_delete_script(table: str) -> str:
@@ -130,6 +155,13 @@ class NftablesNat:
             out = f"(not present: {e})"
         return f"# {cmd}\n{out}"
 
+    def missing(self, sources: Sequence[IPNetwork], egress: str) -> list[str]:
+        try:
+            listing = _run_nft(None, "list", "table", "inet", self.table)
+        except (NatError, OSError):
+            listing = ""
+        return nft_missing(listing, self.table, sources, egress)
+
 
 # --------------------------------------------------------------------------- iptables
 #
@@ -162,6 +194,24 @@ def iptables_rules(
     out += [
         f"-A {chain} -s {src} -o {egress} -j MASQUERADE" for src in sorted(sources, key=_net_key)
     ]
+    return out
+
+
+def ipt_missing(
+    lines: dict[int, list[str]],
+    chain: str,
+    comment: str,
+    sources: Sequence[IPNetwork],
+    egress: str,
+) -> list[str]:
+    """What each family's ``iptables -t nat -S`` lines of ours (``lines``; a family
+    absent from it has no nat table) lack for ``sources``."""
+    out: list[str] = []
+    for version in (4, 6):
+        fam = [s for s in sources if s.version == version]
+        if fam:
+            expected = iptables_rules(chain, comment, fam, egress)
+            out += absent(expected, "\n".join(lines.get(version, ())))
     return out
 
 
@@ -464,14 +514,11 @@ class IptablesNat:
 
     def describe(self) -> str:
         tools = {4: "iptables-legacy", 6: "ip6tables-legacy"}
-        loaded = [v for v in (4, 6) if _legacy_table_loaded(v)]
         try:
-            results = _ipt_run(
-                [(v, "lines", {"chain": self.chain, "comment": self.comment}) for v in loaded]
-            )
+            lines = self._lines()
         except NatError as e:
-            results = [[f"({e})"]] * len(loaded)
-        lines = dict(zip(loaded, results, strict=True))
+            loaded = [v for v in (4, 6) if _legacy_table_loaded(v)]
+            lines = {v: [f"({e})"] for v in loaded}
         parts: list[str] = []
         for version in (4, 6):
             cmd = f"{tools[version]} -t nat -S"
@@ -480,6 +527,16 @@ class IptablesNat:
             else:
                 parts.append(f"# {cmd} | grep {self.chain}\n" + "\n".join(lines[version]))
         return "\n".join(parts)
+
+    def missing(self, sources: Sequence[IPNetwork], egress: str) -> list[str]:
+        return ipt_missing(self._lines(), self.chain, self.comment, sources, egress)
+
+    def _lines(self) -> dict[int, list[str]]:
+        loaded = [v for v in (4, 6) if _legacy_table_loaded(v)]
+        results = _ipt_run(
+            [(v, "lines", {"chain": self.chain, "comment": self.comment}) for v in loaded]
+        )
+        return dict(zip(loaded, results, strict=True))
 
 
 # --------------------------------------------------------------------------- choice
@@ -551,6 +608,15 @@ class FakeNat:
     def remove(self) -> None:
         self.sources = ()
         self.egress = None
+
+    def missing(self, sources: Sequence[IPNetwork], egress: str) -> list[str]:
+        have = (
+            iptables_rules(self.ids.ipt_chain, self.ids.comment, self.sources, self.egress)
+            if self.egress is not None
+            else []
+        )
+        want = iptables_rules(self.ids.ipt_chain, self.ids.comment, sources, egress)
+        return absent(want, "\n".join(have))
 
     def describe(self) -> str:
         if self.egress is None:

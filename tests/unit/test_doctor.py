@@ -16,7 +16,7 @@ from masqued.doctor import (
     Finding,
     check_certificate_dates,
     check_forwarding,
-    check_nat_listing,
+    check_nat,
     check_net_admin,
     check_nft_ruleset,
     check_probe,
@@ -27,7 +27,7 @@ from masqued.doctor import (
 )
 from masqued.gate import pki
 from masqued.host.naming import InstanceIds
-from masqued.host.nat import iptables_rules, nft_ruleset
+from masqued.host.nat import FakeNat, ipt_missing, iptables_rules, nft_missing, nft_ruleset
 from tests.inproc import Relay
 
 IDS = InstanceIds("relay")
@@ -102,25 +102,50 @@ def nft_listing(pool: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...])
     return "\n".join(body)
 
 
+def nft_check(listing: str, egress: str = "eth0") -> list[Finding]:
+    missing = nft_missing(listing, IDS.nft_table, POOL, egress)
+    return check_nat("nftables", missing, IDS, POOL, egress)
+
+
 def test_nat_listing_nftables() -> None:
-    assert levels(check_nat_listing("nftables", nft_listing(POOL), IDS, POOL, "eth0")) == ["ok"]
-    gone = check_nat_listing("nftables", "", IDS, POOL, "eth0")
+    assert levels(nft_check(nft_listing(POOL))) == ["ok"]
+    gone = nft_check("")
     assert levels(gone) == ["fail"] and "table inet masqued_relay is missing" in gone[0].message
     assert gone[0].fix is not None and "systemctl restart masqued@relay" in gone[0].fix
-    partial = check_nat_listing("nftables", nft_listing(POOL[:1]), IDS, POOL, "eth0")
+    partial = nft_check(nft_listing(POOL[:1]))
     assert levels(partial) == ["fail"] and "2001:db8:200::/64" in partial[0].message
-    other_egress = check_nat_listing("nftables", nft_listing(POOL), IDS, POOL, "eth1")
-    assert levels(other_egress) == ["fail", "fail"]
+    assert levels(nft_check(nft_listing(POOL), egress="eth1")) == ["fail", "fail"]
 
 
 def test_nat_listing_iptables() -> None:
-    lines = "\n".join(iptables_rules(IDS.ipt_chain, IDS.comment, POOL, "eth0"))
-    assert levels(check_nat_listing("iptables", lines, IDS, POOL, "eth0")) == ["ok"]
-    no_jump = "\n".join(line for line in lines.splitlines() if "POSTROUTING" not in line)
-    assert (
-        "no jump from POSTROUTING"
-        in check_nat_listing("iptables", no_jump, IDS, POOL, "eth0")[0].message
+    by_family = {
+        v: iptables_rules(IDS.ipt_chain, IDS.comment, [n for n in POOL if n.version == v], "eth0")
+        for v in (4, 6)
+    }
+    ok_missing = ipt_missing(by_family, IDS.ipt_chain, IDS.comment, POOL, "eth0")
+    assert levels(check_nat("iptables", ok_missing, IDS, POOL, "eth0")) == ["ok"]
+    no_jump = {v: [r for r in rules if "POSTROUTING" not in r] for v, rules in by_family.items()}
+    found = check_nat(
+        "iptables",
+        ipt_missing(no_jump, IDS.ipt_chain, IDS.comment, POOL, "eth0"),
+        IDS,
+        POOL,
+        "eth0",
     )
+    assert [f.message for f in found] == [f"no jump from POSTROUTING to {IDS.ipt_chain}"] * 2
+    # No IPv6 nat table at all: all of the v6 rules are missing, the v4 ones are not.
+    v4_only = ipt_missing({4: by_family[4]}, IDS.ipt_chain, IDS.comment, POOL, "eth0")
+    assert v4_only and all(":" in r or "POSTROUTING" in r or r.startswith("-N") for r in v4_only)
+
+
+def test_fake_nat_missing_follows_its_state() -> None:
+    nat = FakeNat(IDS)
+    assert len(nat.missing(POOL, "eth0")) == 2 + len(POOL)
+    nat.apply(POOL, "eth0")
+    assert nat.missing(POOL, "eth0") == []
+    assert nat.missing(POOL, "eth1") != []
+    nat.remove()
+    assert nat.missing(POOL[:1], "eth0") != []
 
 
 def test_nft_ruleset_shadowing_and_forward_drop() -> None:
