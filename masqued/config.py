@@ -279,7 +279,7 @@ CLIENT_KEY_DOCS: tuple[KeyDoc, ...] = (
     KeyDoc(
         "transport",
         '"stream", "datagram" or "auto"',
-        '"stream"',
+        '"auto"',
         '"stream": IP packets as length-prefixed records on the CONNECT stream '
         '(masqued\'s own, reliable); "datagram": standard RFC 9484, packets in HTTP '
         'Datagrams, works with any RFC 9484 proxy; "auto": datagram when the relay '
