@@ -698,7 +698,7 @@ def test_unreadable_certificate(
             raise PermissionError(13, "Permission denied", str(path))
         return real_open(path, *args, **kwargs)
 
-    monkeypatch.setattr(config, "open", deny, raising=False)
+    monkeypatch.setattr(config.reader, "open", deny, raising=False)
     assert one_problem(relay) == (
         f"certificate: file {pkidir / 'relay.pem'} is not readable (permission denied)"
     )
@@ -720,7 +720,7 @@ def test_other_os_error(relay: Callable[..., RelayConfig], monkeypatch: pytest.M
     def broken(path: Any, *args: Any, **kwargs: Any) -> Any:
         raise OSError(5, "Input/output error")
 
-    monkeypatch.setattr(config, "open", broken, raising=False)
+    monkeypatch.setattr(config.reader, "open", broken, raising=False)
     found = problems(relay)
     assert len(found) == 2
     assert found[0].startswith("certificate: cannot read ")
