@@ -95,7 +95,6 @@ class Balancer:
         return best
 
 
-
 def retry_cid(target: int) -> bytes:
     """A connection ID that the steering program sends to worker ``target``."""
     return bytes((target,)) + os.urandom(CID_LENGTH - 1)

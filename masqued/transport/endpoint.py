@@ -23,9 +23,9 @@ from typing import Protocol
 from masqued.logutil import RateLimitedLog
 from masqued.transport import aioquic_engine as engine
 from masqued.transport.balance import Balancer, InvalidToken, RetryTokens, retry_cid
-from masqued.transport.h3link import H3Link, format_addr, monotonic
+from masqued.transport.h3link import H3Link, monotonic
 from masqued.transport.limits import BufferLedger, EndpointLimits
-from masqued.transport.link import Link, TunnelHandler
+from masqued.transport.link import Link, TunnelHandler, format_addr, log_failure
 from masqued.transport.udp import Address, UdpSocket, tune_socket
 
 log = logging.getLogger("masqued.relay")
@@ -197,14 +197,7 @@ class QuicEndpoint:
         """A bug met by one connection's input: it ends there (H3_INTERNAL_ERROR),
         logged once per kind, and the other connections of the batch go on."""
         self.handler.count("internal_error")
-        kind = f"{type(exc).__name__}:{exc}"[:120]
-        self._ratelog.log(
-            logging.ERROR,
-            f"internal:{kind}",
-            "%s: internal error while handling this connection: closing it",
-            link.peer,
-            exc_info=(type(exc), exc, exc.__traceback__),
-        )
+        log_failure(self._ratelog, link.peer, exc)
         with contextlib.suppress(Exception):
             link.close(engine.H3_INTERNAL_ERROR, "internal error")
             link.flush()
@@ -250,8 +243,10 @@ class QuicEndpoint:
         if header is None:
             return None
         versions = engine.supported_versions(self._config)
-        if not header.version_negotiation and header.version is not None and (
-            header.version not in versions
+        if (
+            not header.version_negotiation
+            and header.version is not None
+            and (header.version not in versions)
         ):
             self.udp.send([(engine.version_negotiation(header, versions), addr)])
             return None

@@ -46,7 +46,7 @@ from masqued.proto.errors import (
     H3_REQUEST_CANCELLED,
     H3_REQUEST_REJECTED,
 )
-from masqued.transport.link import Headers, TunnelHandler
+from masqued.transport.link import Headers, TunnelHandler, format_addr
 from masqued.transport.tcp import TcpInfo, TlsPipe
 
 ALPN = "h2"
@@ -98,13 +98,6 @@ def code_name(code: int) -> str:
         return ErrorCodes(code).name
     except ValueError:
         return f"{code:#x}"
-
-
-def format_addr(addr: Any) -> str:
-    host, port = str(addr[0]), addr[1]
-    if host.startswith("::ffff:"):
-        host = host[7:]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class H2Link:

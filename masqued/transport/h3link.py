@@ -16,20 +16,13 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from masqued.transport import aioquic_engine as engine
-from masqued.transport.link import Headers, TunnelHandler
+from masqued.transport.link import Headers, TunnelHandler, format_addr
 from masqued.transport.udp import Address
 
 
 def monotonic() -> float:
     """The clock given to the QUIC engine (precise, unlike a cached loop time)."""
     return time.monotonic()
-
-
-def format_addr(addr: Address) -> str:
-    host, port = str(addr[0]), addr[1]
-    if host.startswith("::ffff:"):
-        host = host[7:]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class H3Link:

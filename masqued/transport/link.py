@@ -9,9 +9,34 @@ that implements it (masqued.transport.h3link).
 
 from __future__ import annotations
 
+import logging
 from typing import Any, Protocol
 
+from masqued.logutil import RateLimitedLog
+
 Headers = list[tuple[bytes, bytes]]
+
+
+def format_addr(addr: Any) -> str:
+    """A peer's (host, port) as logs show it: ``1.2.3.4:5``, ``[2001:db8::1]:5``; an
+    IPv4-mapped address as plain IPv4."""
+    host, port = str(addr[0]), addr[1]
+    if host.startswith("::ffff:"):
+        host = host[7:]
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def log_failure(ratelog: RateLimitedLog, peer: str, exc: BaseException) -> None:
+    """A bug met by one connection's input (which then ends there, alone): logged with
+    its traceback once per kind of failure."""
+    kind = f"{type(exc).__name__}:{exc}"[:120]
+    ratelog.log(
+        logging.ERROR,
+        f"internal:{kind}",
+        "%s: internal error while handling this connection: closing it",
+        peer,
+        exc_info=(type(exc), exc, exc.__traceback__),
+    )
 
 
 class TunnelHandler(Protocol):
@@ -76,6 +101,7 @@ class Link(Protocol):
 
     def accepts_datagrams(self) -> bool:
         """The peer takes HTTP Datagrams (SETTINGS and transport parameters)."""
+
     def open_tunnel(self, stream_id: int) -> None:
         """``stream_id`` carries an admitted tunnel: give it a tunnel's receive window."""
 

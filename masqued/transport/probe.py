@@ -42,9 +42,7 @@ class _Watch(NullHandler):
         self.closed = reason
 
 
-async def probe(
-    host: str, port: int, server_name: str, fwmark: int, timeout: float
-) -> ProbeResult:
+async def probe(host: str, port: int, server_name: str, fwmark: int, timeout: float) -> ProbeResult:
     """Handshake with the relay at ``host``:``port`` within ``timeout`` seconds."""
     loop = asyncio.get_running_loop()
     try:

@@ -244,9 +244,7 @@ class RelayServer:
         also for the live tunnels (what they may reach). Nothing changes if the new
         certificate cannot be loaded (it raises)."""
         if self.tcp is not None:
-            self.tcp.set_certificate(
-                settings.certificate, settings.private_key, settings.client_ca
-            )
+            self.tcp.set_certificate(settings.certificate, settings.private_key, settings.client_ca)
         self.endpoint.set_certificate(settings.certificate, settings.private_key)
         self.settings = settings
         self._reach_changed()

@@ -26,7 +26,7 @@ from masqued.logutil import RateLimitedLog
 from masqued.proto.errors import H3_EXCESSIVE_LOAD, H3_INTERNAL_ERROR, H3_NO_ERROR
 from masqued.transport.h2link import ALPN, H2Link
 from masqued.transport.limits import BufferLedger, EndpointLimits
-from masqued.transport.link import Headers, Link, TunnelHandler
+from masqued.transport.link import Headers, Link, TunnelHandler, log_failure
 from masqued.transport.tcp import TlsPipe, server_context, tune_tcp
 
 log = logging.getLogger("masqued.relay")
@@ -247,14 +247,7 @@ class TcpEndpoint:
     def failed(self, link: H2Link, exc: BaseException) -> None:
         """A bug met while serving one connection: it ends there, alone."""
         self.handler.count("internal_error")
-        kind = f"{type(exc).__name__}:{exc}"[:120]
-        self._ratelog.log(
-            logging.ERROR,
-            f"internal:{kind}",
-            "%s: internal error while handling this connection: closing it",
-            link.peer,
-            exc_info=(type(exc), exc, exc.__traceback__),
-        )
+        log_failure(self._ratelog, link.peer, exc)
         with contextlib.suppress(Exception):
             link.close(H3_INTERNAL_ERROR, "internal error")
         try:
