@@ -310,4 +310,3 @@ def respond(peer: H2Peer, sid: int, status: int, headers: Headers | None = None)
         sid, [(b":status", str(status).encode()), *(headers or [])], end_stream=status >= 300
     )
     peer.transmit()
-

@@ -9,7 +9,6 @@ refusals, malformed capsules, no H3 datagrams at all.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import ipaddress
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -19,10 +18,7 @@ from typing import Any
 import pytest
 from aioquic.asyncio.server import QuicServer, serve
 
-from masqued.host.tun import FakeTun
 from masqued.proto.packet import build_udp
-from masqued.proto.request import TunnelParams
-from masqued.transport.client import ClientSettings, ClientTunnel
 from tests.conformance.peers import Headers, StrictProxy, server_config
 from tests.conformance.wire import (
     ADDRESS_ASSIGN,
@@ -37,6 +33,7 @@ from tests.conformance.wire import (
     routes_value,
     split_datagram,
 )
+from tests.inproc import Client, until
 
 V4_PREFIX = ipaddress.ip_network("192.0.2.0/28")
 ALL_V4 = Range(4, 0, 2**32 - 1, 0)
@@ -72,44 +69,14 @@ async def strict_proxy(
         server.close()
 
 
-class OurClient:
-    def __init__(self, certs: Path, port: int, **overrides: Any) -> None:
-        self.tun = FakeTun("mq-client", 1300)
-        self.params: list[TunnelParams] = []
-        settings = ClientSettings(
-            relay_host="127.0.0.1",
-            relay_port=port,
-            server_name="relay.example",
-            ca=str(certs / "ca.pem"),
-            mtu=1300,
-            fwmark=0,
-            keepalive=0.5,
-            reconnect_max=0.5,
-            transport="datagram",
-        )
-        settings = dataclasses.replace(settings, **overrides)
-        loop = asyncio.get_running_loop()
-        self.tunnel = ClientTunnel(loop, settings, self.tun, self.params.append)
-        self.up: asyncio.Future[None] = loop.create_future()
-        self.task = loop.create_task(self.tunnel.run(self.up))
-
-    async def close(self) -> None:
-        self.tunnel.stop()
-        await asyncio.wait_for(self.task, 5)
-
-
-async def until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached")
-        await asyncio.sleep(0.01)
+def our_client(certs: Path, port: int, **overrides: Any) -> Client:
+    """Our client against the strict peer: transport=datagram unless overridden."""
+    return Client(certs, port, **{"transport": "datagram", **overrides})
 
 
 async def test_request_settings_and_unprompted_assignment(certs: Path) -> None:
     async with strict_proxy(certs, accept) as (port, proxies):
-        client = OurClient(certs, port)
+        client = our_client(certs, port)
         await asyncio.wait_for(client.up, 5)
         proxy = proxies[0]
         # The client offered H3 datagrams and a DATAGRAM frame size.
@@ -151,7 +118,7 @@ async def test_address_request_when_configured_and_later_changes(certs: Path) ->
         proxy.send_capsule(sid, ROUTE_ADVERTISEMENT, routes_value([ALL_V4]))
 
     async with strict_proxy(certs, script) as (port, proxies):
-        client = OurClient(certs, port, address_request=True, request_versions=(4,))
+        client = our_client(certs, port, address_request=True, request_versions=(4,))
         proxy: StrictProxy | None = None
         await until(lambda: bool(proxies) and any(s.capsules for s in proxies[0].streams.values()))
         proxy = proxies[0]
@@ -207,7 +174,7 @@ async def test_refusals_and_bad_responses(
         proxy.respond(sid, status, headers)
 
     async with strict_proxy(certs, script) as (port, _proxies):
-        client = OurClient(certs, port)
+        client = our_client(certs, port)
         await until(lambda: expected in (client.tunnel.status.last_error or ""))
         assert not client.up.done()
         await client.close()
@@ -222,7 +189,7 @@ async def test_malformed_capsule_aborts_the_stream(certs: Path) -> None:
         )
 
     async with strict_proxy(certs, script) as (port, proxies):
-        client = OurClient(certs, port)
+        client = our_client(certs, port)
         await until(lambda: "malformed capsule" in (client.tunnel.status.last_error or ""))
         await until(lambda: any(s.reset is not None for s in proxies[0].streams.values()))
         (st,) = proxies[0].streams.values()
@@ -238,12 +205,12 @@ async def test_settings_checked_before_the_request(certs: Path) -> None:
         proxy.respond(sid, 501)
 
     async with strict_proxy(certs, script, datagrams=False) as (port, _proxies):
-        client = OurClient(certs, port)
+        client = our_client(certs, port)
         await until(lambda: "SETTINGS_H3_DATAGRAM" in (client.tunnel.status.last_error or ""))
         assert requests == []  # nothing sent to a proxy without H3 datagrams
         await client.close()
         # "auto" falls back to stream mode on the same kind of proxy.
-        auto = OurClient(certs, port, transport="auto")
+        auto = our_client(certs, port, transport="auto")
         await until(lambda: bool(requests))
         assert dict(requests[0]).get(b"masqued-transport") == b"stream"
         assert b"capsule-protocol" not in dict(requests[0])
@@ -252,7 +219,7 @@ async def test_settings_checked_before_the_request(certs: Path) -> None:
 
 async def test_auto_uses_datagrams_when_offered(certs: Path) -> None:
     async with strict_proxy(certs, accept) as (port, proxies):
-        client = OurClient(certs, port, transport="auto")
+        client = our_client(certs, port, transport="auto")
         await asyncio.wait_for(client.up, 5)
         (sid,) = proxies[0].streams
         assert dict(proxies[0].streams[sid].headers[0])[b"capsule-protocol"] == b"?1"
@@ -278,7 +245,7 @@ async def test_a_proxy_that_closes_on_address_request_is_retried_without_it(
         asyncio.get_running_loop().call_later(0.3, later)
 
     async with strict_proxy(certs, script) as (port, proxies):
-        client = OurClient(certs, port, address_request=True, request_versions=(4,))
+        client = our_client(certs, port, address_request=True, request_versions=(4,))
         await asyncio.wait_for(client.up, 10)
         assert len(proxies) == 2
         first, second = (p.streams[min(p.streams)] for p in proxies)
@@ -308,7 +275,7 @@ async def test_a_route_for_tcp_only_keeps_udp_out_with_icmp_from_our_side(certs:
     from masqued.proto.packet import build_tcp, parse_packet
 
     async with strict_proxy(certs, script) as (port, proxies):
-        client = OurClient(certs, port, routes=(net,))
+        client = our_client(certs, port, routes=(net,))
         await asyncio.wait_for(client.up, 5)
         me = str(client.params[-1].addresses[0].ip)
         tcp = build_tcp(me, "198.51.100.7", 40000, 80, b"")

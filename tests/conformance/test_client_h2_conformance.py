@@ -8,7 +8,6 @@ refusals, malformed capsules, a proxy without extended CONNECT.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import ipaddress
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -19,10 +18,7 @@ import h2.settings
 import pytest
 from h2.errors import ErrorCodes
 
-from masqued.host.tun import FakeTun
 from masqued.proto.packet import build_udp
-from masqued.proto.request import TunnelParams
-from masqued.transport.client import ClientSettings, ClientTunnel
 from tests.conformance.h2peers import H2Peer, Headers, StrictH2Proxy, respond
 from tests.conformance.wire import (
     ADDRESS_ASSIGN,
@@ -32,6 +28,7 @@ from tests.conformance.wire import (
     assign_value,
     routes_value,
 )
+from tests.inproc import Client, until
 
 V4_PREFIX = ipaddress.ip_network("192.0.2.0/28")
 ALL_V4 = Range(4, 0, 2**32 - 1, 0)
@@ -57,45 +54,14 @@ async def strict_proxy(
         await proxy.close()
 
 
-class OurClient:
-    def __init__(self, certs: Path, port: int, **overrides: Any) -> None:
-        self.tun = FakeTun("mq-client", 1300)
-        self.params: list[TunnelParams] = []
-        settings = ClientSettings(
-            relay_host="127.0.0.1",
-            relay_port=port,
-            server_name="relay.example",
-            ca=str(certs / "ca.pem"),
-            mtu=1300,
-            fwmark=0,
-            keepalive=0.5,
-            reconnect_max=0.5,
-            transport="auto",
-            http_version="h2",
-        )
-        settings = dataclasses.replace(settings, **overrides)
-        loop = asyncio.get_running_loop()
-        self.tunnel = ClientTunnel(loop, settings, self.tun, self.params.append)
-        self.up: asyncio.Future[None] = loop.create_future()
-        self.task = loop.create_task(self.tunnel.run(self.up))
-
-    async def close(self) -> None:
-        self.tunnel.stop()
-        await asyncio.wait_for(self.task, 5)
-
-
-async def until(cond: Callable[[], bool], timeout: float = 5.0) -> None:
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + timeout
-    while not cond():
-        if loop.time() > deadline:
-            raise AssertionError("condition not reached")
-        await asyncio.sleep(0.01)
+def our_client(certs: Path, port: int, **overrides: Any) -> Client:
+    """Our client against the strict peer: transport=auto, http_version=h2 unless overridden."""
+    return Client(certs, port, **{"transport": "auto", "http_version": "h2", **overrides})
 
 
 async def test_request_settings_and_packets(certs: Path) -> None:
     async with strict_proxy(certs, accept) as proxy:
-        client = OurClient(certs, proxy.port)
+        client = our_client(certs, proxy.port)
         await asyncio.wait_for(client.up, 5)
         (peer,) = proxy.peers
         # Our client's SETTINGS: no server push (RFC 9113 §6.5.2), and it sent the
@@ -133,7 +99,7 @@ async def test_a_proxy_without_extended_connect_gets_no_request(certs: Path) -> 
         respond(peer, sid, 501)
 
     async with strict_proxy(certs, script, extended_connect=False) as proxy:
-        client = OurClient(certs, proxy.port)
+        client = our_client(certs, proxy.port)
         await until(lambda: "extended CONNECT" in (client.tunnel.status.last_error or ""))
         assert requests == []  # RFC 8441 §4: not before the setting
         await client.close()
@@ -154,7 +120,7 @@ async def test_refusals_and_bad_responses(
         respond(peer, sid, status, headers)
 
     async with strict_proxy(certs, script) as proxy:
-        client = OurClient(certs, proxy.port)
+        client = our_client(certs, proxy.port)
         await until(lambda: expected in (client.tunnel.status.last_error or ""))
         assert not client.up.done()
         await client.close()
@@ -169,7 +135,7 @@ async def test_malformed_capsule_resets_the_stream(certs: Path) -> None:
         )
 
     async with strict_proxy(certs, script) as proxy:
-        client = OurClient(certs, proxy.port)
+        client = our_client(certs, proxy.port)
         await until(lambda: "malformed capsule" in (client.tunnel.status.last_error or ""))
         await until(lambda: any(s.reset is not None for s in proxy.peers[0].streams.values()))
         (st,) = proxy.peers[0].streams.values()
@@ -181,7 +147,7 @@ async def test_stream_transport_still_uses_capsules_over_h2_in_auto(certs: Path)
     """transport = "stream" is HTTP/3-only: a client that fell back to HTTP/2 asks
     for datagram mode (capsules), which every RFC 9484 proxy speaks."""
     async with strict_proxy(certs, accept) as proxy:
-        client = OurClient(certs, proxy.port, transport="stream")
+        client = our_client(certs, proxy.port, transport="stream")
         await asyncio.wait_for(client.up, 5)
         (sid,) = proxy.peers[0].streams
         assert dict(proxy.peers[0].streams[sid].headers[0])[b"capsule-protocol"] == b"?1"
