@@ -35,6 +35,12 @@ PROTO_UDPLITE = 136
 _PORT_PROTOS = frozenset((PROTO_TCP, PROTO_UDP, PROTO_SCTP, PROTO_UDPLITE))
 # IPv6 extension headers we walk (RFC 8200 §4); anything else is the upper layer.
 _EXT_GENERIC = frozenset((PROTO_HOPOPTS, PROTO_ROUTING, PROTO_DSTOPTS))
+# Protocol numbers of IPv6 extension headers (IANA registry; ESP left out: nothing
+# follows it that we could see, so it is the final protocol). A packet's protocol,
+# as scopes and ACLs see it, is never one of these.
+EXTENSION_HEADERS = frozenset(
+    (PROTO_HOPOPTS, PROTO_ROUTING, PROTO_FRAGMENT, PROTO_AH, PROTO_DSTOPTS, 135, 139, 140, 253, 254)
+)
 # A peer can chain extension headers; we give up after this many.
 MAX_EXTENSION_HEADERS = 8
 

@@ -26,6 +26,7 @@ from types import MappingProxyType
 from typing import Literal
 
 from masqued.proto.errors import RequestError, ResponseError
+from masqued.proto.packet import EXTENSION_HEADERS
 from masqued.proto.template import UriTemplate
 
 Headers = list[tuple[bytes, bytes]]
@@ -105,9 +106,11 @@ def _percent_decode(text: str, status: int = 400) -> str:
 
 
 def _parse_target(raw: str) -> tuple[IPNetwork, ...] | None:
-    """RFC 9484 §4.6: ``*``, an IP address, or ``ADDR/LEN`` with zero host bits."""
+    """RFC 9484 §4.6: ``*``, an IP address, or ``ADDR/LEN`` with zero host bits. An
+    empty value (a client that expanded the template with nothing, as connect-ip-go
+    does, breaking §3) is read as ``*``."""
     text = _percent_decode(raw)
-    if text == "*":
+    if text in ("*", ""):
         return None
     if "%" in text:  # an IPv6 zone identifier has no meaning here
         raise _err(400, f"bad target {text!r}")
@@ -130,11 +133,16 @@ def _parse_target(raw: str) -> tuple[IPNetwork, ...] | None:
 
 
 def _parse_ipproto(raw: str) -> int | None:
+    """``*`` (or empty, as for the target), or a decimal protocol number that can be
+    a packet's final protocol: an IPv6 extension header number is refused (§4.8
+    allows it), since a ROUTE_ADVERTISEMENT with protocol 0 would mean "all"."""
     text = _percent_decode(raw)
-    if text == "*":
+    if text in ("*", ""):
         return None
     if not _SMALL_DECIMAL_RE.match(text) or int(text) > 255:
         raise _err(400, f"bad ipproto {text!r}")
+    if int(text) in EXTENSION_HEADERS:
+        raise _err(400, f"ipproto {text} is an IPv6 extension header, not a final protocol")
     return int(text)
 
 
@@ -169,7 +177,7 @@ def _match_path(
     if not resource.startswith(WELL_KNOWN_PREFIX):
         raise _err(404, f"path {path!r} matches none of the templates served: {served}")
     parts = resource[len(WELL_KNOWN_PREFIX) :].split("/")
-    if len(parts) != 3 or parts[2] or not parts[0] or not parts[1]:
+    if len(parts) != 3 or parts[2]:
         raise _err(404, f"path {path!r} matches none of the templates served: {served}")
     return _parse_target(parts[0]), _parse_ipproto(parts[1])
 

@@ -436,9 +436,7 @@ class ClientSession:
             raise ResponseError("relay does not offer HTTP/3 datagrams (SETTINGS_H3_DATAGRAM)")
         datagram = self.wanted == "datagram" or (self.wanted == "auto" and datagrams)
         self.mode = Mode.DATAGRAM if datagram else Mode.STREAM
-        self.framing = (
-            CapsuleFraming(self.mtu, self.drops) if datagram else RecordFraming(self.mtu)
-        )
+        self.framing = CapsuleFraming(self.mtu, self.drops) if datagram else RecordFraming(self.mtu)
         return build_connect_request(
             self.authority,
             transport=self.mode.value,

@@ -111,9 +111,7 @@ class UriTemplate:
         if found is None:
             return None
         for name, raw in zip(names, found.groups(), strict=True):
-            if not raw:
-                return None
-            values[name] = raw
+            values[name] = raw  # empty: the caller reads it as "*"
         params: dict[str, str] = {}
         for item in query.split("&") if qmark else ():
             key, _, value = item.partition("=")
@@ -129,8 +127,6 @@ class UriTemplate:
                 if got != expected:
                     return None
             else:
-                if not got:
-                    return None
                 values[expected.names[0]] = got
         return values
 

@@ -9,6 +9,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from masqued.proto.errors import RequestError, ResponseError
+from masqued.proto.packet import EXTENSION_HEADERS
 from masqued.proto.request import (
     ConnectIpRequest,
     TunnelParams,
@@ -18,6 +19,7 @@ from masqued.proto.request import (
     parse_stream_response,
     request_path,
 )
+from masqued.proto.template import UriTemplate
 
 Headers = list[tuple[bytes, bytes]]
 
@@ -88,9 +90,25 @@ def test_targets(segment: str, expected: IPv4Network | IPv6Network | None) -> No
     assert r.ipproto == 17
 
 
-@pytest.mark.parametrize(("segment", "expected"), [("0", 0), ("255", 255), ("6", 6), ("*", None)])
+@pytest.mark.parametrize(
+    ("segment", "expected"), [("255", 255), ("6", 6), ("50", 50), ("*", None), ("", None)]
+)
 def test_ipproto(segment: str, expected: int | None) -> None:
     assert parse_connect_request(req(f"/.well-known/masque/ip/*/{segment}/")).ipproto == expected
+
+
+@pytest.mark.parametrize("number", [0, 43, 44, 51, 60, 135, 253])
+def test_ipproto_of_an_extension_header_is_refused(number: int) -> None:
+    """A scope to Hop-by-Hop (0) would be advertised as protocol 0, "all" (§4.7.3)."""
+    with pytest.raises(RequestError) as info:
+        parse_connect_request(req(f"/.well-known/masque/ip/*/{number}/"))
+    assert info.value.status == 400 and "extension header" in str(info.value)
+
+
+def test_empty_variables_mean_any() -> None:
+    """connect-ip-go expands the default template with no values: ``ip///``."""
+    r = parse_connect_request(req("/.well-known/masque/ip///"))
+    assert r.target is None and r.ipproto is None
 
 
 def test_query_ignored_and_datagram_transport() -> None:
@@ -174,7 +192,6 @@ def test_stream_with_capsule_false_is_stream() -> None:
         ("/.well-known/masque/ip/*/*", 404),
         ("/.well-known/masque/ip/*/", 404),
         ("/.well-known/masque/ip/*/*/extra/", 404),
-        ("/.well-known/masque/ip//*/", 404),
         ("/.well-known/masque/ip/192.0.2.0/24/*/", 404),  # unencoded slash
         ("/.well-known/masque/ip/192.0.2.1%2F24/*/", 400),  # host bits set
         ("/.well-known/masque/ip/2001%3Adb8%3A%3A1%2F64/*/", 400),
@@ -248,7 +265,7 @@ v6net = st.builds(
 @settings(deadline=None)
 @given(
     st.one_of(st.none(), v4net, v6net),
-    st.one_of(st.none(), st.integers(0, 255)),
+    st.one_of(st.none(), st.integers(0, 255).filter(lambda n: n not in EXTENSION_HEADERS)),
     st.sampled_from(["stream", "datagram"]),
     st.from_regex(r"[a-z0-9.-]{1,30}(:[0-9]{1,5})?", fullmatch=True),
 )
@@ -443,3 +460,9 @@ def test_garbage_responses_raise_response_error(headers: Headers) -> None:
         pass
     else:
         assert params.addresses and 576 <= params.mtu <= 65535
+
+
+def test_empty_variables_of_a_configured_template_mean_any() -> None:
+    template = UriTemplate.parse("https://relay.example/vpn/{target}/{ipproto}/")
+    r = parse_connect_request(req("/vpn///"), templates=(template,))
+    assert r.target is None and r.ipproto is None
