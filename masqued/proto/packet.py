@@ -483,6 +483,26 @@ def build_icmp_echo(
     return build_icmp(src, dst, icmp_type, 0, (ident << 16) | seq, payload, ttl)
 
 
+def echo_reply(request: BytesLike, src: IPAddress) -> bytes | None:
+    """The answer from ``src`` to an ICMP or ICMPv6 echo request: same identifier,
+    sequence number and data (RFC 792; RFC 4443 §4.2). None if ``request`` is not an
+    unfragmented echo request of ``src``'s family."""
+    try:
+        info = parse_packet(request)
+    except PacketError:
+        return None
+    want = 8 if info.version == 4 else 128
+    if info.icmp_type != want or info.icmp_code != 0 or info.is_fragment:
+        return None
+    if src.version != info.version:
+        return None
+    message = bytes(request[info.header_len : info.length])
+    if len(message) < ICMP_HEADER_LEN:
+        return None
+    rest = int.from_bytes(message[4:8], "big")
+    return build_icmp(src, info.src, 0 if info.version == 4 else 129, 0, rest, message[8:])
+
+
 # --- ICMP errors ------------------------------------------------------------------------
 
 

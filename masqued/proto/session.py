@@ -66,6 +66,7 @@ from masqued.proto.packet import (
     PROTO_ICMPV6,
     addresses,
     decrement_ttl,
+    echo_reply,
     icmp_admin_prohibited,
     icmp_error,
     icmp_packet_too_big,
@@ -87,6 +88,7 @@ from masqued.proto.request import (
 from masqued.proto.template import UriTemplate
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+ALL_NODES = ipaddress.IPv6Address("ff02::1")
 
 # Request IDs one ADDRESS_REQUEST stream may use in all (RFC 9484 §4.7.2 forbids
 # reuse, so the set of used IDs must be kept; this bounds it).
@@ -141,6 +143,12 @@ class ProxySession:
         # None: anything (only for tests of the framing; the relay always sets it).
         self.reach = reach
         self.addr_keys = frozenset(a.ip.packed for a in self.addresses)
+        # Echo requests the relay answers itself (RFC 9484 §7.2: a peer may probe the
+        # tunnel's MTU with ICMPv6 echo to ff02::1, or ping its gateway); never
+        # forwarded: the gateway is the relay's own address.
+        self.echo_dsts = frozenset(
+            [ALL_NODES.packed] * (6 in gateways) + [g.packed for g in gateways.values()]
+        )
         self.framing: Framing = (
             RecordFraming(mtu) if self.mode is Mode.STREAM else CapsuleFraming(mtu, drops)
         )
@@ -259,6 +267,15 @@ class ProxySession:
             except PacketError:
                 drops[DROP_MALFORMED] += 1
                 continue
+            if (
+                dst in self.echo_dsts
+                and (src in keys or is_link_local(version, src))
+                and self.icmp.take(now)
+            ):
+                reply = echo_reply(pkt, self.gateways[version])
+                if reply is not None:
+                    replies.append(reply)
+                    continue
             # RFC 9484 §7: link-local traffic belongs to the tunnel link (a peer's
             # kernel sends router solicitations from fe80::); never forwarded, and a
             # link-local source is not a spoofed one.

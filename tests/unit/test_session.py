@@ -496,3 +496,29 @@ def test_the_route_filter_by_range_and_protocol() -> None:
     assert not f.allows(build_tcp(ME6, "2001:db8:19::5", 1, 2, b""))
     assert f.covers_network(ipaddress.ip_network("198.19.0.128/25"))
     assert not f.covers_network(b)  # only for UDP
+
+
+def test_the_relay_answers_echo_to_all_nodes_and_its_gateways() -> None:
+    """RFC 9484 §7.2: a peer probing the tunnel's MTU with a 1232-byte ICMPv6 echo
+    to ff02::1 (or pinging the gateway) gets the echo back from the gateway address,
+    same identifier, sequence and data; nothing is forwarded."""
+    p = proxy()
+    data = bytes(range(256)) * 4 + bytes(1232 - 1024)  # a 1280-byte packet
+    probe = build_icmp_echo(ME6, "ff02::1", 7, 3, data)
+    assert len(probe) == 1280
+    from_link_local = build_icmp_echo("fe80::7", "ff02::1", 7, 4, b"ll")
+    ping4 = build_icmp_echo(ME4, "198.18.200.1", 9, 1, b"v4")
+    ping6 = build_icmp_echo(ME6, "2001:db8:200::1", 9, 2, b"v6")
+    accepted, replies = _uplink(p, probe, from_link_local, ping4, ping6)
+    assert accepted == []
+    want = [
+        build_icmp_echo("2001:db8:200::1", ME6, 7, 3, data, reply=True),
+        build_icmp_echo("2001:db8:200::1", "fe80::7", 7, 4, b"ll", reply=True),
+        build_icmp_echo("198.18.200.1", ME4, 9, 1, b"v4", reply=True),
+        build_icmp_echo("2001:db8:200::1", ME6, 9, 2, b"v6", reply=True),
+    ]
+    assert replies == want
+    # Other traffic to those addresses is not answered this way.
+    udp = build_udp(ME6, "ff02::1", 1, 2, b"x")
+    accepted, replies = _uplink(p, udp)
+    assert accepted == [] and replies == [] and p.drops[DROP_LINK_LOCAL] == 1
