@@ -42,7 +42,7 @@ from masqued.proto.drops import (
 from masqued.proto.errors import H3_DATAGRAM_ERROR, ProtocolError, RequestError
 from masqued.proto.events import StreamEnded
 from masqued.proto.framings import Mode
-from masqued.proto.request import build_response_headers, parse_connect_request
+from masqued.proto.request import IPV6_MIN_MTU, build_response_headers, parse_connect_request
 from masqued.proto.session import ProxySession
 from masqued.proto.template import UriTemplate
 from masqued.runtime.service import client_fields
@@ -382,6 +382,20 @@ class RelayServer:
                 # Over HTTP/2 packets travel as DATAGRAM capsules only (RFC 9484).
                 raise RequestError(
                     400, "stream mode needs HTTP/3; over HTTP/2 send capsule-protocol: ?1"
+                )
+            if (
+                request.transport == "datagram"
+                and 6 in self.gateways
+                and link.accepts_datagrams()
+                and link.datagram_room(stream_id) - 1 < IPV6_MIN_MTU
+            ):
+                # RFC 9484 §7.2: an IPv6 tunnel must carry 1280-byte packets; the
+                # peer's max_datagram_frame_size leaves less room (a PTB below 1280
+                # would be ignored and packets would vanish).
+                raise RequestError(
+                    503,
+                    f"HTTP datagrams of this connection carry only "
+                    f"{link.datagram_room(stream_id) - 1}-byte packets, below the IPv6 minimum MTU",
                 )
             cert, chain = link.peer_certificate()
             caller = Caller(

@@ -310,3 +310,20 @@ async def test_clean_close_releases_the_address(relay: OurRelay, certs: Path) ->
         c.send_packet(sid, b"\x45" + bytes(19))
         sid2, _ = await open_tunnel(c)
         assert relay.server.totals.drops["unknown_stream"] >= 1 or sid2 != sid
+
+
+async def test_datagrams_too_small_for_ipv6_are_refused(relay: OurRelay, certs: Path) -> None:
+    """RFC 9484 §7.2: an IPv6 tunnel must carry 1280-byte packets. A peer whose
+    max_datagram_frame_size leaves less room is refused before a lease is taken."""
+    config = client_config(str(certs / "ca.pem"))
+    config.max_datagram_frame_size = 1200
+    async with connect(
+        "127.0.0.1", relay.port, configuration=config, create_protocol=StrictClient
+    ) as c:
+        assert isinstance(c, StrictClient)
+        sid = c.connect_ip()
+        st = c.stream(sid)
+        await c.wait(lambda: bool(st.headers) or st.reset is not None)
+        assert dict(st.headers[0])[b":status"] == b"503"
+        assert relay.pool.used() == 0
+        c.close_quietly()
