@@ -16,12 +16,14 @@ from masqued.config.keys import (
     DEFAULT_MTU,
     DEFAULT_RECONNECT_MAX,
     HttpVersion,
+    IPAddress,
     NatMode,
     Network,
     Transport,
 )
 from masqued.gate.clients import ClientPolicy
 from masqued.host.naming import check_instance_name
+from masqued.hostconf import ClientHost
 
 
 class ConfigError(Exception):
@@ -82,6 +84,8 @@ class RelayConfig:
     clients_dir: Path | None = None
     state_dir: Path | None = None
     uri_template: str | None = None  # served besides the default one (RFC 9484 §3)
+    dns: tuple[IPAddress, ...] = ()  # resolvers told to clients (masqued.proto.dns)
+    dns_search: tuple[str, ...] = ()
 
     mode: Literal["relay"] = "relay"
 
@@ -111,6 +115,8 @@ class ClientConfig:
     private_key: Path | None = None
     token_file: Path | None = None
     uri_template: str | None = None  # the relay's template (RFC 9484 §3); None: default
+    # DNS, kill switch, hooks (masqued.hostconf)
+    host: ClientHost = field(default_factory=ClientHost)
 
     mode: Literal["client"] = "client"
 
