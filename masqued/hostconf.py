@@ -96,8 +96,7 @@ def client_key_docs(doc: type[KeyDoc]) -> tuple[KeyDoc, ...]:
             "kill_switch_allow",
             "array of CIDRs",
             "none",
-            'Destinations reachable outside the tunnel with kill_switch (e.g. the LAN: '
-            '["192.168.1.0/24"]).',
+            "Destinations reachable outside the tunnel with kill_switch (e.g. the LAN).",
         ),
         *(
             doc(

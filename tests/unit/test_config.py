@@ -1127,7 +1127,13 @@ def test_example_client_config(pkidir: Path, write: Callable[..., Path]) -> None
     assert documented_keys(text) == set(CLIENT_KEYS)
 
 
-PAIRED = {"certificate": "private_key", "private_key": "certificate"}
+PAIRED = {
+    "certificate": "private_key",
+    "private_key": "certificate",
+    # these need the other one, not the other way round
+    "dns_search": "dns",
+    "kill_switch_allow": "kill_switch",
+}
 
 
 @pytest.mark.parametrize("name", ["relay.conf", "client.conf"])
