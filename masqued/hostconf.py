@@ -62,7 +62,7 @@ def client_key_docs(doc: type[KeyDoc]) -> tuple[KeyDoc, ...]:
             "Resolvers for the host while the tunnel is up (wg-quick's DNS =): set "
             "through systemd-resolved on the TUN (with the routing domain ~. for a full "
             "tunnel, so every name goes there), else resolvconf, else by rewriting "
-            "/etc/resolv.conf (backed up and put back byte for byte). \"relay\": the "
+            '/etc/resolv.conf (backed up and put back byte for byte). "relay": the '
             "resolvers the relay names (DNS_ASSIGN capsule, draft-ietf-masque-connect-ip-dns). "
             "Undone on stop and by `masqued cleanup NAME`.",
         ),
@@ -70,7 +70,7 @@ def client_key_docs(doc: type[KeyDoc]) -> tuple[KeyDoc, ...]:
             "dns_search",
             "array of domain names",
             "none",
-            "Search domains set with dns (added to those of the relay with dns = \"relay\"). "
+            'Search domains set with dns (added to those of the relay with dns = "relay"). '
             "With systemd-resolved they also route their names to the tunnel's resolvers.",
         ),
         doc(
@@ -129,7 +129,7 @@ def relay_key_docs(doc: type[KeyDoc]) -> tuple[KeyDoc, ...]:
             "dns",
             "array of IP addresses",
             "none",
-            "Resolvers told to clients (their dns = \"relay\" uses them): in a DNS_ASSIGN "
+            'Resolvers told to clients (their dns = "relay" uses them): in a DNS_ASSIGN '
             "capsule (draft-ietf-masque-connect-ip-dns) after the routes in datagram "
             "mode, in the masqued-dns header in stream mode. Peers that do not know "
             "the capsule skip it. Applied to new tunnels on reload.",

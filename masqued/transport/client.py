@@ -169,7 +169,12 @@ class ClientTunnel:
                     await self.loop.run_in_executor(
                         None,
                         functools.partial(
-                            resolve_marked, host, port, settings.fwmark, prefer=prefer
+                            resolve_marked,
+                            host,
+                            port,
+                            settings.fwmark,
+                            prefer=prefer,
+                            servers=settings.outside_dns or None,
                         ),
                     )
                 )
