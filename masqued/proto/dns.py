@@ -242,12 +242,13 @@ def dns_info(configs: Sequence[DnsConfiguration]) -> DnsInfo:
             if ns.plain_dns_port != 53 or not ns.addresses:
                 skipped += 1
                 continue
-            ranked += [(ns.priority, len(ranked), a) for a in ns.addresses]
+            ranked += [(ns.priority, len(ranked) + i, a) for i, a in enumerate(ns.addresses)]
         for name in config.search_domains:
             _add_name(search, name, root=False)
         for name in config.internal_domains:
             _add_name(domains, name, root=True)
-    servers = tuple(dict.fromkeys(a for _, _, a in sorted(ranked)))
+    ranked.sort(key=lambda item: item[:2])  # addresses of both families never compared
+    servers = tuple(dict.fromkeys(a for _, _, a in ranked))
     return DnsInfo(
         servers=servers[:MAX_SERVERS],
         search=tuple(search)[:MAX_DOMAINS],

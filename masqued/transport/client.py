@@ -223,7 +223,9 @@ class ClientTunnel:
 
     def _up(self, attempt: Attempt) -> None:
         """``attempt`` carries the tunnel now: host state, status, log."""
-        params = attempt.ready.result()
+        # The latest: capsules that came after the first answer (DNS_ASSIGN follows
+        # the routes) but before this attempt carried the tunnel changed it already.
+        params = attempt.session.params or attempt.ready.result()
         settings = self.settings
         st = self.status
         if params != st.params:
