@@ -346,7 +346,7 @@ async def test_dns_assign_from_the_proxy_reaches_the_tunnel_params(certs: Path) 
         ]
         proxy.send_capsule(sid, DNS_ASSIGN, dns_assign_value(configs))
 
-    async with strict_proxy(certs, script) as (port, proxies):
+    async with strict_proxy(certs, script) as (port, _):
         client = OurClient(certs, port)
         await asyncio.wait_for(client.up, 5)
         await until(lambda: client.params[-1].dns is not None)
@@ -360,7 +360,7 @@ async def test_dns_assign_from_the_proxy_reaches_the_tunnel_params(certs: Path) 
 
 
 async def test_a_proxy_without_dns_assign_gives_no_dns(certs: Path) -> None:
-    async with strict_proxy(certs, accept) as (port, proxies):
+    async with strict_proxy(certs, accept) as (port, _):
         client = OurClient(certs, port)
         await asyncio.wait_for(client.up, 5)
         assert client.params[-1].dns is None

@@ -208,8 +208,14 @@ def parse_dns_assign(value: bytes) -> list[DnsConfig]:
                 priority = buf.pull_uint16()
                 if priority == 0:
                     raise Violation("nameserver Service Priority 0 (draft §2.2: MUST NOT)")
-                addrs = [str(ipaddress.IPv4Address(buf.pull_bytes(4))) for _ in range(buf.pull_uint_var())]
-                addrs += [str(ipaddress.IPv6Address(buf.pull_bytes(16))) for _ in range(buf.pull_uint_var())]
+                addrs = [
+                    str(ipaddress.IPv4Address(buf.pull_bytes(4)))
+                    for _ in range(buf.pull_uint_var())
+                ]
+                addrs += [
+                    str(ipaddress.IPv6Address(buf.pull_bytes(16)))
+                    for _ in range(buf.pull_uint_var())
+                ]
                 name = domain()
                 params = buf.pull_bytes(buf.pull_uint_var())
                 servers.append(DnsServer(priority, tuple(addrs), name, params))
