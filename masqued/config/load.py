@@ -18,6 +18,7 @@ from typing import Any, cast
 
 from cryptography import x509
 
+from masqued.config.host import load_client_host, load_relay_dns
 from masqued.config.keys import (
     DEFAULT_FALLBACK_AFTER,
     DEFAULT_H3_RETRY,
@@ -54,7 +55,6 @@ from masqued.config.reader import (
 from masqued.gate.auth import TokenFileError, TokenStore
 from masqued.gate.clients import ClientPolicy, check_addresses, load_clients_dir, parse_client
 from masqued.host.naming import InvalidInstanceName, check_instance_name
-from masqued.hostconf import load_client_host, load_relay_dns
 from masqued.proto.template import TemplateError, UriTemplate
 
 

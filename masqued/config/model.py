@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from masqued.config.host import ClientHost
 from masqued.config.keys import (
     DEFAULT_CONFIG_DIR,
     DEFAULT_FALLBACK_AFTER,
@@ -23,7 +24,6 @@ from masqued.config.keys import (
 )
 from masqued.gate.clients import ClientPolicy
 from masqued.host.naming import check_instance_name
-from masqued.hostconf import ClientHost
 
 
 class ConfigError(Exception):
@@ -115,7 +115,7 @@ class ClientConfig:
     private_key: Path | None = None
     token_file: Path | None = None
     uri_template: str | None = None  # the relay's template (RFC 9484 §3); None: default
-    # DNS, kill switch, hooks (masqued.hostconf)
+    # DNS, kill switch, hooks (masqued.config.host)
     host: ClientHost = field(default_factory=ClientHost)
 
     mode: Literal["client"] = "client"

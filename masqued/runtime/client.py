@@ -63,7 +63,7 @@ RESTART_KEYS = (
     "h3_retry",
     "h2_port",
 )
-# Keys of config.host (masqued.hostconf) a reload does not apply.
+# Keys of config.host (masqued.config.host) a reload does not apply.
 HOST_RESTART_KEYS = (
     "dns",
     "dns_from_relay",

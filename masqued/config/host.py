@@ -1,7 +1,7 @@
 """Config keys for living on a client (DNS, kill switch, hooks) and the relay's DNS push.
 
-masqued.config builds ClientConfig and RelayConfig; the keys of this file are read
-here (``load_client_host``, ``load_relay_dns``) so that config.py does not grow
+masqued.config.load builds ClientConfig and RelayConfig; the keys of this file are read
+here (``load_client_host``, ``load_relay_dns``) so that load.py does not grow
 with every host integration. Errors go to the same reader, one line per problem.
 """
 
