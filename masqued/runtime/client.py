@@ -25,6 +25,7 @@ from masqued.config import ClientConfig
 from masqued.host.killswitch import KillSwitch, KillSwitchError, KillSwitchRules
 from masqued.host.resolver import (
     RESOLV_CONF,
+    RESOLVED_RUN,
     RESOLVED_STUB,
     ResolverBackend,
     ResolverConfig,
@@ -75,20 +76,36 @@ HOST_RESTART_KEYS = (
 )
 
 
-def host_nameservers(path: Path = RESOLV_CONF) -> tuple[str, ...]:
-    """The nameservers of /etc/resolv.conf, unless it is resolved's stub (which would
-    send the relay's name to the tunnel's resolvers)."""
+def _changes_dns(config: ClientConfig) -> bool:
+    host = config.host
+    return bool(host.dns or host.dns_from_relay or host.kill_switch)
+
+
+def host_nameservers(
+    path: Path = RESOLV_CONF, upstream: Path = RESOLVED_RUN / "resolv.conf"
+) -> tuple[str, ...]:
+    """The host's own nameservers, read before the client changes anything: those of
+    /etc/resolv.conf, or, when that is resolved's stub (which would send the relay's
+    name to the tunnel's resolvers, and whose own queries the kill switch drops),
+    the upstream servers resolved lists in /run/systemd/resolve/resolv.conf."""
+    servers = _nameservers(path)
+    if RESOLVED_STUB in servers:
+        servers = [s for s in _nameservers(upstream) if s != RESOLVED_STUB]
+    return tuple(servers)
+
+
+def _nameservers(path: Path) -> list[str]:
     try:
         lines = path.read_text(errors="replace").splitlines()
     except OSError:
-        return ()
+        return []
     servers = []
     for line in lines:
         parts = line.split()
         if len(parts) >= 2 and parts[0] == "nameserver":
             with contextlib.suppress(ValueError):
                 servers.append(str(ipaddress.ip_address(parts[1])))
-    return () if RESOLVED_STUB in servers else tuple(servers)
+    return servers
 
 
 def client_settings(config: ClientConfig, fwmark: int) -> ClientSettings:
@@ -113,7 +130,8 @@ def client_settings(config: ClientConfig, fwmark: int) -> ClientSettings:
         fallback_after=config.fallback_after,
         h3_retry=config.h3_retry,
         h2_port=config.h2_port,
-        outside_dns=host_nameservers() if config.host.dns or config.host.dns_from_relay else (),
+        outside_dns=host_nameservers() if _changes_dns(config) else (),
+        marked_dns=config.host.kill_switch,
     )
 
 

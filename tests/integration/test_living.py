@@ -285,3 +285,32 @@ def test_hooks_run_in_order_and_a_failing_pre_up_aborts(lab20: NamespaceLab) -> 
     assert lab.leftovers(c) == []
     lab.forget(failing)
     assert relay.stop() == 0
+
+
+def test_kill_switch_with_the_relay_given_by_name(lab20: NamespaceLab) -> None:
+    """The kill switch drops the system resolver's (unmarked) queries: the client
+    resolves the relay's name from sockets with its fwmark from the first attempt on,
+    while any other lookup outside the tunnel stays blocked."""
+    lab = lab20
+    r, c = lab.relay_ns, lab.client_ns(1)
+    dns_v4 = "198.18.53.53"  # in the relay namespace, reached by the clients' default route
+    lab.ip(r, "addr", "add", f"{dns_v4}/32", "dev", "lo")
+    lab.ip(c, "route", "add", "default", "via", RELAY_V4)
+    (Path("/etc/netns") / c / "resolv.conf").write_text(
+        f"nameserver {dns_v4}\noptions timeout:1 attempts:1\n"
+    )
+    log = lab.workdir / "relay-dns.log"
+    lab.spawn(r, *lab.helper_cmd(r, "dnsserver.py", dns_v4, "relay.example", RELAY_V4), log=log)
+    wait_for(lambda: log.exists() and "listening" in log.read_text(), what="dns server")
+    assert RELAY_V4 in getent(lab, "relay.example")  # before: the system resolver works
+    relay = lab.start_daemon("relay", r, lab.relay_config())
+    relay.wait_ready()
+    client = lab.start_daemon(
+        "c1", c, lab.client_config(relay="relay.example:4433", extra="kill_switch = true\n")
+    )
+    client.wait_ready()
+    lab.wait_ping(c, TARGET_V4)
+    assert getent(lab, "relay.example") == ""  # unmarked: dropped by the kill switch
+    assert client.stop() == 0
+    assert RELAY_V4 in getent(lab, "relay.example")
+    assert relay.stop() == 0

@@ -194,3 +194,15 @@ def test_check_reads_what_the_host_uses(tmp_path: Path, monkeypatch: pytest.Monk
     conf.write_text("nameserver 198.18.1.1\n")
     problem = resolver.check("resolvconf", "mq-c1", CONFIG.servers)
     assert problem is not None and "198.18.1.1" in problem and "resolvconf" in problem
+
+
+def test_the_hosts_own_nameservers_behind_resolveds_stub(tmp_path: Path) -> None:
+    from masqued.runtime.client import host_nameservers
+
+    conf, upstream = tmp_path / "resolv.conf", tmp_path / "upstream.conf"
+    conf.write_text("nameserver 198.18.1.1\nnameserver bogus\nnameserver 2001:db8:1::1\n")
+    assert host_nameservers(conf, upstream) == ("198.18.1.1", "2001:db8:1::1")
+    conf.write_text("nameserver 127.0.0.53\noptions edns0\n")
+    upstream.write_text("# resolved's upstream servers\nnameserver 198.18.1.53\n")
+    assert host_nameservers(conf, upstream) == ("198.18.1.53",)
+    assert host_nameservers(tmp_path / "absent", upstream) == ()
