@@ -243,8 +243,10 @@ class ClientInstance(Instance):
         wanted = self.wanted_dns()
         if wanted is None:
             if host.dns_from_relay and self.params is not None:
+                # The relay stopped naming resolvers (restarted without dns): follow it.
+                self.revert_dns()
                 if self.dns_state.get("state") != "waiting":
-                    log.warning('dns = "relay" but the relay names no resolvers: DNS unchanged')
+                    log.info('dns = "relay" and the relay names no resolvers (yet): DNS unchanged')
                 self.dns_state = {"state": "waiting", "source": "relay"}
             return
         if wanted == self.dns:
