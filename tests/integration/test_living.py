@@ -132,6 +132,9 @@ def test_dns_goes_through_the_tunnel_and_comes_back_byte_for_byte(lab20: Namespa
     assert isinstance(dns, dict)
     assert dns["state"] == "applied" and dns["backend"] == "file" and dns["error"] is None
     assert dns["servers"] == [TARGET_V4]
+    doctor = lab.masqued(c, "doctor", "--config", str(client.config), "--json").stdout
+    found = {f["check"]: f for f in json.loads(doctor) if f["check"] == "dns"}
+    assert found["dns"]["level"] == "ok", doctor
 
     # Clean stop: the original is back, byte for byte.
     assert client.stop() == 0
