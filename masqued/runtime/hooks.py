@@ -34,6 +34,15 @@ def expand(command: str, tun: str) -> str:
     return "".join(out)
 
 
+# The daemon's own channels to systemd are not the hook's to use.
+_PRIVATE_ENV = ("NOTIFY_SOCKET", "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID")
+
+
+def _env(tun: str, hook: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _PRIVATE_ENV}
+    return {**env, "MASQUED_TUN": tun, "MASQUED_HOOK": hook}
+
+
 async def run_one(hook: str, command: str, tun: str, timeout: float) -> bool:
     """Run one hook command; True if it exited 0 within ``timeout``."""
     text = expand(command, tun)
@@ -47,7 +56,7 @@ async def run_one(hook: str, command: str, tun: str, timeout: float) -> bool:
             stdout=asyncio.subprocess.PIPE,
             stderr=asyncio.subprocess.STDOUT,
             start_new_session=True,  # its own process group: a timeout kills all of it
-            env={**os.environ, "MASQUED_TUN": tun, "MASQUED_HOOK": hook},
+            env=_env(tun, hook),
         )
     except OSError as exc:
         log.error("%s: cannot run %r: %s", hook, text, exc.strerror or exc)

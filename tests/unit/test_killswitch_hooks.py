@@ -117,3 +117,14 @@ def test_a_hook_that_hangs_is_killed_at_the_timeout(caplog: pytest.LogCaptureFix
     caplog.set_level(logging.INFO, "masqued")
     assert not asyncio.run(hooks.run_one("pre_down", "sleep 30", "mq-x", 0.3))
     assert "did not finish within 0.3 s" in caplog.text
+
+
+def test_hooks_do_not_get_the_daemons_notify_socket(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("NOTIFY_SOCKET", "/run/systemd/notify")
+    out = tmp_path / "env"
+    assert asyncio.run(hooks.run_one("post_up", f"env > {out}", "mq-x", 10))
+    env = out.read_text()
+    assert "NOTIFY_SOCKET" not in env
+    assert "MASQUED_TUN=mq-x" in env and "MASQUED_HOOK=post_up" in env
