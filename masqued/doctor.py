@@ -21,7 +21,7 @@ import shutil
 import socket
 import stat
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -482,7 +482,115 @@ def _client_checks(
         except OSError:
             dev = None
         findings.append(check_route_loop(dev, ids.tun, relay_ip))
+    from masqued.host.resolver import check as resolver_check
+
+    findings += check_dns(config, doc, resolver_check, ids.tun)
+    findings += check_kill_switch(config, doc)
     return findings
+
+
+_DNS_FIXES = {
+    "resolved": (
+        "start systemd-resolved (systemctl enable --now systemd-resolved) and point "
+        "/etc/resolv.conf at it (ln -sf /run/systemd/resolve/stub-resolv.conf "
+        '/etc/resolv.conf), or set dns_backend = "file"'
+    ),
+    "resolvconf": (
+        "resolvconf must own /etc/resolv.conf (Debian: the resolvconf package's "
+        'symlink to /run/resolvconf/resolv.conf), or set dns_backend = "file"'
+    ),
+    "file": "check that nothing else (NetworkManager, dhclient) rewrites /etc/resolv.conf",
+}
+
+
+def check_dns(
+    config: ClientConfig,
+    doc: dict[str, Any] | None,
+    live: Callable[[str, str, Sequence[Any]], str | None],
+    tun: str,
+) -> list[Finding]:
+    """The host's resolver configuration against what the instance set and reports.
+    ``live(backend, tun, servers)`` (masqued.host.resolver.check) looks at the host now."""
+    host = config.host
+    if not host.dns and not host.dns_from_relay:
+        if config.full_tunnel:
+            return [
+                warn(
+                    "dns",
+                    "full tunnel without dns: name lookups go to the local network's "
+                    "resolver, outside the tunnel",
+                    'set dns = ["RESOLVER", ...] or dns = "relay" (a resolver the relay names)',
+                )
+            ]
+        return [ok("dns", "dns not set: the host's resolvers answer as before")]
+    findings: list[Finding] = []
+    state = (doc or {}).get("dns") or {}
+    backend = str(state.get("backend") or "")
+    fix = _DNS_FIXES.get(backend, "see journalctl -u masqued@" + config.name)
+    if doc is None:
+        return [ok("dns", "instance not running: DNS is left as the host has it")]
+    if state.get("state") == "failed":
+        findings.append(
+            fail("dns", f"setting DNS through {backend} failed: {state.get('error')}", fix)
+        )
+    elif state.get("state") == "waiting":
+        findings.append(
+            warn(
+                "dns",
+                'dns = "relay" but the relay names no resolvers: DNS left unchanged',
+                "set dns on the relay (its dns key), or list resolvers in this client's dns",
+            )
+        )
+    elif state.get("state") == "applied":
+        servers = [ipaddress.ip_address(a) for a in state.get("servers") or []]
+        problem = live(backend, tun, servers)
+        if problem:
+            findings.append(
+                fail("dns", f"DNS set through {backend} but not in use: {problem}", fix)
+            )
+        else:
+            findings.append(
+                ok("dns", f"{', '.join(map(str, servers))} through {backend} ({state.get('why')})")
+            )
+        for server in servers:
+            routed = any(server.version == r.version and server in r for r in config.routes)
+            allowed = any(
+                server.version == n.version and server in n for n in host.kill_switch_allow
+            )
+            if not routed and host.kill_switch and not allowed:
+                findings.append(
+                    fail(
+                        "dns",
+                        f"resolver {server} is outside the tunnel's routes and the kill "
+                        "switch drops its queries",
+                        "route it into the tunnel (routes) or add it to kill_switch_allow",
+                    )
+                )
+            elif not routed:
+                findings.append(
+                    warn(
+                        "dns",
+                        f"resolver {server} is not routed into the tunnel: its queries "
+                        "leave outside it",
+                        "add its address to routes, or use a resolver inside them",
+                    )
+                )
+    return findings
+
+
+def check_kill_switch(config: ClientConfig, doc: dict[str, Any] | None) -> list[Finding]:
+    if not config.host.kill_switch or doc is None:
+        return []
+    ks = doc.get("kill_switch") or {}
+    if ks.get("installed"):
+        return [ok("kill switch", f"installed in {ks.get('table')}")]
+    return [
+        fail(
+            "kill switch",
+            f"kill_switch = true but its rules are not installed ({ks.get('table')})",
+            f"systemctl restart masqued@{config.name}; nft list ruleset shows what is there",
+        )
+    ]
 
 
 def run_checks(path: Path, name: str) -> list[Finding]:

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from masqued.config.host import client_key_docs, relay_key_docs
+
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 NatMode = Literal["auto", "nftables", "iptables", "off"]
@@ -223,6 +225,7 @@ RELAY_KEY_DOCS: tuple[KeyDoc, ...] = (
         "Where address leases by identity are kept, so a client that reconnects gets "
         "its address back.",
     ),
+    *relay_key_docs(KeyDoc),
 )
 
 CLIENT_KEY_DOCS: tuple[KeyDoc, ...] = (
@@ -345,6 +348,7 @@ CLIENT_KEY_DOCS: tuple[KeyDoc, ...] = (
         "File holding the NAME.SECRET token for auth = token (`masqued token new` on "
         "the relay); sent as Authorization: Bearer. Keep it mode 0600.",
     ),
+    *client_key_docs(KeyDoc),
 )
 RELAY_KEYS = tuple(k.name for k in RELAY_KEY_DOCS)
 CLIENT_KEYS = tuple(k.name for k in CLIENT_KEY_DOCS)

@@ -18,6 +18,7 @@ from typing import Any, cast
 
 from cryptography import x509
 
+from masqued.config.host import load_client_host, load_relay_dns
 from masqued.config.keys import (
     DEFAULT_FALLBACK_AFTER,
     DEFAULT_H3_RETRY,
@@ -153,6 +154,7 @@ def _load_relay(r: Reader, name: str) -> RelayConfig:
             state_dir = r.base / text
 
     uri_template = _uri_template(r)
+    dns, dns_search = load_relay_dns(r)
     if r.errors:
         raise ConfigError(r.path, r.errors)
     assert cert is not None and key is not None and pool is not None and routes is not None
@@ -185,6 +187,8 @@ def _load_relay(r: Reader, name: str) -> RelayConfig:
         clients_dir=clients_dir,
         state_dir=state_dir,
         uri_template=uri_template,
+        dns=dns,
+        dns_search=dns_search,
     )
 
 
@@ -314,6 +318,7 @@ def _load_client(r: Reader, name: str) -> ClientConfig:
                 r.error("token_file", f"{token_file} does not hold a token (NAME.SECRET)")
 
     template = _uri_template(r)
+    host = load_client_host(r, fwmark)
     if r.errors:
         raise ConfigError(r.path, r.errors)
     assert relay is not None and ca is not None and routes is not None
@@ -341,6 +346,7 @@ def _load_client(r: Reader, name: str) -> ClientConfig:
         private_key=client_key,
         token_file=token_file,
         uri_template=template,
+        host=host,
     )
 
 

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from masqued.config.host import ClientHost
 from masqued.config.keys import (
     DEFAULT_CONFIG_DIR,
     DEFAULT_FALLBACK_AFTER,
@@ -16,6 +17,7 @@ from masqued.config.keys import (
     DEFAULT_MTU,
     DEFAULT_RECONNECT_MAX,
     HttpVersion,
+    IPAddress,
     NatMode,
     Network,
     Transport,
@@ -82,6 +84,8 @@ class RelayConfig:
     clients_dir: Path | None = None
     state_dir: Path | None = None
     uri_template: str | None = None  # served besides the default one (RFC 9484 §3)
+    dns: tuple[IPAddress, ...] = ()  # resolvers told to clients (masqued.proto.dns)
+    dns_search: tuple[str, ...] = ()
 
     mode: Literal["relay"] = "relay"
 
@@ -111,6 +115,8 @@ class ClientConfig:
     private_key: Path | None = None
     token_file: Path | None = None
     uri_template: str | None = None  # the relay's template (RFC 9484 §3); None: default
+    # DNS, kill switch, hooks (masqued.config.host)
+    host: ClientHost = field(default_factory=ClientHost)
 
     mode: Literal["client"] = "client"
 

@@ -267,6 +267,24 @@ def _rate_line(r: dict[str, float]) -> str:
     )
 
 
+def _dns_line(dns: dict[str, Any]) -> str:
+    state = dns.get("state", "off")
+    if dns.get("configured") is None:
+        return "unchanged (no dns key)"
+    if state == "waiting":
+        return 'waiting: dns = "relay" and the relay named no resolvers'
+    servers = ", ".join(dns.get("servers") or [])
+    search = " ".join(dns.get("search") or [])
+    line = f"{state} via {dns.get('backend', '?')}: {servers or 'none'}"
+    if search:
+        line += f" (search {search})"
+    if dns.get("source") == "relay":
+        line += ", named by the relay"
+    if dns.get("error"):
+        line += f"; {dns['error']}"
+    return line
+
+
 def render_text(doc: dict[str, Any], rates: Rates | None = None) -> str:
     """A status document the way ``wg show`` prints an interface and its peers."""
     now = float(doc.get("time") or time.time())
@@ -342,6 +360,13 @@ def render_text(doc: dict[str, Any], rates: Rates | None = None) -> str:
         kv("routes", ", ".join(doc.get("routes", [])) or "none")
         kv("fwmark", f"{fwmark:#x}" if fwmark else "off")
         kv("connects", f"{doc.get('connects', 0)}")
+        if doc.get("dns"):
+            kv("dns", _dns_line(doc["dns"]))
+        ks = doc.get("kill_switch") or {}
+        if ks.get("enabled"):
+            allow = ", ".join(ks.get("allow") or []) or "nothing else"
+            where = "installed" if ks.get("installed") else "NOT installed"
+            kv("kill switch", f"{where} ({ks.get('table')}), allows {allow}")
     hs = doc.get("handshake") or {}
     if hs.get("count"):
         kv("handshakes", f"{hs['count']}, average {hs['sum'] / hs['count'] * 1000:.1f} ms")

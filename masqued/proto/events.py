@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from masqued.proto.connect_ip import IPRange, RequestedAddress
+from masqued.proto.dns import DnsInfo
 from masqued.proto.request import IPNetwork, TunnelParams
 
 
@@ -46,6 +47,13 @@ class RoutesAdvertised:
 
 
 @dataclass(frozen=True, slots=True)
+class DnsAssigned:
+    """DNS_ASSIGN: the resolvers the peer names (what a resolver configuration can use)."""
+
+    dns: DnsInfo
+
+
+@dataclass(frozen=True, slots=True)
 class AddressesRequested:
     """Relay: an ADDRESS_REQUEST, already answered by the session."""
 
@@ -63,6 +71,7 @@ Event = (
     | TunnelRefused
     | AddressesAssigned
     | RoutesAdvertised
+    | DnsAssigned
     | AddressesRequested
     | StreamEnded
 )

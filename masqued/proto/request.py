@@ -5,7 +5,8 @@ RFC 9114 §4.4 (extended CONNECT over HTTP/3). Every refusal is a RequestError
 carrying the HTTP status to answer with.
 
 Response: a 2xx for the stream transport carries the tunnel parameters in
-``masqued-address``, ``masqued-routes`` and ``masqued-mtu`` (docs/architecture.md §3).
+``masqued-address``, ``masqued-routes`` and ``masqued-mtu`` (docs/architecture.md §3),
+and the relay's resolvers in ``masqued-dns`` / ``masqued-dns-search`` (masqued.proto.dns).
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ipaddress import (
 from types import MappingProxyType
 from typing import Literal
 
+from masqued.proto.dns import DnsInfo, dns_headers, parse_dns_headers
 from masqued.proto.errors import RequestError, ResponseError
 from masqued.proto.packet import EXTENSION_HEADERS
 from masqued.proto.template import UriTemplate
@@ -326,6 +328,8 @@ class TunnelParams:
     addresses: tuple[IPInterface, ...]
     routes: tuple[IPNetwork, ...]
     mtu: int
+    # The relay's resolvers (DNS_ASSIGN, or masqued-dns in stream mode); None: none told.
+    dns: DnsInfo | None = None
 
 
 def build_response_headers(
@@ -343,6 +347,7 @@ def build_response_headers(
             (ADDRESS_HEADER.encode(), ", ".join(map(str, params.addresses)).encode()),
             (ROUTES_HEADER.encode(), ", ".join(map(str, params.routes)).encode()),
             (MTU_HEADER.encode(), str(params.mtu).encode()),
+            *dns_headers(params.dns),
         ]
     headers.extend(extra)
     return headers
@@ -410,4 +415,6 @@ def parse_stream_response(headers: Sequence[tuple[bytes, bytes]]) -> TunnelParam
         raise ResponseError(f"{MTU_HEADER} {mtu} outside {MIN_MTU}..{MAX_MTU}")
     if mtu < IPV6_MIN_MTU and any(a.version == 6 for a in addresses):
         raise ResponseError(f"{MTU_HEADER} {mtu} is below the IPv6 minimum (RFC 8200 §5)")
-    return TunnelParams(addresses=tuple(addresses), routes=tuple(routes), mtu=mtu)
+    return TunnelParams(
+        addresses=tuple(addresses), routes=tuple(routes), mtu=mtu, dns=parse_dns_headers(fields)
+    )

@@ -22,6 +22,7 @@ from typing import Protocol
 from masqued.proto.capsule import (
     ADDRESS_ASSIGN,
     ADDRESS_REQUEST,
+    DNS_ASSIGN,
     ROUTE_ADVERTISEMENT,
     Capsule,
 )
@@ -38,6 +39,7 @@ from masqued.proto.connect_ip import (
     ranges_for,
     rejection,
 )
+from masqued.proto.dns import DnsInfo, decode_dns_assign, dns_info, encode_dns_assign
 from masqued.proto.drops import (
     DROP_ACL,
     DROP_LINK_LOCAL,
@@ -52,6 +54,7 @@ from masqued.proto.errors import CapsuleError, PacketError, ResponseError
 from masqued.proto.events import (
     AddressesAssigned,
     AddressesRequested,
+    DnsAssigned,
     Event,
     RoutesAdvertised,
     StreamEnded,
@@ -131,8 +134,10 @@ class ProxySession:
         drops: Counter[str],
         acl: Callable[[bytes], bool] | None = None,
         reach: Destinations | None = None,
+        dns: DnsInfo | None = None,
     ) -> None:
         self.request = request
+        self.dns = dns  # resolvers told to the client (DNS_ASSIGN / masqued-dns)
         self.mode = Mode(request.transport)
         self.addresses = tuple(addresses)
         self.routes = tuple(routes)
@@ -170,15 +175,21 @@ class ProxySession:
         """The 2xx headers and the first bytes of the stream: stream mode puts the
         tunnel parameters in headers; datagram mode sends ADDRESS_ASSIGN (request ID
         0, unprompted) and ROUTE_ADVERTISEMENT (RFC 9484 §4.7) after a capsule-protocol
-        2xx. A scoped ipproto narrows the routes to that protocol (§4.7.3)."""
+        2xx, then DNS_ASSIGN when the relay names resolvers (after the routes, as
+        draft-ietf-masque-connect-ip-dns §5 asks). A scoped ipproto narrows the routes
+        to that protocol (§4.7.3)."""
         if self.mode is Mode.STREAM:
-            params = TunnelParams(addresses=self.addresses, routes=self.routes, mtu=self.mtu)
+            params = TunnelParams(
+                addresses=self.addresses, routes=self.routes, mtu=self.mtu, dns=self.dns
+            )
             return build_response_headers(200, params), b""
         headers = build_response_headers(200, extra=[(CAPSULE_PROTOCOL_HEADER.encode(), b"?1")])
         proto = self.request.ipproto or 0
         control = encode_address_assign(
             AssignedAddress(0, a.network) for a in self.addresses
         ) + encode_route_advertisement(ranges_for(self.routes, proto))
+        if self.dns:
+            control += encode_dns_assign(self.dns.configurations())
         return headers, control
 
     def receive_data(self, data: bytes, ended: bool) -> tuple[list[bytes], bytes, list[Event]]:
@@ -217,6 +228,10 @@ class ProxySession:
         if kind == ROUTE_ADVERTISEMENT:
             self.peer_routes = decode_route_advertisement(capsule.value).ranges
             return b"", RoutesAdvertised(self.peer_routes)
+        if kind == DNS_ASSIGN:
+            # A client's DNS configuration is not for us (draft-ietf-masque-connect-ip-dns
+            # §3: proxies ignore it); a malformed one still aborts.
+            decode_dns_assign(capsule.value)
         return b"", None
 
     def _answer(self, requests: Iterable[RequestedAddress]) -> bytes:
@@ -435,6 +450,7 @@ class ClientSession:
         self.params: TunnelParams | None = None
         self._assigned: tuple[IPNetwork, ...] | None = None
         self._routes: tuple[IPNetwork, ...] | None = None
+        self._dns: DnsInfo | None = None
         self._request_ids: dict[int, int] = {}  # request ID -> IP version
         # The relay advertised more than MAX_ROUTE_NETWORKS networks / more than one
         # address of a family: the adapter says so once.
@@ -531,6 +547,9 @@ class ClientSession:
             self.routes_truncated = not complete
             self._set_filter(advert.ranges)
             events.append(RoutesAdvertised(advert.ranges))
+        elif kind == DNS_ASSIGN:
+            self._dns = dns_info(decode_dns_assign(capsule.value))
+            events.append(DnsAssigned(self._dns))
         elif kind == ADDRESS_REQUEST:
             # The relay asking us for addresses: checked (a malformed one aborts), but
             # we assign none.
@@ -549,6 +568,7 @@ class ClientSession:
             addresses=tuple(_interface(p) for p in self._assigned),
             routes=self._routes,
             mtu=self.mtu,
+            dns=self._dns,
         )
         if params == self.params:
             return []

@@ -35,6 +35,7 @@ from masqued.host.rtnetlink import RtNetlink
 from masqued.host.sysctl import SysctlRecord
 from masqued.host.tun import TunDevice, inherited_tun, open_tun
 from masqued.observe.status import StatusService
+from masqued.proto.dns import DnsInfo
 from masqued.proto.template import UriTemplate
 from masqued.runtime.instance import Instance, StartupError, changed_keys, not_yet, start_status
 from masqued.runtime.service import Notifier, freeze_startup_objects, set_level
@@ -90,6 +91,14 @@ def access_control(config: RelayConfig) -> AccessControl:
     return access
 
 
+def relay_dns(config: RelayConfig) -> DnsInfo | None:
+    """The resolvers the relay tells its clients: they serve every name ("" = the
+    root, draft-ietf-masque-connect-ip-dns §3)."""
+    if not config.dns:
+        return None
+    return DnsInfo(servers=config.dns, search=config.dns_search, domains=("",))
+
+
 def relay_settings(config: RelayConfig, worker: int) -> RelaySettings:
     count = config.workers
     # Every worker's gateways (each share's subnets) are the relay's own addresses.
@@ -106,6 +115,7 @@ def relay_settings(config: RelayConfig, worker: int) -> RelaySettings:
         templates=(UriTemplate.parse(config.uri_template),) if config.uri_template else (),
         client_ca=str(config.client_ca) if "mtls" in config.auth and config.client_ca else None,
         relay_addresses=relay_addresses([*config.pool, *shares]),
+        dns=relay_dns(config),
     )
 
 

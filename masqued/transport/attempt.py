@@ -86,6 +86,12 @@ class ClientSettings:
     fallback_after: float = 2.0
     h3_retry: float = 30.0
     h2_port: int | None = None
+    # The host's own nameservers, for the relay's name while reconnecting, when the
+    # client pointed /etc/resolv.conf at the tunnel's (empty: /etc/resolv.conf's).
+    outside_dns: tuple[str, ...] = ()
+    # The kill switch drops the system resolver's unmarked queries: the relay's name
+    # is resolved from marked sockets from the first attempt on.
+    marked_dns: bool = False
 
     def token(self) -> str | None:
         """The bearer token, read at each attempt (so a replaced file takes effect)."""

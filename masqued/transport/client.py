@@ -157,7 +157,8 @@ class ClientTunnel:
             literal = True
         except ValueError:
             literal = False
-        if literal or not settings.fwmark or self.status.connects == 0:
+        first = self.status.connects == 0 and not settings.marked_dns
+        if literal or not settings.fwmark or first:
             infos = await self.loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
             found: list[tuple[int, Any]] = [(info[0], info[4]) for info in infos]
             if not found:
@@ -169,11 +170,18 @@ class ClientTunnel:
                     await self.loop.run_in_executor(
                         None,
                         functools.partial(
-                            resolve_marked, host, port, settings.fwmark, prefer=prefer
+                            resolve_marked,
+                            host,
+                            port,
+                            settings.fwmark,
+                            prefer=prefer,
+                            servers=settings.outside_dns or None,
                         ),
                     )
                 )
             except DnsError as exc:
+                if not self._relay_addrs and settings.marked_dns:
+                    return await self._resolve_system(host, port, exc)
                 if not self._relay_addrs:
                     raise TunnelFailed(f"cannot resolve {host} outside the tunnel: {exc}") from None
                 self.ratelog.warning(
@@ -186,6 +194,15 @@ class ClientTunnel:
                 found = self._relay_addrs
         self._relay_addrs = found
         return found
+
+    async def _resolve_system(self, host: str, port: int, why: DnsError) -> list[tuple[int, Any]]:
+        """The system resolver after marked DNS found nothing (/etc/hosts, say)."""
+        try:
+            infos = await self.loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+        except OSError:
+            raise TunnelFailed(f"cannot resolve {host} outside the tunnel: {why}") from None
+        self._relay_addrs = [(info[0], info[4]) for info in infos]
+        return self._relay_addrs
 
     def _set_state(self, state: str) -> None:
         self.status.state = state
@@ -218,7 +235,9 @@ class ClientTunnel:
 
     def _up(self, attempt: Attempt) -> None:
         """``attempt`` carries the tunnel now: host state, status, log."""
-        params = attempt.ready.result()
+        # The latest: capsules that came after the first answer (DNS_ASSIGN follows
+        # the routes) but before this attempt carried the tunnel changed it already.
+        params = attempt.session.params or attempt.ready.result()
         settings = self.settings
         st = self.status
         if params != st.params:

@@ -29,6 +29,7 @@ from masqued.gate.policy import Reach, relay_addresses
 from masqued.host.tun import Tun
 from masqued.logutil import RateLimitedLog
 from masqued.observe.metrics import LatencyHistogram, TrafficCounters
+from masqued.proto.dns import DnsInfo
 from masqued.proto.drops import (
     DROP_ACL,
     DROP_MALFORMED,
@@ -96,6 +97,8 @@ class RelaySettings:
     # Addresses of the relay host no client may send to, besides those of this
     # server's own pool (masqued.gate.policy.relay_addresses): the other workers'.
     relay_addresses: tuple[bytes, ...] = ()
+    # Resolvers told to every client (DNS_ASSIGN, or masqued-dns in stream mode).
+    dns: DnsInfo | None = None
 
 
 @dataclass(eq=False)
@@ -424,6 +427,7 @@ class RelayServer:
             drops=counters.drops,
             acl=admission.acl.allows if admission.acl is not None else None,
             reach=self._reach_for(admission.routes, request.target is not None),
+            dns=self.settings.dns,
         )
         tunnel = Tunnel(
             link=link,

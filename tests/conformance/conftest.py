@@ -7,6 +7,7 @@ import ipaddress
 import socket
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -20,7 +21,7 @@ RELAY_MTU = 1300
 
 
 class OurRelay:
-    def __init__(self, certs: Path) -> None:
+    def __init__(self, certs: Path, **settings: Any) -> None:
         self.tun = FakeTun("mq-relay", RELAY_MTU)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.bind(("127.0.0.1", 0))
@@ -36,6 +37,7 @@ class OurRelay:
             routes=ROUTES,
             certificate=str(certs / "relay.example.pem"),
             private_key=str(certs / "relay.example.key"),
+            **settings,
         )
         self.server = RelayServer(
             asyncio.get_running_loop(),

@@ -23,12 +23,16 @@ from tests.conformance.peers import Headers, StrictProxy, server_config
 from tests.conformance.wire import (
     ADDRESS_ASSIGN,
     ADDRESS_REQUEST,
+    DNS_ASSIGN,
     H3_DATAGRAM_SETTING,
     H3_MESSAGE_ERROR,
     ROUTE_ADVERTISEMENT,
+    DnsConfig,
+    DnsServer,
     Entry,
     Range,
     assign_value,
+    dns_assign_value,
     parse_address_list,
     routes_value,
     split_datagram,
@@ -290,4 +294,41 @@ async def test_a_route_for_tcp_only_keeps_udp_out_with_icmp_from_our_side(certs:
         info = parse_packet(icmp)
         assert (info.icmp_type, info.icmp_code, str(info.dst)) == (3, 13, me)
         assert client.tunnel.status.counters.drops["not_routed"] == 1
+        await client.close()
+
+
+async def test_dns_assign_from_the_proxy_reaches_the_tunnel_params(certs: Path) -> None:
+    """A proxy speaking draft-ietf-masque-connect-ip-dns-06 (connect-ip-go's layout):
+    our client keeps the plain-DNS nameservers (priority order), the search and
+    internal domains, and leaves out a DoH-only nameserver and a bad name."""
+    doh = DnsServer(1, (), "dns.example", bytes.fromhex("0001000302683300020000"))
+    plain = DnsServer(2, ("192.0.2.53", "2001:db8::53"))
+    backup = DnsServer(5, ("192.0.2.54",))
+
+    def script(proxy: StrictProxy, sid: int, headers: Headers) -> None:
+        accept(proxy, sid, headers)
+        configs = [
+            DnsConfig((backup, doh), ("",), ("corp.example",)),
+            DnsConfig((plain,), ("internal.example",), ("bad name!", "example")),
+        ]
+        proxy.send_capsule(sid, DNS_ASSIGN, dns_assign_value(configs))
+
+    async with strict_proxy(certs, script) as (port, _):
+        client = our_client(certs, port)
+        await asyncio.wait_for(client.up, 5)
+        await until(lambda: client.params[-1].dns is not None)
+        dns = client.params[-1].dns
+        assert dns is not None
+        assert [str(s) for s in dns.servers] == ["192.0.2.53", "2001:db8::53", "192.0.2.54"]
+        assert dns.search == ("corp.example", "example")
+        assert dns.domains == ("", "internal.example")
+        assert dns.skipped == 1
+        await client.close()
+
+
+async def test_a_proxy_without_dns_assign_gives_no_dns(certs: Path) -> None:
+    async with strict_proxy(certs, accept) as (port, _):
+        client = our_client(certs, port)
+        await asyncio.wait_for(client.up, 5)
+        assert client.params[-1].dns is None
         await client.close()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from aioquic.asyncio.client import connect
 
+from masqued.proto.dns import DnsInfo
 from masqued.proto.packet import (
     build_icmp_echo,
     build_tcp,
@@ -26,15 +27,19 @@ from tests.conformance.wire import (
     ADDRESS_ASSIGN,
     ADDRESS_REQUEST,
     DATAGRAM,
+    DNS_ASSIGN,
     ENABLE_CONNECT_PROTOCOL,
     H3_DATAGRAM_ERROR,
     H3_DATAGRAM_SETTING,
     H3_MESSAGE_ERROR,
     ROUTE_ADVERTISEMENT,
+    DnsConfig,
+    DnsServer,
     Range,
     assign_value,
     capsule,
     parse_address_list,
+    parse_dns_assign,
     parse_routes,
     routes_value,
     split_datagram,
@@ -327,3 +332,48 @@ async def test_datagrams_too_small_for_ipv6_are_refused(relay: OurRelay, certs: 
         assert dict(st.headers[0])[b":status"] == b"503"
         assert relay.pool.used() == 0
         c.close_quietly()
+
+
+async def test_dns_assign_follows_the_routes_and_a_client_not_knowing_it_works(
+    certs: Path,
+) -> None:
+    """draft-ietf-masque-connect-ip-dns: DNS_ASSIGN after ROUTE_ADVERTISEMENT (§5), in
+    the -06 layout; a client that does not know the type skips it (RFC 9297 §3.2)
+    and its tunnel works as before."""
+    dns = DnsInfo(
+        servers=(ipaddress.ip_address("198.19.0.53"), ipaddress.ip_address("2001:db8:19::53")),
+        search=("corp.example",),
+        domains=("",),
+    )
+    r = OurRelay(certs, dns=dns)
+    try:
+        async with strict_client(r, certs) as c:
+            sid, addr = await open_tunnel(c)
+            st = c.stream(sid)
+            await c.wait(lambda: len(st.capsules) >= 3)
+            kind, value = st.capsules[2]
+            assert kind == DNS_ASSIGN
+            assert parse_dns_assign(value) == [
+                DnsConfig(
+                    servers=(DnsServer(1, ("198.19.0.53", "2001:db8:19::53")),),
+                    internal=("",),
+                    search=("corp.example",),
+                )
+            ]
+            out = build_udp(addr, TARGET, 4000, 53, b"q")
+            c.send_packet(sid, out)
+            await c.wait(lambda: len(r.tun.written) == 1)
+            assert r.tun.written[0] == out
+    finally:
+        r.server.close()
+        for sock in r.tcp_socks:
+            sock.close()
+
+
+async def test_no_dns_assign_unless_configured(relay: OurRelay, certs: Path) -> None:
+    async with strict_client(relay, certs) as c:
+        sid, addr = await open_tunnel(c)
+        st = c.stream(sid)
+        c.send_packet(sid, build_udp(addr, TARGET, 4000, 53, b"q"))
+        await c.wait(lambda: len(relay.tun.written) == 1)
+        assert [k for k, _ in st.capsules] == [ADDRESS_ASSIGN, ROUTE_ADVERTISEMENT]

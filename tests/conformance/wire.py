@@ -152,3 +152,76 @@ def split_datagram(payload: bytes) -> tuple[int, bytes]:
     buf = Buffer(data=payload)
     ctx = buf.pull_uint_var()
     return ctx, payload[buf.tell() :]
+
+
+# --- DNS_ASSIGN (draft-ietf-masque-connect-ip-dns-06, as connect-ip-go) ---------------
+
+DNS_ASSIGN = 0x1ACE79EC
+
+
+@dataclass(frozen=True)
+class DnsServer:
+    priority: int
+    addresses: tuple[str, ...]
+    auth_name: str = ""
+    params: bytes = b""
+
+
+@dataclass(frozen=True)
+class DnsConfig:
+    servers: tuple[DnsServer, ...]
+    internal: tuple[str, ...]
+    search: tuple[str, ...]
+
+
+def _domain(name: str) -> bytes:
+    return varint(len(name)) + name.encode()
+
+
+def dns_assign_value(configs: list[DnsConfig]) -> bytes:
+    out = b""
+    for cfg in configs:
+        out += varint(len(cfg.servers))
+        for s in cfg.servers:
+            v4 = [ipaddress.ip_address(a) for a in s.addresses if ":" not in a]
+            v6 = [ipaddress.ip_address(a) for a in s.addresses if ":" in a]
+            out += s.priority.to_bytes(2, "big")
+            out += varint(len(v4)) + b"".join(a.packed for a in v4)
+            out += varint(len(v6)) + b"".join(a.packed for a in v6)
+            out += _domain(s.auth_name) + varint(len(s.params)) + s.params
+        for names in (cfg.internal, cfg.search):
+            out += varint(len(names)) + b"".join(_domain(n) for n in names)
+    return out
+
+
+def parse_dns_assign(value: bytes) -> list[DnsConfig]:
+    buf = Buffer(data=value)
+
+    def domain() -> str:
+        return buf.pull_bytes(buf.pull_uint_var()).decode("ascii")
+
+    configs = []
+    try:
+        while buf.tell() < len(value):
+            servers = []
+            for _ in range(buf.pull_uint_var()):
+                priority = buf.pull_uint16()
+                if priority == 0:
+                    raise Violation("nameserver Service Priority 0 (draft §2.2: MUST NOT)")
+                addrs = [
+                    str(ipaddress.IPv4Address(buf.pull_bytes(4)))
+                    for _ in range(buf.pull_uint_var())
+                ]
+                addrs += [
+                    str(ipaddress.IPv6Address(buf.pull_bytes(16)))
+                    for _ in range(buf.pull_uint_var())
+                ]
+                name = domain()
+                params = buf.pull_bytes(buf.pull_uint_var())
+                servers.append(DnsServer(priority, tuple(addrs), name, params))
+            internal = tuple(domain() for _ in range(buf.pull_uint_var()))
+            search = tuple(domain() for _ in range(buf.pull_uint_var()))
+            configs.append(DnsConfig(tuple(servers), internal, search))
+    except BufferReadError:
+        raise Violation("truncated DNS_ASSIGN") from None
+    return configs

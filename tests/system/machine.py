@@ -35,6 +35,9 @@ ROOTFS_PACKAGES = (
     "libsystemd0",
     "iputils-ping",
     "procps",
+    # The client's dns = [...] through resolved (issue 20); its postinst points
+    # /etc/resolv.conf at the stub, as on a desktop or cloud image.
+    "systemd-resolved",
 )
 
 
@@ -73,6 +76,13 @@ def ensure_rootfs() -> tuple[Path, float]:
                 stdin=subprocess.DEVNULL,
                 capture_output=True,
                 timeout=1200,
+            )
+            # resolved (for the client's DNS test) asks no one but the links' servers:
+            # no compiled-in fallback resolvers, no LLMNR or mDNS on the lab's links.
+            dropin = tmp / "etc/systemd/resolved.conf.d"
+            dropin.mkdir(parents=True, exist_ok=True)
+            (dropin / "masqued-systest.conf").write_text(
+                "[Resolve]\nFallbackDNS=\nLLMNR=no\nMulticastDNS=no\n"
             )
             # Quieter, faster boots: nothing of these is needed in a test container.
             for unit in ("apt-daily.timer", "apt-daily-upgrade.timer", "dpkg-db-backup.timer"):

@@ -15,6 +15,7 @@ the security exposure, upgrade to the new build, the iptables NAT backend, stop
 from __future__ import annotations
 
 import json
+import os
 import re
 import secrets
 import subprocess
@@ -102,7 +103,9 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
     rootfs, timings["rootfs"] = ensure_rootfs()
     old_deb, new_deb = (_wait_build(b) for b in builds)
     timings["build"] = time.monotonic() - t0
-    the_lab = NamespaceLab(work / "lab", work / "pki", clients=1, tag=secrets.token_hex(2))
+    # MASQUED_LAB_TAG: namespaces mq-TAG-* of one's own when several runs share a host.
+    tag = os.environ.get("MASQUED_LAB_TAG") or secrets.token_hex(2)
+    the_lab = NamespaceLab(work / "lab", work / "pki", clients=1, tag=tag)
     binds = {debs: DEBS}
     tag = the_lab.tag
     relay = Container(f"mq-{tag}-relay", the_lab.relay_ns, rootfs, work / "relay.log", binds)
@@ -297,6 +300,62 @@ def test_relay_serves_http2_too(env: Env) -> None:
     res = client.run("systemctl", "restart", "masqued@client", check=False, timeout=120)
     assert res.returncode == 0, res.stderr
     assert client_http() == "h3"
+    _ping(client, TARGET_V4)
+
+
+def test_dns_through_systemd_resolved_and_the_kill_switch(env: Env) -> None:
+    """Inside the booted container systemd-resolved answers lookups (its stub in
+    /etc/resolv.conf): the hardened unit sets the tunnel's resolver on the TUN over
+    D-Bus, a name under dns_search is resolved through the tunnel by the resolver on
+    the target, and stop takes it away again; /etc/resolv.conf itself is never
+    written. The kill switch works under the unit too."""
+    client, lab = env.client, env.lab
+    conf = "/etc/masque/client.conf"
+    active = client.run("systemctl", "is-active", "systemd-resolved", check=False).stdout
+    assert active.strip() == "active"
+    link_before = client.run("readlink", "/etc/resolv.conf").stdout.strip()
+    assert link_before.endswith("stub-resolv.conf"), link_before
+    log = lab.workdir / "dns.log"
+    t = lab.target_ns
+    server = lab.helper_cmd(t, "dnsserver.py", TARGET_V4, "www.corp.example", TARGET_V4)
+    lab.spawn(t, *server, log=log)
+    client.wait_for("dns server", lambda: log.exists() and "listening" in log.read_text())
+    client.sh(
+        f"cp {conf} {conf}.nodns\n"
+        f"echo 'dns = [\"{TARGET_V4}\"]' >> {conf}\n"
+        f"echo 'dns_search = [\"corp.example\"]' >> {conf}\n"
+        f"echo 'kill_switch = true' >> {conf}\n"
+    )
+    res = client.run("systemctl", "restart", "masqued@client", check=False, timeout=120)
+    assert res.returncode == 0, res.stderr
+    tun = "mq-client"
+    client.wait_for(
+        "resolved has the tunnel's resolver",
+        lambda: TARGET_V4 in client.run("resolvectl", "dns", tun, check=False).stdout,
+    )
+    assert "corp.example" in client.run("resolvectl", "domain", tun).stdout
+    out = client.run("getent", "hosts", "www.corp.example", check=False, timeout=30).stdout
+    assert TARGET_V4 in out, out
+    assert any(f"from {EGRESS_V4}" in line for line in log.read_text().splitlines())
+    doc = json.loads(client.run("masqued", "status", "client", "--json").stdout)
+    assert doc["dns"]["state"] == "applied" and doc["dns"]["backend"] == "resolved"
+    assert doc["dns"]["error"] is None
+    assert doc["kill_switch"]["installed"] is True
+    journal = client.run("journalctl", "--no-pager", "-u", "masqued@client").stdout
+    assert f"[#] resolvectl dns {tun} {TARGET_V4}" in journal
+    doctor = client.run("masqued", "doctor", "client", check=False, timeout=120).stdout
+    assert re.search(r"dns.*198\.19\.0\.2 through resolved", doctor), doctor
+    _ping(client, TARGET_V4)
+    # Outside the tunnel nothing leaves (the relay host's own address, unmarked).
+    assert client.run("ping", "-c", "1", "-W", "1", RELAY_V4, check=False).returncode != 0
+
+    client.run("systemctl", "stop", "masqued@client", timeout=60)
+    assert client.run("resolvectl", "dns", tun, check=False).returncode != 0  # link gone
+    assert client.run("readlink", "/etc/resolv.conf").stdout.strip() == link_before
+    assert client.leftovers() == []
+    assert client.run("ping", "-c", "1", "-W", "2", RELAY_V4, check=False).returncode == 0
+    client.sh(f"mv {conf}.nodns {conf}")
+    _start(client, "masqued@client")
     _ping(client, TARGET_V4)
 
 

@@ -1127,7 +1127,13 @@ def test_example_client_config(pkidir: Path, write: Callable[..., Path]) -> None
     assert documented_keys(text) == set(CLIENT_KEYS)
 
 
-PAIRED = {"certificate": "private_key", "private_key": "certificate"}
+PAIRED = {
+    "certificate": "private_key",
+    "private_key": "certificate",
+    # these need the other one, not the other way round
+    "dns_search": "dns",
+    "kill_switch_allow": "kill_switch",
+}
 
 
 @pytest.mark.parametrize("name", ["relay.conf", "client.conf"])
@@ -1444,3 +1450,60 @@ def test_client_credentials(pkidir: Path, write: Callable[..., Path]) -> None:
         load_config(write(bad, "client.conf"))
     assert "does not match certificate" in str(exc.value)
     assert "does not hold a token" in str(exc.value)
+
+
+# -- issue 20: DNS, kill switch, hooks -------------------------------------------------------
+
+
+def test_client_dns_kill_switch_and_hooks(client: Callable[..., ClientConfig]) -> None:
+    cfg = client(
+        dns='["198.19.0.53", "2001:db8:19::53"]',
+        dns_search='["Corp.Example."]',
+        kill_switch="true",
+        kill_switch_allow='["198.18.1.0/24"]',
+        pre_up='"echo %i"',
+        post_down='["a", "b"]',
+        hook_timeout="5",
+    )
+    host = cfg.host
+    assert [str(a) for a in host.dns] == ["198.19.0.53", "2001:db8:19::53"]
+    assert host.dns_search == ("corp.example",) and not host.dns_from_relay
+    assert host.kill_switch and [str(n) for n in host.kill_switch_allow] == ["198.18.1.0/24"]
+    assert host.hooks.pre_up == ("echo %i",) and host.hooks.post_down == ("a", "b")
+    assert host.hooks.timeout == 5.0 and host.dns_backend == "auto"
+    assert client(dns='"relay"').host.dns_from_relay
+    assert not client().host.dns and not client().host.hooks
+
+
+@pytest.mark.parametrize(
+    ("overrides", "problem"),
+    [
+        ({"dns": "[]"}, "dns: must not be empty"),
+        ({"dns": '"8.8.8.8"'}, 'expected an array of IP addresses or "relay"'),
+        ({"dns": '["resolver.example"]'}, "is not an IP address"),
+        ({"dns": '["198.19.0.53", "198.19.0.53"]'}, "listed twice"),
+        ({"dns": '["0.0.0.0"]'}, "cannot be a resolver"),
+        ({"dns_search": '["corp.example"]'}, "dns_search: needs dns"),
+        ({"dns": '["198.19.0.53"]', "dns_search": '["bad name"]'}, "not a domain name"),
+        ({"dns": '["198.19.0.53"]', "dns_backend": '"nm"'}, "is not one of"),
+        ({"kill_switch_allow": '["198.18.1.0/24"]'}, "has no effect without kill_switch"),
+        ({"kill_switch": "true", "fwmark": '"off"'}, "kill_switch: needs the fwmark"),
+        ({"pre_up": "[1]"}, "expected a string or an array of strings"),
+        ({"pre_up": '"  "'}, "is not a command"),
+        ({"hook_timeout": "0"}, "out of range"),
+    ],
+)
+def test_client_dns_and_hook_errors(
+    pkidir: Path, write: Callable[[str], Path], overrides: dict[str, str], problem: str
+) -> None:
+    with pytest.raises(ConfigError, match=problem):
+        load_config(write(client_text(pkidir, **overrides)))
+
+
+def test_relay_dns(
+    relay: Callable[..., RelayConfig], pkidir: Path, write: Callable[[str], Path]
+) -> None:
+    cfg = relay(dns='["198.19.0.53"]', dns_search='["corp.example"]')
+    assert [str(a) for a in cfg.dns] == ["198.19.0.53"] and cfg.dns_search == ("corp.example",)
+    with pytest.raises(ConfigError, match="dns_search: needs dns"):
+        load_config(write(relay_text(pkidir, dns_search='["corp.example"]')))

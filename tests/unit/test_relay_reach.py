@@ -45,7 +45,7 @@ async def test_only_advertised_routes_are_forwarded_and_never_the_relay_itself(
             build_udp(me6, "2001:db8:20::2", 1, 53, b"other-net-v6"),
         ]
         to_relay = [
-            build_icmp_echo(me4, V4_GATEWAY, 7, 2),
+            build_udp(me4, V4_GATEWAY, 1, 22, b"relay-v4"),
             build_udp(me4, "198.18.200.255", 1, 53, b"pool-broadcast"),
             build_udp(me6, V6_GATEWAY, 1, 22, b"relay-v6"),
         ]
@@ -57,6 +57,13 @@ async def test_only_advertised_routes_are_forwarded_and_never_the_relay_itself(
         session = next(iter(relay.server.sessions))
         assert session.counters.drops["not_routed"] == 3
         assert session.counters.drops["relay_address"] == 3
+        # A ping of the gateway is the exception: the relay answers it itself
+        # (RFC 9484 §7.2 probes), and nothing reaches its TUN.
+        client.tun.inject(build_icmp_echo(me4, V4_GATEWAY, 7, 2, b"hello"))
+        await until(lambda: len(client.tun.written) == 7)
+        reply = client.tun.written[-1]
+        assert reply == build_icmp_echo(V4_GATEWAY, me4, 7, 2, b"hello", reply=True)
+        assert len(relay.tun.written) == 2
         await client.close()
     finally:
         relay.close()
