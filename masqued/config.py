@@ -48,6 +48,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 NAT_MODES: tuple[NatMode, ...] = ("auto", "nftables", "iptables", "off")
 TRANSPORTS: tuple[Transport, ...] = ("stream", "datagram", "auto")
 HTTP_VERSIONS: tuple[HttpVersion, ...] = ("auto", "h3", "h2")
+QUIC_ENGINES = ("aioquic", "qh3")
+EVENT_LOOPS = ("asyncio", "uvloop")
 DEFAULT_FALLBACK_AFTER = 2.0
 DEFAULT_H3_RETRY = 30.0
 IFNAMSIZ = 16
@@ -69,6 +71,17 @@ _METRICS_DOC = (
     "Prometheus endpoint (GET /metrics) served by the daemon: \"IP:PORT\" (IPv6 in "
     "brackets: \"[::1]:9810\"), an absolute unix socket path (mode 0600), or \"off\". "
     "Plain HTTP without authentication: keep it on loopback or a management network."
+)
+_ENGINE_DOC = (
+    'QUIC library for HTTP/3: "aioquic" (pure Python, the reference) or "qh3" (its '
+    "fork with a compiled packet core: less CPU per packet; no client certificates "
+    "on a relay, a relay's receive windows fixed at ReceiveLimits.qh3_window: README, "
+    "Choosing the QUIC engine). Relay and client choose independently; both speak the "
+    "same QUIC."
+)
+_LOOP_DOC = (
+    'Event loop: "asyncio" (the standard library\'s) or "uvloop" (libuv: cheaper '
+    "socket and timer calls). The QUIC engine gets a precise clock either way."
 )
 _LOG_DOC = "Log level. Under systemd the log goes to the journal (journalctl -u masqued@NAME)."
 
@@ -153,6 +166,8 @@ RELAY_KEY_DOCS: tuple[KeyDoc, ...] = (
         "or routes have IPv6. Leave room for QUIC, UDP and IP on the path to clients.",
     ),
     KeyDoc("log_level", '"debug", "info", "warning" or "error"', '"info"', _LOG_DOC),
+    KeyDoc("quic_engine", '"aioquic" or "qh3"', '"aioquic"', _ENGINE_DOC),
+    KeyDoc("event_loop", '"asyncio" or "uvloop"', '"asyncio"', _LOOP_DOC),
     KeyDoc(
         "max_clients",
         "integer >= 1",
@@ -338,6 +353,8 @@ CLIENT_KEY_DOCS: tuple[KeyDoc, ...] = (
         "\"off\": none, and a config whose routes cover the relay is refused.",
     ),
     KeyDoc("log_level", '"debug", "info", "warning" or "error"', '"info"', _LOG_DOC),
+    KeyDoc("quic_engine", '"aioquic" or "qh3"', '"aioquic"', _ENGINE_DOC),
+    KeyDoc("event_loop", '"asyncio" or "uvloop"', '"asyncio"', _LOOP_DOC),
     KeyDoc(
         "keepalive",
         "seconds 0.2..60",
@@ -465,6 +482,8 @@ class RelayConfig:
     clients_dir: Path | None = None
     state_dir: Path | None = None
     uri_template: str | None = None  # served besides the default one (RFC 9484 §3)
+    quic_engine: str = "aioquic"  # masqued.transport.engines
+    event_loop: str = "asyncio"  # or "uvloop"
 
     mode: Literal["relay"] = "relay"
 
@@ -494,6 +513,8 @@ class ClientConfig:
     private_key: Path | None = None
     token_file: Path | None = None
     uri_template: str | None = None  # the relay's template (RFC 9484 §3); None: default
+    quic_engine: str = "aioquic"  # masqued.transport.engines
+    event_loop: str = "asyncio"  # or "uvloop"
 
     mode: Literal["client"] = "client"
 
@@ -894,6 +915,13 @@ def _load_relay(r: _Reader, name: str) -> RelayConfig:
     metrics = r.parsed("metrics", parse_metrics) if r.has("metrics") else None
     metrics_per_client = r.boolean("metrics_per_client", False)
     auth = _load_auth(r)
+    quic_engine, event_loop = _load_engine(r)
+    if quic_engine == "qh3" and "mtls" in auth["methods"]:
+        r.error(
+            "quic_engine",
+            '"qh3" cannot ask HTTP/3 clients for a certificate, and auth has "mtls" '
+            '(use quic_engine = "aioquic", or auth = ["token"])',
+        )
     acl_default = (
         r.choice("acl_default", ("allow", "deny"), "deny") if r.has("acl_default") else None
     )
@@ -949,7 +977,28 @@ def _load_relay(r: _Reader, name: str) -> RelayConfig:
         clients_dir=clients_dir,
         state_dir=state_dir,
         uri_template=uri_template,
+        quic_engine=quic_engine,
+        event_loop=event_loop,
     )
+
+
+def _load_engine(r: _Reader) -> tuple[str, str]:
+    """``quic_engine`` and ``event_loop``; one whose library cannot be imported here is
+    an error (a .deb carries both)."""
+    quic_engine = r.choice("quic_engine", QUIC_ENGINES, "aioquic")
+    if r.has("quic_engine") and quic_engine != "aioquic":
+        from masqued.transport import engines
+
+        problem = engines.available(quic_engine)
+        if problem is not None:
+            r.error("quic_engine", f"{quic_engine!r} cannot be used: {problem}")
+    event_loop = r.choice("event_loop", EVENT_LOOPS, "asyncio")
+    if event_loop == "uvloop" and r.has("event_loop"):
+        try:
+            import uvloop  # noqa: F401
+        except ImportError as exc:
+            r.error("event_loop", f'"uvloop" cannot be used: {exc}')
+    return quic_engine, event_loop
 
 
 def _load_listen_tcp(r: _Reader, udp_host: str, udp_port: int) -> tuple[str, int] | None:
@@ -1026,6 +1075,7 @@ def _load_client(r: _Reader, name: str) -> ClientConfig:
             '"stream" needs HTTP/3, and http_version = "h2": over HTTP/2 packets travel '
             'in DATAGRAM capsules (use transport = "datagram" or "auto")',
         )
+    quic_engine, event_loop = _load_engine(r)
     fallback_after = r.number("fallback_after", DEFAULT_FALLBACK_AFTER, 0.1, 10.0)
     h3_retry = r.number("h3_retry", DEFAULT_H3_RETRY, 1.0, 3600.0)
     h2_port = r.integer("h2_port", 0, 1, 65535) if r.has("h2_port") else None
@@ -1105,6 +1155,8 @@ def _load_client(r: _Reader, name: str) -> ClientConfig:
         private_key=client_key,
         token_file=token_file,
         uri_template=template,
+        quic_engine=quic_engine,
+        event_loop=event_loop,
     )
 
 

@@ -44,6 +44,8 @@ RESTART_KEYS = (
     "fallback_after",
     "h3_retry",
     "h2_port",
+    "quic_engine",
+    "event_loop",
 )
 
 
@@ -69,6 +71,7 @@ def client_settings(config: ClientConfig, fwmark: int) -> ClientSettings:
         fallback_after=config.fallback_after,
         h3_retry=config.h3_retry,
         h2_port=config.h2_port,
+        quic_engine=config.quic_engine,
     )
 
 

@@ -65,6 +65,8 @@ RESTART_KEYS = (
     "nat",
     "mtu",
     "workers",
+    "quic_engine",
+    "event_loop",
 )
 
 
@@ -106,6 +108,7 @@ def relay_settings(config: RelayConfig, worker: int) -> RelaySettings:
         templates=(UriTemplate.parse(config.uri_template),) if config.uri_template else (),
         client_ca=str(config.client_ca) if "mtls" in config.auth and config.client_ca else None,
         relay_addresses=relay_addresses([*config.pool, *shares]),
+        quic_engine=config.quic_engine,
     )
 
 

@@ -52,7 +52,7 @@ from masqued.proto.packet import addresses
 from masqued.proto.request import TunnelParams
 from masqued.proto.session import MAX_ROUTE_NETWORKS, ClientSession
 from masqued.proto.template import UriTemplate
-from masqued.transport import aioquic_engine as engine
+from masqued.transport import engines
 from masqued.transport.dataplane import DataPlane, plane_for
 from masqued.transport.h2link import ALPN as H2_ALPN
 from masqued.transport.h2link import H2Link
@@ -116,6 +116,8 @@ class ClientSettings:
     fallback_after: float = 2.0
     h3_retry: float = 30.0
     h2_port: int | None = None
+    # The QUIC engine (masqued.transport.engines): "aioquic", "qh3"; None: the default.
+    quic_engine: str | None = None
 
     def token(self) -> str | None:
         """The bearer token, read at each attempt (so a replaced file takes effect)."""
@@ -393,7 +395,7 @@ class Attempt:
             return
         message = str(reason)
         with contextlib.suppress(Exception):
-            self.link.close(engine.H3_NO_ERROR, message)
+            self.link.close(engines.H3_NO_ERROR, message)
             self.link.flush()
         if isinstance(reason, Exception) and not self.ready.done():
             self.ready.set_exception(reason)
@@ -631,6 +633,7 @@ class ClientTunnel:
         except OSError:
             sock.close()
             raise
+        engine = engines.load(settings.quic_engine)
         config = engine.configuration(
             is_client=True,
             server_name=settings.server_name,
@@ -647,7 +650,7 @@ class ClientTunnel:
                 attempt.datagrams_received(batch)
 
         udp = UdpSocket(self.loop, sock, on_batch)
-        link = H3Link(self.loop, quic, udp.send, NullHandler(), addr)
+        link = H3Link(self.loop, quic, udp.send, NullHandler(), addr, engine)
 
         def release() -> None:
             link.cancel_timer()
