@@ -1,0 +1,126 @@
+"""Both QUIC engines behind the seam, in-process over loopback: every pairing of a
+relay engine and a client engine carries a tunnel in both data-plane modes (they
+interoperate on the wire), and qh3's seam keeps the pre-admission bounds."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from masqued.proto.packet import build_udp
+from masqued.transport import engines
+from masqued.transport.h3link import H3Link
+from tests.inproc import Client, Relay, until
+
+TARGET = "198.19.0.2"
+
+# qh3 2.1.0 as the server cannot answer aioquic's first Initial: its packet builder
+# raises "packet builder capacity exhausted" on the first flight, whatever the
+# datagram sizes, versions or transport parameters (README, Choosing the QUIC engine).
+QH3_SERVES_AIOQUIC = pytest.mark.xfail(
+    reason="qh3 2.1.0 server: 'packet builder capacity exhausted' on aioquic's Initial",
+    strict=True,
+)
+
+PAIRS = [
+    pytest.param("aioquic", "aioquic", id="aioquic-aioquic"),
+    pytest.param("aioquic", "qh3", id="aioquic-relay-qh3-client"),
+    pytest.param("qh3", "qh3", id="qh3-qh3"),
+    pytest.param("qh3", "aioquic", id="qh3-relay-aioquic-client", marks=QH3_SERVES_AIOQUIC),
+]
+
+
+@pytest.mark.parametrize("mode", ["stream", "datagram"])
+@pytest.mark.parametrize(("relay_engine", "client_engine"), PAIRS)
+async def test_pairing_carries_packets_both_ways(
+    certs: Path, relay_engine: str, client_engine: str, mode: str
+) -> None:
+    relay = Relay(certs, ("198.18.200.0/24",), tcp=False, quic_engine=relay_engine)
+    client = Client(certs, relay.port, transport=mode, http_version="h3", quic_engine=client_engine)
+    try:
+        await asyncio.wait_for(client.up, 10)
+        (session,) = relay.server.sessions
+        assert isinstance(session.link, H3Link)
+        assert relay_engine == session.link.engine.NAME
+        assert session.mode.value == mode
+        for i in range(20):
+            # Up to a full 1300-byte packet (the MTU): it must fit one QUIC packet.
+            out = build_udp(client.address, TARGET, 1000 + i, 9, b"u" * (60 * i + 132))
+            client.tun.inject(out)
+            await until(lambda out=out: out in relay.tun.written)
+            back = build_udp(TARGET, client.address, 9, 1000 + i, b"d%02d" % i * (20 * i + 4))
+            relay.tun.inject(back)
+            # The relay decrements the TTL: compare the payload end.
+            await until(
+                lambda i=i: any(p.endswith(b"d%02d" % i * (20 * i + 4)) for p in client.tun.written)
+            )
+        stats = session.link.stats()
+        assert stats["rtt_ms"] is not None and stats["cwnd"] > 0
+    finally:
+        await client.close()
+        relay.close()
+
+
+def test_engines_load_by_name() -> None:
+    assert engines.load("aioquic").NAME == "aioquic"
+    assert engines.load("qh3").NAME == "qh3"
+    with pytest.raises(ValueError):
+        engines.load("quiche")
+    assert engines.available("qh3") is None
+
+
+def test_qh3_connection_is_built_with_the_relay_limits(certs: Path) -> None:
+    """The windows and stream counts go into qh3's core when it is built."""
+    from masqued.transport.limits import ReceiveLimits
+
+    qh3e = engines.load("qh3")
+    config = qh3e.configuration(
+        is_client=False,
+        certificate=str(certs / "relay.example.pem"),
+        private_key=str(certs / "relay.example.key"),
+    )
+    limits = ReceiveLimits()
+    quic = qh3e.server_connection(
+        config,
+        original_dcid=b"\x01" * 8,
+        retry_scid=None,
+        receive_limits=limits,
+        worker=3,
+        client_certificate=False,
+    )
+    assert quic.host_cid[0] == 3  # marked for worker steering
+    assert quic._windows() == (
+        limits.qh3_window,
+        limits.qh3_window,
+        limits.qh3_window,
+        limits.bidi_streams,
+        limits.uni_streams,
+    )
+    # Incomplete HTTP/3 frames beyond max_held close the connection.
+    assert quic.settle({0: limits.max_held + 1}) == limits.max_held + 1
+    assert quic.exceeded is not None
+
+
+@pytest.mark.parametrize("engine", ["aioquic", "qh3"])
+def test_tunnel_on_uvloop(certs: Path, engine: str) -> None:
+    """event_loop = "uvloop": a tunnel up and a packet through, on each engine."""
+    from masqued.runtime.daemon import run_loop
+
+    async def main() -> None:
+        assert type(asyncio.get_running_loop()).__module__.startswith("uvloop")
+        relay = Relay(certs, ("198.18.200.0/24",), tcp=False, quic_engine=engine)
+        client = Client(
+            certs, relay.port, transport="datagram", http_version="h3", quic_engine=engine
+        )
+        try:
+            await asyncio.wait_for(client.up, 10)
+            out = build_udp(client.address, TARGET, 1000, 9, b"on uvloop")
+            client.tun.inject(out)
+            await until(lambda: out in relay.tun.written)
+        finally:
+            await client.close()
+            relay.close()
+
+    run_loop(main(), "uvloop")
