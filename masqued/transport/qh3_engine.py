@@ -35,6 +35,7 @@ from typing import Any
 import qh3
 from cryptography import x509
 from qh3._hazmat import Buffer, QuicConnectionCore
+from qh3._hazmat import pull_quic_header as pull_header_raw
 from qh3.h3.connection import H3_ALPN, H3Connection, Setting
 from qh3.h3.events import DatagramReceived, DataReceived, HeadersReceived
 from qh3.quic.configuration import QuicConfiguration
@@ -136,12 +137,58 @@ def configuration(
     return config
 
 
+def padding_start(data: bytes) -> int:
+    """Where zero padding after the datagram's last QUIC packet starts (len(data): none)."""
+    offset = 0
+    while offset < len(data):
+        if not data[offset]:
+            return offset if not any(data[offset:]) else len(data)
+        try:
+            end = pull_header_raw(data, offset, CID_LENGTH)[9]
+        except ValueError:
+            return len(data)
+        if end <= offset:
+            return len(data)
+        offset = end
+    return len(data)
+
+
+class _PaddedCore:
+    """The core while one datagram with zero padding after its last packet is fed to
+    it: aioquic pads the datagrams of its Initials that way (RFC 9000 §14.1 allows
+    it), and qh3's core counts toward the anti-amplification limit (3x what was
+    received, RFC 9000 §8.1) only the bytes of the packets it is handed; with 526 of
+    1452 counted, its packet builder then fails ("packet builder capacity exhausted")
+    instead of waiting. The last packet is handed on with its padding, which the core
+    counts, and the padding alone is not handed on."""
+
+    __slots__ = ("_core", "_last", "_padding")
+
+    def __init__(self, core: QuicConnectionCore, data: bytes, start: int) -> None:
+        self._core = core
+        self._padding = len(data) - start
+        self._last = data[:start]
+
+    def receive_datagram(self, data: bytes, addr: Any, now: float, size: int | None = None) -> Any:
+        padding = self._padding
+        if len(data) == padding and not any(data):
+            return (0, 0, 0, 0, 0, 0)  # the padding alone: already handed on
+        if self._last.endswith(data):
+            data = bytes(data) + bytes(padding)
+        return self._core.receive_datagram(data, addr, now, size)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._core, name)
+
+
 class GuardedConnection(QuicConnection):
     """qh3's QuicConnection with masqued's receive limits built into its core, the
     bounds on what its TLS and HTTP/3 layers hold, and (relay workers) a marked first
     connection ID. See the module docstring for what differs from aioquic's."""
 
     worker: int | None = None
+    # A first datagram with zero padding, while it builds the core (receive_datagram).
+    _padded: tuple[bytes, int] | None = None
 
     def __init__(
         self, *args: Any, receive_limits: ReceiveLimits | None = None, **kwargs: Any
@@ -206,6 +253,9 @@ class GuardedConnection(QuicConnection):
             0.025,  # max_ack_delay
             now,
         )
+        padded = self._padded
+        if padded is not None:
+            self._core = _PaddedCore(self._core, padded[0], padded[1])  # type: ignore[assignment]
         self._applied_transport_parameters = None
         self._pre_handshake_state_replayed = False
 
@@ -223,6 +273,33 @@ class GuardedConnection(QuicConnection):
 
         bridge.receive_crypto = bounded  # type: ignore[method-assign]
         return bridge
+
+    def receive_datagram(self, data: bytes, addr: Any, now: float) -> None:
+        if self._handshake_complete or self._is_client or data[-1:] != b"\0":
+            super().receive_datagram(data, addr, now)
+            return
+        start = padding_start(data)
+        if start == len(data):
+            super().receive_datagram(data, addr, now)
+            return
+        if self._core is None:
+            # The core is built by this first datagram: feed it through a wrapper of
+            # the class the facade builds (see _create_core).
+            self._padded = (data, start)
+            try:
+                super().receive_datagram(data, addr, now)
+            finally:
+                self._padded = None
+                if isinstance(self._core, _PaddedCore):
+                    self._core = self._core._core
+            return
+        core = self._core
+        self._core = _PaddedCore(core, data, start)  # type: ignore[assignment]
+        try:
+            super().receive_datagram(data, addr, now)
+        finally:
+            if self._core is not None and isinstance(self._core, _PaddedCore):
+                self._core = core
 
     def send_stream_data(self, stream_id: int, data: Any, end_stream: bool = False) -> None:
         self._written[stream_id] = self._written.get(stream_id, 0) + len(data)
