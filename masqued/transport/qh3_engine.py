@@ -39,7 +39,7 @@ from qh3._hazmat import pull_quic_header as pull_header_raw
 from qh3.h3.connection import H3_ALPN, H3Connection, Setting
 from qh3.h3.events import DatagramReceived, DataReceived, HeadersReceived
 from qh3.quic.configuration import QuicConfiguration
-from qh3.quic.connection import QuicConnection
+from qh3.quic.connection import QuicConnection, QuicConnectionError
 from qh3.quic.events import (
     ConnectionIdIssued,
     ConnectionIdRetired,
@@ -50,12 +50,16 @@ from qh3.quic.events import (
     StreamReset,
 )
 from qh3.quic.packet import (
+    QuicErrorCode,
     QuicPacketType,
     encode_quic_retry,
     encode_quic_version_negotiation,
     pull_quic_header,
+    pull_quic_transport_parameters,
+    push_quic_transport_parameters,
 )
 from qh3.quic.tls_bridge import QuicTlsBridge, QuicTlsBridgeError
+from qh3.tls import ExtensionType
 
 from masqued.transport.engines import (
     CID_LENGTH,
@@ -259,8 +263,32 @@ class GuardedConnection(QuicConnection):
         self._applied_transport_parameters = None
         self._pre_handshake_state_replayed = False
 
+    def _transport_parameters(self, data: bytes) -> bytes:
+        """qh3's transport parameters (from the configuration's max_data and
+        max_stream_data, and 100 + 103 streams) with the windows and stream counts the
+        core is built with: the peer must be told what the core enforces."""
+        parameters = pull_quic_transport_parameters(Buffer(data=data))
+        connection_window, stream_window, _, bidi, uni = self._windows()
+        parameters.initial_max_data = connection_window
+        parameters.initial_max_stream_data_bidi_local = stream_window
+        parameters.initial_max_stream_data_bidi_remote = stream_window
+        parameters.initial_max_stream_data_uni = stream_window
+        parameters.initial_max_streams_bidi = bidi
+        parameters.initial_max_streams_uni = uni
+        buf = Buffer(capacity=len(data) + 64)
+        push_quic_transport_parameters(buf, parameters)
+        return bytes(buf.data)
+
     def _create_tls(self, remote_source_cid: bytes | None) -> QuicTlsBridge:
         bridge = super()._create_tls(remote_source_cid)
+        serialize = bridge.serialize_transport_parameters
+
+        def serialized() -> bytes:
+            return self._transport_parameters(serialize())
+
+        # Serialized once in the bridge's constructor and again on a version change.
+        bridge.serialize_transport_parameters = serialized  # type: ignore[method-assign]
+        bridge.tls.handshake_extensions = [(ExtensionType.QUIC_TRANSPORT_PARAMETERS, serialized())]
         receive = bridge.receive_crypto
         max_held = self.receive_limits.max_held
 
@@ -311,10 +339,30 @@ class GuardedConnection(QuicConnection):
         super().send_datagram_frame(data)
 
     def datagrams_to_send(self, now: float) -> list[tuple[bytes, Any]]:
-        out = super().datagrams_to_send(now)
+        # The facade's loop (without its qlog calls: masqued sets no QUIC logger),
+        # keeping what was built when the core's builder gives up.
+        core = self._core
+        out: list[tuple[bytes, Any]] = []
+        if core is None:
+            return out
         self._datagrams = self._datagram_bytes = 0
-        for data, _ in out:
+        while True:
+            try:
+                transmit = core.poll_transmit(now)
+            except RuntimeError as exc:
+                if self._handshake_complete or "capacity" not in str(exc):
+                    raise QuicConnectionError(QuicErrorCode.INTERNAL_ERROR, None, str(exc)) from exc
+                # Before the peer's address is validated the core may send 3x what it
+                # received (RFC 9000 §8.1); qh3 2.1's builder raises when a packet of
+                # its flight (a PTO's retransmission of Initial, Handshake and the
+                # HTTP/3 SETTINGS) does not fit what is left, instead of waiting. The
+                # frames stay queued; the loss timer backs off as usual.
+                break
+            if transmit is None:
+                break
+            data = transmit[0]
             self._sent += len(data)
+            out.append((data, transmit[1]))
         return out
 
     def local_close_code(self) -> int | None:

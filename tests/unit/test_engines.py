@@ -5,6 +5,7 @@ interoperate on the wire), and qh3's seam keeps the pre-admission bounds."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,7 @@ import pytest
 from masqued.proto.packet import build_udp
 from masqued.transport import engines
 from masqued.transport.h3link import H3Link
+from masqued.transport.limits import EndpointLimits, ReceiveLimits
 from tests.inproc import Client, Relay, until
 
 TARGET = "198.19.0.2"
@@ -67,8 +69,6 @@ def test_engines_load_by_name() -> None:
 
 def test_qh3_connection_is_built_with_the_relay_limits(certs: Path) -> None:
     """The windows and stream counts go into qh3's core when it is built."""
-    from masqued.transport.limits import ReceiveLimits
-
     qh3e = engines.load("qh3")
     config = qh3e.configuration(
         is_client=False,
@@ -131,3 +131,116 @@ def test_padding_start() -> None:
     assert qh3e.padding_start(datagram[:start]) == start  # type: ignore[attr-defined]
     assert qh3e.padding_start(b"\x00" * 10) == 0  # type: ignore[attr-defined]
     assert qh3e.padding_start(b"\xff" * 10) == 10  # type: ignore[attr-defined]
+
+
+# -- qh3's pre-admission bounds, attacked in-process (the attacks of tests/abuse) ------
+
+
+@pytest.fixture
+async def qh3_relay(certs: Path) -> AsyncIterator[Relay]:
+    r = Relay(certs, ("198.18.200.0/24",), tcp=False, quic_engine="qh3")
+    yield r
+    r.close()
+
+
+async def test_qh3_stream_gaps_earn_no_credit_beyond_its_window(
+    qh3_relay: Relay, certs: Path
+) -> None:
+    """Single bytes at the end of every window: qh3's core grants credit as the
+    application reads, so the gaps hold the peer to its one window, and the core keeps
+    only the bytes it got (no zero-fill)."""
+    from tests.abuse import attack
+
+    legit = Client(certs, qh3_relay.port, transport="datagram", http_version="h3")
+    peer = await attack.connected(qh3_relay.addr, attack.client_config("relay.example", None))
+    try:
+        result = await attack.gap_flood(peer, streams=4, rounds=6)
+        assert 0 < result.claimed <= ReceiveLimits().qh3_window
+        await asyncio.wait_for(legit.up, 5)
+        out = build_udp(legit.address, TARGET, 1000, 9, b"still flowing")
+        legit.tun.inject(out)
+        await until(lambda: out in qh3_relay.tun.written)
+    finally:
+        peer.close()
+        await legit.close()
+
+
+async def test_qh3_more_streams_than_allowed_close_the_connection(qh3_relay: Relay) -> None:
+    from tests.abuse import attack
+
+    peer = await attack.connected(qh3_relay.addr, attack.client_config("relay.example", None))
+    try:
+        code = await attack.many_streams(peer, streams=ReceiveLimits().bidi_streams + 12)
+    finally:
+        peer.close()
+    assert code == engines.STREAM_LIMIT_ERROR
+    await until(lambda: qh3_relay.server.results.get("limit_exceeded", 0) == 1)
+    await until(lambda: qh3_relay.server.endpoint.links == {})
+
+
+async def test_qh3_incomplete_headers_are_cut_off(certs: Path) -> None:
+    """HEADERS claiming 1 GiB, sent in order: qh3's HTTP/3 layer keeps them until the
+    frame is whole; past ``max_held`` the relay closes with H3_EXCESSIVE_LOAD."""
+    from tests.abuse import attack
+
+    receive = ReceiveLimits(max_held=24 * 1024)
+    relay = Relay(
+        certs,
+        ("198.18.200.0/24",),
+        tcp=False,
+        quic_engine="qh3",
+        limits=EndpointLimits(receive=receive),
+    )
+    try:
+        peer = await attack.connected(relay.addr, attack.client_config("relay.example", None))
+        code = await attack.incomplete_headers(peer, 1 << 30, send=256 * 1024)
+        peer.close()
+        assert code == engines.H3_EXCESSIVE_LOAD
+        assert relay.server.results.get("limit_exceeded") == 1
+    finally:
+        relay.close()
+
+
+async def test_qh3_client_hello_claiming_16_mib_is_refused(certs: Path) -> None:
+    """The connection whose TLS would hold more than ``max_held`` is refused
+    (CRYPTO_BUFFER_EXCEEDED); the flood's later Initials open connections whose CRYPTO
+    data starts past offset 0, which qh3's core keeps out of order (bounded by its own
+    reassembly limit) until the handshake timeout ends them."""
+    from tests.abuse import attack
+
+    limits = EndpointLimits(handshake_timeout=0.5)
+    relay = Relay(certs, ("198.18.200.0/24",), tcp=False, quic_engine="qh3", limits=limits)
+    try:
+        await attack.huge_client_hello(relay.addr, total=256 * 1024)
+        await until(lambda: relay.server.results.get("limit_exceeded", 0) >= 1)
+        await until(lambda: relay.server.endpoint.links == {})
+    finally:
+        relay.close()
+
+
+async def test_qh3_initial_flood_gets_retries_and_a_client_gets_through(certs: Path) -> None:
+    """Past the Retry threshold every new client proves its address first; an aioquic
+    and a qh3 client both complete the Retry round trip with a qh3 relay."""
+    from tests.abuse import attack
+
+    limits = EndpointLimits(
+        retry_threshold=4, max_pending=8, max_pending_per_address=3, handshake_timeout=0.5
+    )
+    relay = Relay(certs, ("198.18.200.0/24",), tcp=False, quic_engine="qh3", limits=limits)
+    try:
+        sources = [f"127.0.0.{i}" for i in range(2, 10)]
+        result = await attack.initial_flood(
+            relay.addr, attack.client_hellos("relay.example", 20), sources
+        )
+        assert result.retries == 16
+        for engine in ("aioquic", "qh3"):
+            legit = Client(
+                certs, relay.port, transport="datagram", http_version="h3", quic_engine=engine
+            )
+            try:
+                await asyncio.wait_for(legit.up, 5)
+            finally:
+                await legit.close()
+        await until(lambda: relay.server.results.get("handshake_timeout") == 4, timeout=3)
+    finally:
+        relay.close()
