@@ -1444,3 +1444,32 @@ def test_client_credentials(pkidir: Path, write: Callable[..., Path]) -> None:
         load_config(write(bad, "client.conf"))
     assert "does not match certificate" in str(exc.value)
     assert "does not hold a token" in str(exc.value)
+
+
+# --- quic_engine, event_loop ---
+
+
+def test_quic_engine_and_event_loop(
+    relay: Callable[..., RelayConfig], client: Callable[..., ClientConfig]
+) -> None:
+    assert (relay().quic_engine, relay().event_loop) == ("aioquic", "asyncio")
+    cfg = relay(quic_engine='"qh3"', event_loop='"uvloop"')
+    assert (cfg.quic_engine, cfg.event_loop) == ("qh3", "uvloop")
+    cfg2 = client(quic_engine='"qh3"', event_loop='"uvloop"')
+    assert (cfg2.quic_engine, cfg2.event_loop) == ("qh3", "uvloop")
+    assert problems(relay, quic_engine='"quiche"') == [
+        "quic_engine: 'quiche' is not one of \"aioquic\", \"qh3\""
+    ]
+    assert problems(client, event_loop='"trio"') == [
+        "event_loop: 'trio' is not one of \"asyncio\", \"uvloop\""
+    ]
+
+
+def test_a_qh3_relay_refuses_mtls(relay: Callable[..., RelayConfig], pkidir: Path) -> None:
+    (problem,) = problems(
+        relay,
+        quic_engine='"qh3"',
+        auth='["mtls"]',
+        client_ca=toml_str(pkidir / "ca.pem"),
+    )
+    assert problem.startswith("quic_engine:") and "mtls" in problem
