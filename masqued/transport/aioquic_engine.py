@@ -239,6 +239,12 @@ class GuardedConnection(QuicConnection):
             # (RFC 8446 §4.4.2.4), so tokens keep working on the same relay.
             self.tls._request_client_certificate = True
 
+    def receive_datagrams(self, batch: list[tuple[bytes, Any]], now: float) -> None:
+        """A batch of UDP datagrams for this connection, in order."""
+        receive = self.receive_datagram
+        for data, addr in batch:
+            receive(data, addr, now)
+
     def local_close_code(self) -> int | None:
         """The error code of a close this side started (a limit aioquic enforces
         itself, such as flow control, ends up here), None while open."""

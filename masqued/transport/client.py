@@ -218,8 +218,7 @@ class Attempt:
         self.last_rx = now
         link = self.link
         assert isinstance(link, H3Link)
-        for data, addr in batch:
-            link.receive(data, addr, now)
+        link.receive_batch(batch, now)
         self.received(link.process)
 
     def bytes_received(self, data: bytes) -> None:

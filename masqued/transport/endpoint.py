@@ -145,14 +145,33 @@ class QuicEndpoint:
         now = monotonic()
         dirty = self._dirty
         links = self.links
+        # Each connection's datagrams of the batch, in order, handed to it at once.
+        inputs: dict[H3Link, list[tuple[bytes, Address]]] = {}
         for data, addr in batch:
             link = links.get(short_dcid(data))
             if link is None:
                 link = self._new_connection(data, addr)
                 if link is None:
                     continue
+                # A new connection starts on its first datagram (the CIDs that the
+                # next ones carry are known once it has taken it).
+                try:
+                    link.receive(data, addr, now)
+                except Exception as exc:
+                    self.failed(link, exc)
+                    continue
+                dirty.add(link)
+                continue
+            got = inputs.get(link)
+            if got is None:
+                inputs[link] = [(data, addr)]
+            else:
+                got.append((data, addr))
+        for link, got in inputs.items():
+            if link.closed:
+                continue
             try:
-                link.receive(data, addr, now)
+                link.receive_batch(got, now)
             except Exception as exc:
                 self.failed(link, exc)
                 continue

@@ -74,6 +74,10 @@ class H3Link:
     def receive(self, data: bytes, addr: Address, now: float) -> None:
         self.quic.receive_datagram(data, addr, now)
 
+    def receive_batch(self, batch: list[tuple[bytes, Address]], now: float) -> None:
+        """Datagrams of one UDP batch for this connection, in order."""
+        self.quic.receive_datagrams(batch, now)
+
     def process(self) -> None:
         """Hand what the connection received to the handler."""
         self.engine.pump(self.quic, self.h3, self)

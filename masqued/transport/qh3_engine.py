@@ -329,6 +329,18 @@ class GuardedConnection(QuicConnection):
             if self._core is not None and isinstance(self._core, _PaddedCore):
                 self._core = core
 
+    def receive_datagrams(self, batch: list[tuple[bytes, Any]], now: float) -> None:
+        """A batch of UDP datagrams for this connection, in order: after the handshake,
+        from one address, handed to the core in one call (the facade's per-datagram
+        path parses every packet header in Python)."""
+        if self._handshake_complete and len(batch) > 1:
+            addr = batch[0][1]
+            if all(a == addr for _, a in batch):
+                self.receive_many_datagrams([d for d, _ in batch], addr, now)
+                return
+        for data, addr in batch:
+            self.receive_datagram(data, addr, now)
+
     def send_stream_data(self, stream_id: int, data: Any, end_stream: bool = False) -> None:
         self._written[stream_id] = self._written.get(stream_id, 0) + len(data)
         super().send_stream_data(stream_id, data, end_stream)
