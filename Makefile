@@ -33,16 +33,26 @@ venv: $(VENV)/.installed
 demo: deps venv
 	bash scripts/demo.sh
 
-## test: every test (unit + integration in network namespaces; needs root)
+## test: every test (unit + integration in network namespaces; needs root), then the
+## conformance suites and a representative set of namespace tests again with the other
+## QUIC engine and event loop (qh3 on uvloop; README, Tests)
+QH3_TESTS := tests/conformance tests/integration/test_datagram.py \
+	tests/integration/test_tunnel.py::test_ping_tcp_udp_ipv4_ipv6_with_nftables \
+	tests/integration/test_tunnel.py::test_three_clients_at_once \
+	tests/integration/test_tunnel.py::test_client_recovers_after_relay_sigkill \
+	tests/integration/test_workers.py::test_two_workers_share_the_pool_and_carry_every_client
 test: deps venv
 	$(PY) -m pytest -q
+	MASQUED_QUIC_ENGINE=qh3 MASQUED_EVENT_LOOP=uvloop $(PY) -m pytest -q $(QH3_TESTS)
 
 unit: venv
 	$(PY) -m pytest -q tests/unit
 
-## abuse: the abuse suite with ten times CI's counts (a few minutes; needs root)
+## abuse: the abuse suite with ten times CI's counts, on each QUIC engine (a few minutes
+## each; needs root)
 abuse: deps venv
 	MASQUED_ABUSE_SCALE=10 $(PY) -m pytest -q tests/abuse
+	MASQUED_QUIC_ENGINE=qh3 MASQUED_ABUSE_SCALE=10 $(PY) -m pytest -q tests/abuse
 
 lint: venv
 	$(VENV)/bin/ruff check masqued tests bench

@@ -10,7 +10,17 @@ from typing import Any
 README_BEGIN = "<!-- bench:latest:begin -->"
 README_END = "<!-- bench:latest:end -->"
 
-MASQUED_PATHS = ("masqued-stream", "masqued-datagram", "masqued-h2")
+MASQUED_PATHS = (
+    "masqued-stream",
+    "masqued-datagram",
+    "masqued-h2",
+    # The same over the other QUIC engine and event loop (issue 18; bench/paths.py).
+    "masqued-uvloop-stream",
+    "masqued-qh3-stream",
+    "masqued-qh3-datagram",
+    "masqued-qh3-uvloop-stream",
+    "masqued-qh3-uvloop-datagram",
+)
 PEER_PATHS = ("wireguard-go", "wireguard-go-current", "openvpn-udp", "openvpn-tcp")
 REFERENCE_PATHS = ("direct", *PEER_PATHS)
 PATH_ORDER = ("direct", *MASQUED_PATHS, *PEER_PATHS)

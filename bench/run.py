@@ -36,7 +36,7 @@ from typing import Any
 from bench import cores, peers, report, scale, wgbuild
 from bench.lab import REPO, sh, sweep_stale
 from bench.measure import NCPU, python_loop_ms, wait_quiet
-from bench.paths import Settings, datagram_supported, measure_path
+from bench.paths import ENGINE_KINDS, Settings, datagram_supported, measure_path
 
 RESULTS = REPO / "bench" / "results"
 README = REPO / "bench" / "README.md"
@@ -150,7 +150,7 @@ def machine_info() -> dict[str, Any]:
 
 def versions(build: wgbuild.Build | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {"python": platform.python_version()}
-    for dist in ("aioquic", "cryptography", "uvloop"):
+    for dist in ("aioquic", "qh3", "cryptography", "uvloop"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             out[dist] = importlib.metadata.version(dist)
     out["iperf3"] = _first_line("iperf3", "--version")
@@ -177,7 +177,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--mtu", type=int, help="masqued tunnel MTU (default 1300)")
     p.add_argument(
         "--only",
-        help="comma list of sections: direct,stream,datagram,h2,peers,scale,cores (default all)",
+        help=(
+            "comma list of sections: direct,stream,datagram,h2,engines,peers,scale,cores "
+            "(default all)"
+        ),
     )
     p.add_argument(
         "--peers",
@@ -227,7 +230,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             log(f"bench: {tool} not found; run `make bench-deps`")
             return 2
     settings = settings_from(args)
-    sections = set((args.only or "direct,stream,datagram,h2,peers,scale,cores").split(","))
+    sections = set(
+        (args.only or "direct,stream,datagram,h2,engines,peers,scale,cores").split(",")
+    )
     if args.peers:
         wanted = [] if args.peers == "none" else args.peers.split(",")
     else:
@@ -318,6 +323,9 @@ def _run(
                 notes.append(f"datagram mode not measured: masqued check said: {why}")
         if "h2" in sections:
             kinds.append("h2")
+        if "engines" in sections:
+            # The other QUIC engine and event loop (issue 18), right after the default.
+            kinds.extend(ENGINE_KINDS)
         for kind in kinds:
             name = kind if kind == "direct" else f"masqued-{kind}"
             # every repeat, plus the lab and daemons coming up and going down

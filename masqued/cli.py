@@ -94,7 +94,6 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_worker(args: argparse.Namespace) -> int:
     """A relay worker process, started by ``masqued run`` with ``workers`` > 1
     (masqued.runtime.workers); not for direct use (it is not in ``--help``)."""
-    import asyncio
     import dataclasses
     import ipaddress
     import signal
@@ -128,8 +127,9 @@ def cmd_worker(args: argparse.Namespace) -> int:
         log.error("relay worker %d: %s (start it through masqued run)", args.index, exc)
         return EXIT_USAGE
     try:
-        return asyncio.run(
-            daemon.run_worker(config, args.index, fds, args.vnet == 1, tcp_fd=args.tcp_fd)
+        return daemon.run_loop(
+            daemon.run_worker(config, args.index, fds, args.vnet == 1, tcp_fd=args.tcp_fd),
+            config.event_loop,
         )
     except daemon.StartupError as exc:
         log.error("%s", exc)

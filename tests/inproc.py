@@ -50,6 +50,7 @@ class Relay:
         limits: EndpointLimits | None = None,
         tcp: bool = True,
         client_ca: Path | None = None,
+        quic_engine: str | None = None,
     ) -> None:
         self.tun = FakeTun("mq-relay", 1300)
         self.sock, self.tcp_socks = _bind(port, tcp)
@@ -61,6 +62,7 @@ class Relay:
             certificate=str(certs / "relay.example.pem"),
             private_key=str(certs / "relay.example.key"),
             client_ca=str(client_ca) if client_ca is not None else None,
+            quic_engine=quic_engine,
         )
         if limits is not None:
             settings = replace(settings, limits=limits)

@@ -30,6 +30,8 @@ LOG_LEVELS = ("debug", "info", "warning", "error")
 NAT_MODES: tuple[NatMode, ...] = ("auto", "nftables", "iptables", "off")
 TRANSPORTS: tuple[Transport, ...] = ("stream", "datagram", "auto")
 HTTP_VERSIONS: tuple[HttpVersion, ...] = ("auto", "h3", "h2")
+QUIC_ENGINES = ("aioquic", "qh3")
+EVENT_LOOPS = ("asyncio", "uvloop")
 DEFAULT_FALLBACK_AFTER = 2.0
 DEFAULT_H3_RETRY = 30.0
 IFNAMSIZ = 16
@@ -52,6 +54,17 @@ _METRICS_DOC = (
     'Prometheus endpoint (GET /metrics) served by the daemon: "IP:PORT" (IPv6 in '
     'brackets: "[::1]:9810"), an absolute unix socket path (mode 0600), or "off". '
     "Plain HTTP without authentication: keep it on loopback or a management network."
+)
+_ENGINE_DOC = (
+    'QUIC library for HTTP/3: "aioquic" (pure Python, the reference) or "qh3" (its '
+    "fork with a compiled packet core: less CPU per packet; no client certificates "
+    "on a relay, a relay's receive windows fixed at ReceiveLimits.qh3_window: README, "
+    "Choosing the QUIC engine). Relay and client choose independently; both speak the "
+    "same QUIC."
+)
+_LOOP_DOC = (
+    'Event loop: "asyncio" (the standard library\'s) or "uvloop" (libuv: cheaper '
+    "socket and timer calls). The QUIC engine gets a precise clock either way."
 )
 _LOG_DOC = "Log level. Under systemd the log goes to the journal (journalctl -u masqued@NAME)."
 
@@ -136,6 +149,8 @@ RELAY_KEY_DOCS: tuple[KeyDoc, ...] = (
         "or routes have IPv6. Leave room for QUIC, UDP and IP on the path to clients.",
     ),
     KeyDoc("log_level", '"debug", "info", "warning" or "error"', '"info"', _LOG_DOC),
+    KeyDoc("quic_engine", '"aioquic" or "qh3"', '"aioquic"', _ENGINE_DOC),
+    KeyDoc("event_loop", '"asyncio" or "uvloop"', '"asyncio"', _LOOP_DOC),
     KeyDoc(
         "max_clients",
         "integer >= 1",
@@ -320,6 +335,8 @@ CLIENT_KEY_DOCS: tuple[KeyDoc, ...] = (
         '"off": none, and a config whose routes cover the relay is refused.',
     ),
     KeyDoc("log_level", '"debug", "info", "warning" or "error"', '"info"', _LOG_DOC),
+    KeyDoc("quic_engine", '"aioquic" or "qh3"', '"aioquic"', _ENGINE_DOC),
+    KeyDoc("event_loop", '"asyncio" or "uvloop"', '"asyncio"', _LOOP_DOC),
     KeyDoc(
         "keepalive",
         "seconds 0.2..60",

@@ -27,12 +27,14 @@ from masqued.config.keys import (
     DEFAULT_MTU,
     DEFAULT_PORT,
     DEFAULT_RECONNECT_MAX,
+    EVENT_LOOPS,
     HTTP_VERSIONS,
     LOG_LEVELS,
     MAX_MTU,
     MIN_MTU,
     MIN_MTU_IPV6,
     NAT_MODES,
+    QUIC_ENGINES,
     SECRET_FILE_ATTRS,
     TRANSPORTS,
     HttpVersion,
@@ -131,6 +133,13 @@ def _load_relay(r: Reader, name: str) -> RelayConfig:
     metrics = r.parsed("metrics", parse_metrics) if r.has("metrics") else None
     metrics_per_client = r.boolean("metrics_per_client", False)
     auth = _load_auth(r)
+    quic_engine, event_loop = _load_engine(r)
+    if quic_engine == "qh3" and "mtls" in auth["methods"]:
+        r.error(
+            "quic_engine",
+            '"qh3" cannot ask HTTP/3 clients for a certificate, and auth has "mtls" '
+            '(use quic_engine = "aioquic", or auth = ["token"])',
+        )
     acl_default = (
         r.choice("acl_default", ("allow", "deny"), "deny") if r.has("acl_default") else None
     )
@@ -189,7 +198,28 @@ def _load_relay(r: Reader, name: str) -> RelayConfig:
         uri_template=uri_template,
         dns=dns,
         dns_search=dns_search,
+        quic_engine=quic_engine,
+        event_loop=event_loop,
     )
+
+
+def _load_engine(r: Reader) -> tuple[str, str]:
+    """``quic_engine`` and ``event_loop``; one whose library cannot be imported here is
+    an error (a .deb carries both)."""
+    quic_engine = r.choice("quic_engine", QUIC_ENGINES, "aioquic")
+    if r.has("quic_engine") and quic_engine != "aioquic":
+        from masqued.transport import engines
+
+        problem = engines.available(quic_engine)
+        if problem is not None:
+            r.error("quic_engine", f"{quic_engine!r} cannot be used: {problem}")
+    event_loop = r.choice("event_loop", EVENT_LOOPS, "asyncio")
+    if event_loop == "uvloop" and r.has("event_loop"):
+        try:
+            import uvloop  # noqa: F401
+        except ImportError as exc:
+            r.error("event_loop", f'"uvloop" cannot be used: {exc}')
+    return quic_engine, event_loop
 
 
 def _load_listen_tcp(r: Reader, udp_host: str, udp_port: int) -> tuple[str, int] | None:
@@ -266,6 +296,7 @@ def _load_client(r: Reader, name: str) -> ClientConfig:
             '"stream" needs HTTP/3, and http_version = "h2": over HTTP/2 packets travel '
             'in DATAGRAM capsules (use transport = "datagram" or "auto")',
         )
+    quic_engine, event_loop = _load_engine(r)
     fallback_after = r.number("fallback_after", DEFAULT_FALLBACK_AFTER, 0.1, 10.0)
     h3_retry = r.number("h3_retry", DEFAULT_H3_RETRY, 1.0, 3600.0)
     h2_port = r.integer("h2_port", 0, 1, 65535) if r.has("h2_port") else None
@@ -347,6 +378,8 @@ def _load_client(r: Reader, name: str) -> ClientConfig:
         token_file=token_file,
         uri_template=template,
         host=host,
+        quic_engine=quic_engine,
+        event_loop=event_loop,
     )
 
 

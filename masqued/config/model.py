@@ -84,6 +84,8 @@ class RelayConfig:
     clients_dir: Path | None = None
     state_dir: Path | None = None
     uri_template: str | None = None  # served besides the default one (RFC 9484 §3)
+    quic_engine: str = "aioquic"  # masqued.transport.engines
+    event_loop: str = "asyncio"  # or "uvloop"
     dns: tuple[IPAddress, ...] = ()  # resolvers told to clients (masqued.proto.dns)
     dns_search: tuple[str, ...] = ()
 
@@ -115,6 +117,8 @@ class ClientConfig:
     private_key: Path | None = None
     token_file: Path | None = None
     uri_template: str | None = None  # the relay's template (RFC 9484 §3); None: default
+    quic_engine: str = "aioquic"  # masqued.transport.engines
+    event_loop: str = "asyncio"  # or "uvloop"
     # DNS, kill switch, hooks (masqued.config.host)
     host: ClientHost = field(default_factory=ClientHost)
 

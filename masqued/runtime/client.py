@@ -63,6 +63,8 @@ RESTART_KEYS = (
     "fallback_after",
     "h3_retry",
     "h2_port",
+    "quic_engine",
+    "event_loop",
 )
 # Keys of config.host (masqued.config.host) a reload does not apply.
 HOST_RESTART_KEYS = (
@@ -132,6 +134,7 @@ def client_settings(config: ClientConfig, fwmark: int) -> ClientSettings:
         h2_port=config.h2_port,
         outside_dns=host_nameservers() if _changes_dns(config) else (),
         marked_dns=config.host.kill_switch,
+        quic_engine=config.quic_engine,
     )
 
 

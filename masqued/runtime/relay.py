@@ -66,6 +66,8 @@ RESTART_KEYS = (
     "nat",
     "mtu",
     "workers",
+    "quic_engine",
+    "event_loop",
 )
 
 
@@ -116,6 +118,7 @@ def relay_settings(config: RelayConfig, worker: int) -> RelaySettings:
         client_ca=str(config.client_ca) if "mtls" in config.auth and config.client_ca else None,
         relay_addresses=relay_addresses([*config.pool, *shares]),
         dns=relay_dns(config),
+        quic_engine=config.quic_engine,
     )
 
 
@@ -250,7 +253,7 @@ class RelayInstance(Instance):
         except OSError as exc:
             raise StartupError(
                 f"cannot listen on {_hostport(host, port)}/tcp{workers_note}: "
-                f"{exc.strerror or exc} (set listen_tcp to another port, or \"off\")"
+                f'{exc.strerror or exc} (set listen_tcp to another port, or "off")'
             ) from exc
 
     def serve(self) -> RelayServer:
@@ -533,6 +536,7 @@ async def run_worker(
     # The main process stops the workers; Ctrl-C in a terminal reaches every process
     # of the group, so this one leaves SIGINT to it.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
     def guarded_reload() -> None:
         try:
             reload()

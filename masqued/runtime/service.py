@@ -365,12 +365,13 @@ def set_level(level: str) -> None:
     # Libraries stay quiet even at debug level: their per-message chatter is noise.
     for noisy in NOISY_LOGGERS:
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    # aioquic warns once per connection a peer breaks: anyone could flood the journal
+    # aioquic warns once per connection a peer breaks (qh3, on the same "quic" logger,
+    # at every peer close): anyone could flood the journal
     # with those; the relay logs what matters itself, rate-limited.
     logging.getLogger("quic").setLevel(logging.ERROR)
 
 
-NOISY_LOGGERS = ("quic", "aioquic", "asyncio")
+NOISY_LOGGERS = ("quic", "aioquic", "qh3", "asyncio")
 
 
 class _QuietLibraries(logging.Filter):

@@ -14,8 +14,7 @@ from __future__ import annotations
 import os
 import ssl
 from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any
 
 import aioquic
 from aioquic.buffer import Buffer  # type: ignore[attr-defined]
@@ -50,7 +49,40 @@ from aioquic.quic.packet import (
 from aioquic.quic.packet_builder import QuicPacketBuilder, QuicSentPacket
 from aioquic.quic.recovery import QuicPacketPacer
 
+from masqued.transport.engines import (
+    CID_LENGTH,
+    DATAGRAM_COST,
+    H3_EXCESSIVE_LOAD,
+    H3_INTERNAL_ERROR,
+    H3_MESSAGE_ERROR,
+    H3_NO_ERROR,
+    H3_REQUEST_CANCELLED,
+    H3_REQUEST_REJECTED,
+    IDLE_TIMEOUT,
+    LIMIT_ERRORS,
+    MAX_DATAGRAM_FRAME_SIZE,
+    MAX_DATAGRAM_SIZE,
+    EventSink,
+    LongHeader,
+    datagram_payload_room,
+)
 from masqued.transport.limits import ReceiveLimits
+
+__all__ = [
+    "CID_LENGTH",
+    "DATAGRAM_COST",
+    "H3_EXCESSIVE_LOAD",
+    "H3_INTERNAL_ERROR",
+    "H3_MESSAGE_ERROR",
+    "H3_NO_ERROR",
+    "H3_REQUEST_CANCELLED",
+    "H3_REQUEST_REJECTED",
+    "LIMIT_ERRORS",
+    "EventSink",
+    "GuardedConnection",
+    "LongHeader",
+    "TunnelH3",
+]
 
 NAME = "aioquic"
 # The release line this seam was written against: its private members are read as
@@ -61,31 +93,7 @@ if not aioquic.__version__.startswith(TESTED):
         f"masqued's aioquic seam was written for aioquic {TESTED}x, found {aioquic.__version__}"
     )
 
-# QUIC tuning shared by both roles. Our packets are at most MTU (1300 by default)
-# plus QUIC/H3 overhead; 1452 fits a 1500-byte path with IPv6+UDP headers and lets a
-# whole 1300-byte packet ride in one QUIC packet.
-IDLE_TIMEOUT = 30.0
-MAX_DATAGRAM_SIZE = 1452
-# Our max_datagram_frame_size transport parameter (RFC 9221 §3): generous, the QUIC
-# packet size is the real limit.
-MAX_DATAGRAM_FRAME_SIZE = 65535
-CID_LENGTH = 8  # aioquic's default connection_id_length; short headers carry it
-
-# HTTP/3 error code for a peer that makes us hold too much (RFC 9114 §8.1).
-H3_EXCESSIVE_LOAD = 0x107
-H3_NO_ERROR = 0x100
-H3_INTERNAL_ERROR = 0x102
-H3_REQUEST_REJECTED = 0x10B
-H3_REQUEST_CANCELLED = 0x10C
-H3_MESSAGE_ERROR = 0x10E
-# Error codes of the closes GuardedConnection makes (or aioquic makes on its behalf),
-# with what each means for the log.
-LIMIT_ERRORS: dict[int, str] = {
-    QuicErrorCode.FLOW_CONTROL_ERROR: "sent past its flow-control credit",
-    QuicErrorCode.STREAM_LIMIT_ERROR: "opened more streams than allowed",
-    QuicErrorCode.CRYPTO_BUFFER_EXCEEDED: "sent a handshake message too large",
-    H3_EXCESSIVE_LOAD: "left too much in incomplete messages",
-}
+# aioquic's connection IDs are CID_LENGTH bytes (its default connection_id_length).
 
 
 class DeliveryCountingCubic(CubicCongestionControl):
@@ -230,6 +238,12 @@ class GuardedConnection(QuicConnection):
             # at CONNECT time. A client may still answer without a certificate
             # (RFC 8446 §4.4.2.4), so tokens keep working on the same relay.
             self.tls._request_client_certificate = True
+
+    def receive_datagrams(self, batch: list[tuple[bytes, Any]], now: float) -> None:
+        """A batch of UDP datagrams for this connection, in order."""
+        receive = self.receive_datagram
+        for data, addr in batch:
+            receive(data, addr, now)
 
     def local_close_code(self) -> int | None:
         """The error code of a close this side started (a limit aioquic enforces
@@ -388,18 +402,6 @@ class TunnelH3(H3Connection):
 # -- packets an endpoint answers without a connection ------------------------------------
 
 
-@dataclass(frozen=True)
-class LongHeader:
-    """What the endpoint needs of a long-header packet that matched no connection."""
-
-    is_initial: bool
-    version_negotiation: bool
-    version: int | None
-    destination_cid: bytes
-    source_cid: bytes
-    token: bytes
-
-
 def parse_long_header(data: bytes) -> LongHeader | None:
     """The header of a packet for no known connection, None if unparseable."""
     try:
@@ -444,24 +446,6 @@ def random_cid() -> bytes:
 
 
 # -- a connection's events -------------------------------------------------------------
-
-
-class EventSink(Protocol):
-    """What ``pump`` calls for each event of a connection (masqued.transport.h3link)."""
-
-    def handshake_completed(self) -> None: ...
-    def cid_issued(self, cid: bytes) -> None: ...
-    def cid_retired(self, cid: bytes) -> None: ...
-    def terminated(self, code: int, reason: str) -> None: ...
-    def stream_reset(self, stream_id: int, code: int) -> None: ...
-    def headers_received(
-        self, stream_id: int, headers: list[tuple[bytes, bytes]], ended: bool
-    ) -> None: ...
-    def data_received(self, stream_id: int, data: bytes, ended: bool) -> None: ...
-    def datagram_received(self, stream_id: int, data: bytes) -> None: ...
-
-    @property
-    def stopped(self) -> bool: ...
 
 
 def pump(quic: QuicConnection, h3: H3Connection, sink: EventSink) -> None:
@@ -562,32 +546,16 @@ def peer_accepts_datagrams(h3: H3Connection, quic: QuicConnection) -> bool:
     )
 
 
-# Worst-case bytes around a DATAGRAM frame's data in a 1-RTT packet: first byte,
-# packet number (≤ 4), AEAD tag (16), frame type (1) and length varint (2 while the
-# frame is below 16384 bytes). The peer's connection ID length is added per call.
-_PACKET_OVERHEAD = 1 + 4 + 16
-_FRAME_OVERHEAD = 1 + 2
-# What one datagram adds to the bytes in flight besides its payload, at most.
-DATAGRAM_COST = _PACKET_OVERHEAD + _FRAME_OVERHEAD + 20
-
-
-def _varint_size(value: int) -> int:
-    return 1 if value < 0x40 else 2 if value < 0x4000 else 4 if value < 0x4000_0000 else 8
-
-
 def datagram_room(quic: QuicConnection, stream_id: int) -> int:
     """Largest HTTP Datagram payload (Context ID + data) that fits one QUIC packet
     and the peer's max_datagram_frame_size, for datagrams of ``stream_id``; 0 if the
     peer accepts no DATAGRAM frames."""
-    remote = quic._remote_max_datagram_frame_size
-    if remote is None:
-        return 0
-    cid_len = len(quic._peer_cid.cid)
-    frame_data = quic._max_datagram_size - _PACKET_OVERHEAD - cid_len - _FRAME_OVERHEAD
-    # RFC 9221 §3: the limit covers the whole frame (type, length, data); staying one
-    # byte further below it also satisfies receivers that compare with ">=".
-    frame_data = min(frame_data, remote - _FRAME_OVERHEAD - 1)
-    return max(0, frame_data - _varint_size(stream_id // 4))
+    return datagram_payload_room(
+        quic._max_datagram_size,
+        len(quic._peer_cid.cid),
+        quic._remote_max_datagram_frame_size,
+        stream_id,
+    )
 
 
 def datagrams_queued(quic: QuicConnection) -> tuple[int, int]:

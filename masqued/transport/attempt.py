@@ -30,7 +30,7 @@ from masqued.proto.framings import Mode
 from masqued.proto.request import TunnelParams
 from masqued.proto.session import MAX_ROUTE_NETWORKS, ClientSession
 from masqued.proto.template import UriTemplate
-from masqued.transport import aioquic_engine as engine
+from masqued.transport import engines
 from masqued.transport.dataplane import DataPlane, plane_for
 from masqued.transport.h2link import H2Link
 from masqued.transport.h3link import H3Link, monotonic
@@ -86,6 +86,8 @@ class ClientSettings:
     fallback_after: float = 2.0
     h3_retry: float = 30.0
     h2_port: int | None = None
+    # The QUIC engine (masqued.transport.engines): "aioquic", "qh3"; None: the default.
+    quic_engine: str | None = None
     # The host's own nameservers, for the relay's name while reconnecting, when the
     # client pointed /etc/resolv.conf at the tunnel's (empty: /etc/resolv.conf's).
     outside_dns: tuple[str, ...] = ()
@@ -212,8 +214,7 @@ class Attempt:
         self.last_rx = now
         link = self.link
         assert isinstance(link, H3Link)
-        for data, addr in batch:
-            link.receive(data, addr, now)
+        link.receive_batch(batch, now)
         self.received(link.process)
 
     def bytes_received(self, data: bytes) -> None:
@@ -389,7 +390,7 @@ class Attempt:
             return
         message = str(reason)
         with contextlib.suppress(Exception):
-            self.link.close(engine.H3_NO_ERROR, message)
+            self.link.close(engines.H3_NO_ERROR, message)
             self.link.flush()
         if isinstance(reason, Exception) and not self.ready.done():
             self.ready.set_exception(reason)

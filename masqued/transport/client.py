@@ -38,7 +38,7 @@ from masqued.proto.errors import ProtocolError, ResponseError
 from masqued.proto.framings import Mode
 from masqued.proto.packet import addresses
 from masqued.proto.request import TunnelParams
-from masqued.transport import aioquic_engine as engine
+from masqued.transport import engines
 from masqued.transport.attempt import (
     Attempt,
     ClientSettings,
@@ -302,6 +302,7 @@ class ClientTunnel:
         except OSError:
             sock.close()
             raise
+        engine = engines.load(settings.quic_engine)
         config = engine.configuration(
             is_client=True,
             server_name=settings.server_name,
@@ -318,7 +319,7 @@ class ClientTunnel:
                 attempt.datagrams_received(batch)
 
         udp = UdpSocket(self.loop, sock, on_batch)
-        link = H3Link(self.loop, quic, udp.send, NullHandler(), addr)
+        link = H3Link(self.loop, quic, udp.send, NullHandler(), addr, engine)
 
         def release() -> None:
             link.cancel_timer()

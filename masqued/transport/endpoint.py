@@ -21,7 +21,7 @@ from collections.abc import Callable
 from typing import Protocol
 
 from masqued.logutil import RateLimitedLog
-from masqued.transport import aioquic_engine as engine
+from masqued.transport import engines
 from masqued.transport.balance import Balancer, InvalidToken, RetryTokens, retry_cid
 from masqued.transport.h3link import H3Link, monotonic
 from masqued.transport.limits import BufferLedger, EndpointLimits
@@ -61,7 +61,7 @@ def short_dcid(data: bytes) -> bytes:
             return b""
         n = data[5]
         return data[6 : 6 + n]
-    return data[1 : 1 + engine.CID_LENGTH]
+    return data[1 : 1 + engines.CID_LENGTH]
 
 
 class QuicEndpoint:
@@ -80,8 +80,11 @@ class QuicEndpoint:
         workers: int = 1,
         balancer: Balancer | None = None,
         client_certificates: Callable[[], bool] = lambda: False,
+        engine: str | None = None,
     ) -> None:
         self.loop = loop
+        # The QUIC engine's seam module (masqued.transport.engines): relay quic_engine.
+        self.engine = engines.load(engine)
         self.handler = handler
         self.limits = limits
         self.worker = worker
@@ -106,7 +109,7 @@ class QuicEndpoint:
 
     def set_certificate(self, certificate: str, private_key: str) -> None:
         """The certificate new connections get (reload)."""
-        self._config = engine.configuration(
+        self._config = self.engine.configuration(
             is_client=False, certificate=certificate, private_key=private_key
         )
 
@@ -123,7 +126,7 @@ class QuicEndpoint:
             self._sweeper.cancel()
             self._sweeper = None
         for link in list(self._cids):
-            link.close(engine.H3_NO_ERROR, reason)
+            link.close(engines.H3_NO_ERROR, reason)
             with contextlib.suppress(Exception):
                 link.flush()
             self._drop(link, reason)
@@ -142,14 +145,33 @@ class QuicEndpoint:
         now = monotonic()
         dirty = self._dirty
         links = self.links
+        # Each connection's datagrams of the batch, in order, handed to it at once.
+        inputs: dict[H3Link, list[tuple[bytes, Address]]] = {}
         for data, addr in batch:
             link = links.get(short_dcid(data))
             if link is None:
                 link = self._new_connection(data, addr)
                 if link is None:
                     continue
+                # A new connection starts on its first datagram (the CIDs that the
+                # next ones carry are known once it has taken it).
+                try:
+                    link.receive(data, addr, now)
+                except Exception as exc:
+                    self.failed(link, exc)
+                    continue
+                dirty.add(link)
+                continue
+            got = inputs.get(link)
+            if got is None:
+                inputs[link] = [(data, addr)]
+            else:
+                got.append((data, addr))
+        for link, got in inputs.items():
+            if link.closed:
+                continue
             try:
-                link.receive(data, addr, now)
+                link.receive_batch(got, now)
             except Exception as exc:
                 self.failed(link, exc)
                 continue
@@ -190,8 +212,8 @@ class QuicEndpoint:
         """A limit the engine enforced itself (flow control, streams, handshake size)
         closed the connection: count and log it once."""
         code = link.local_close_code()
-        if code in engine.LIMIT_ERRORS:
-            self.limit_exceeded(link, f"{engine.LIMIT_ERRORS[code]} (code {code:#x})")
+        if code in engines.LIMIT_ERRORS:
+            self.limit_exceeded(link, f"{engines.LIMIT_ERRORS[code]} (code {code:#x})")
 
     def failed(self, link: H3Link, exc: BaseException) -> None:
         """A bug met by one connection's input: it ends there (H3_INTERNAL_ERROR),
@@ -199,7 +221,7 @@ class QuicEndpoint:
         self.handler.count("internal_error")
         log_failure(self._ratelog, link.peer, exc)
         with contextlib.suppress(Exception):
-            link.close(engine.H3_INTERNAL_ERROR, "internal error")
+            link.close(engines.H3_INTERNAL_ERROR, "internal error")
             link.flush()
         try:
             self._drop(link, "internal error")
@@ -222,7 +244,7 @@ class QuicEndpoint:
             self.limit_exceeded(link, exceeded)
         elif not self.ledger.update(id(link), held):
             link.quic.exceeded = f"{held} bytes held while the relay's total is over its limit"
-            link.close(engine.H3_EXCESSIVE_LOAD, "excessive load")
+            link.close(engines.H3_EXCESSIVE_LOAD, "excessive load")
             self.limit_exceeded(link, link.quic.exceeded)
 
     def _drop(self, link: H3Link, reason: str) -> None:
@@ -239,16 +261,16 @@ class QuicEndpoint:
     # -- new connections ---------------------------------------------------------------
 
     def _new_connection(self, data: bytes, addr: Address) -> H3Link | None:
-        header = engine.parse_long_header(data)
+        header = self.engine.parse_long_header(data)
         if header is None:
             return None
-        versions = engine.supported_versions(self._config)
+        versions = self.engine.supported_versions(self._config)
         if (
             not header.version_negotiation
             and header.version is not None
             and (header.version not in versions)
         ):
-            self.udp.send([(engine.version_negotiation(header, versions), addr)])
+            self.udp.send([(self.engine.version_negotiation(header, versions), addr)])
             return None
         # Known by another of its CIDs (long headers carry the original one).
         link = self.links.get(header.destination_cid)
@@ -299,7 +321,7 @@ class QuicEndpoint:
                 self.handler.count("address_validation")
                 self._send_retry(header, addr, self.worker)
                 return None
-        quic = engine.server_connection(
+        quic = self.engine.server_connection(
             self._config,
             original_dcid=odcid,
             retry_scid=retry_scid,
@@ -307,7 +329,7 @@ class QuicEndpoint:
             worker=self.worker if self.workers > 1 else None,
             client_certificate=self.client_certificates(),
         )
-        link = H3Link(self.loop, quic, self.udp.send, _Closing(self), addr)
+        link = H3Link(self.loop, quic, self.udp.send, _Closing(self), addr, self.engine)
         link.on_cid = lambda cid, issued, link=link: self._cid(link, cid, issued)
         link.on_held = self._held
         link.on_error = self.failed
@@ -320,13 +342,13 @@ class QuicEndpoint:
         self._pending_by_ip[ip] += 1
         return link
 
-    def _send_retry(self, header: engine.LongHeader, addr: Address, target: int) -> None:
+    def _send_retry(self, header: engines.LongHeader, addr: Address, target: int) -> None:
         """Send the client to worker ``target`` (this one, to validate its address): a
         Retry with a connection ID that the steering program maps there, and a token
         that worker accepts."""
         scid = retry_cid(target)
         token = self.tokens.seal(format_addr(addr), header.destination_cid, scid)
-        self.udp.send([(engine.retry(header, scid, token), addr)])
+        self.udp.send([(self.engine.retry(header, scid, token), addr)])
 
     # -- the CID registry and the pending set ----------------------------------------------
 
@@ -381,7 +403,7 @@ class QuicEndpoint:
             try:
                 if link.handshake_done:
                     self.handler.count("admission_timeout")
-                    link.close(engine.H3_NO_ERROR, "no CONNECT-IP tunnel requested")
+                    link.close(engines.H3_NO_ERROR, "no CONNECT-IP tunnel requested")
                     link.flush()
                 else:
                     self.handler.count("handshake_timeout")
@@ -405,7 +427,7 @@ class _Closing:
     def link_closed(self, link: Link, code: int, reason: str) -> None:
         assert isinstance(link, H3Link)
         endpoint = self._endpoint
-        if code in engine.LIMIT_ERRORS:
-            endpoint.limit_exceeded(link, f"{engine.LIMIT_ERRORS[code]} ({reason})")
+        if code in engines.LIMIT_ERRORS:
+            endpoint.limit_exceeded(link, f"{engines.LIMIT_ERRORS[code]} ({reason})")
         endpoint.handler.link_closed(link, code, reason)
         endpoint._closed(link)

@@ -1,7 +1,7 @@
 """HTTP/3 as a tunnel link: one QUIC connection and its HTTP/3 layer, through the seam.
 
-``H3Link`` implements masqued.transport.link.Link on a QUIC engine (today aioquic, in
-masqued.transport.aioquic_engine): it feeds received datagrams to the connection,
+``H3Link`` implements masqued.transport.link.Link on a QUIC engine (a seam module,
+masqued.transport.engines: aioquic or qh3): it feeds received datagrams to the connection,
 hands the resulting events to a TunnelHandler, keeps the connection's timer, and
 flushes what the connection queued. The relay's endpoint and the client each own
 their links; nothing here decides anything about tunnels.
@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from masqued.transport import aioquic_engine as engine
+from masqued.transport import engines
 from masqued.transport.link import Headers, TunnelHandler, format_addr
 from masqued.transport.udp import Address
 
@@ -33,12 +33,15 @@ class H3Link:
     def __init__(
         self,
         loop: asyncio.AbstractEventLoop,
-        quic: engine.GuardedConnection,
+        quic: engines.Connection,
         send: Callable[[Iterable[tuple[bytes, Address]]], None],
         handler: TunnelHandler,
         peer_addr: Address,
+        engine: engines.Engine | None = None,
     ) -> None:
         self.loop = loop
+        # The seam module ``quic`` belongs to (its GuardedConnection).
+        self.engine = engine = engine or engines.load()
         self.quic = quic
         self.h3 = engine.TunnelH3(quic)
         self._send = send
@@ -64,11 +67,15 @@ class H3Link:
     def receive(self, data: bytes, addr: Address, now: float) -> None:
         self.quic.receive_datagram(data, addr, now)
 
+    def receive_batch(self, batch: list[tuple[bytes, Address]], now: float) -> None:
+        """Datagrams of one UDP batch for this connection, in order."""
+        self.quic.receive_datagrams(batch, now)
+
     def process(self) -> None:
         """Hand what the connection received to the handler."""
-        engine.pump(self.quic, self.h3, self)
+        self.engine.pump(self.quic, self.h3, self)
 
-    # engine.EventSink
+    # engines.EventSink
 
     @property
     def stopped(self) -> bool:
@@ -106,7 +113,7 @@ class H3Link:
 
     def flush(self) -> None:
         """Grant receive credit, account what the peer makes us hold, send, re-arm."""
-        held = self.quic.settle(engine.h3_held(self.h3))
+        held = self.quic.settle(self.engine.h3_held(self.h3))
         if self.on_held is not None:
             self.on_held(self, held)
         self._send(self.quic.datagrams_to_send(now=monotonic()))
@@ -193,45 +200,45 @@ class H3Link:
 
     def settings(self) -> tuple[bool, bool] | None:
         """(extended CONNECT, HTTP/3 datagrams) from the peer's SETTINGS, None before."""
-        return engine.peer_settings(self.h3)
+        return self.engine.peer_settings(self.h3)
 
     def open_tunnel(self, stream_id: int) -> None:
         self.quic.open_tunnel(stream_id)
 
     def accepts_datagrams(self) -> bool:
-        return engine.peer_accepts_datagrams(self.h3, self.quic)
+        return self.engine.peer_accepts_datagrams(self.h3, self.quic)
 
     def datagram_room(self, stream_id: int) -> int:
-        return engine.datagram_room(self.quic, stream_id)
+        return self.engine.datagram_room(self.quic, stream_id)
 
     def datagrams_queued(self) -> tuple[int, int]:
-        return engine.datagrams_queued(self.quic)
+        return self.engine.datagrams_queued(self.quic)
 
     def stream_acked(self, stream_id: int) -> int | None:
-        return engine.stream_acked(self.quic, stream_id)
+        return self.engine.stream_acked(self.quic, stream_id)
 
     def stream_backlog(self, stream_id: int) -> int:
-        return engine.stream_backlog(self.quic, stream_id)
+        return self.engine.stream_backlog(self.quic, stream_id)
 
     def delivered(self) -> int | None:
-        return engine.delivered_bytes(self.quic)
+        return self.engine.delivered_bytes(self.quic)
 
     def in_flight(self) -> int:
-        return engine.bytes_in_flight(self.quic)
+        return self.engine.bytes_in_flight(self.quic)
 
     def min_rtt(self) -> float:
-        return engine.min_rtt(self.quic)
+        return self.engine.min_rtt(self.quic)
 
     def stats(self) -> dict[str, Any]:
         quic = self.quic
         return {
-            "rtt_ms": engine.rtt_ms(quic),
-            "cwnd": engine.congestion_window(quic),
-            "bytes_in_flight": engine.bytes_in_flight(quic),
+            "rtt_ms": self.engine.rtt_ms(quic),
+            "cwnd": self.engine.congestion_window(quic),
+            "bytes_in_flight": self.engine.bytes_in_flight(quic),
         }
 
     def peer_certificate(self) -> tuple[Any, list[Any]]:
-        return engine.peer_certificate(self.quic)
+        return self.engine.peer_certificate(self.quic)
 
     def local_close_code(self) -> int | None:
         return self.quic.local_close_code()

@@ -3,9 +3,9 @@
 Engine-neutral policy: the receive windows and stream counts a connection starts with,
 what an admitted tunnel stream gets, the bytes a peer may leave buffered (out of order
 or in a half-parsed HTTP/3 or TLS message), and how many connections may wait for a
-handshake or an admitted CONNECT. The engine seam (masqued.transport.aioquic_engine) applies it
-to the QUIC library; the relay's endpoints (QUIC and TCP) count and enforce the
-connection caps.
+handshake or an admitted CONNECT. The engine seams (masqued.transport.aioquic_engine,
+qh3_engine) apply it to the QUIC library; the relay's endpoints (QUIC and TCP) count
+and enforce the connection caps.
 """
 
 from __future__ import annotations
@@ -39,6 +39,12 @@ class ReceiveLimits:
     # and the two QPACK streams, with room for a few the peer may add).
     bidi_streams: int = 4
     uni_streams: int = 6
+    # qh3 (masqued.transport.qh3_engine) builds a connection's windows into its core
+    # once: a relay connection has this one window (connection, each stream, and
+    # out-of-order bytes per stream) before and after its CONNECT. It bounds what a
+    # peer that never gets a tunnel can make the core hold, and an admitted tunnel's
+    # stream-mode upload to this much in flight (8 Mbit/s per ms of RTT).
+    qh3_window: int = 1 * MIB
     # Bytes an upper layer keeps for a connection while a message is incomplete
     # (HTTP/3 frame reassembly, TLS handshake messages); more closes the connection.
     max_held: int = 64 * KIB

@@ -15,7 +15,7 @@ import ssl
 from dataclasses import dataclass
 from typing import Any
 
-from masqued.transport import aioquic_engine as engine
+from masqued.transport import engines
 from masqued.transport.h2link import ALPN as H2_ALPN
 from masqued.transport.h3link import H3Link, monotonic
 from masqued.transport.link import Link, NullHandler
@@ -42,8 +42,16 @@ class _Watch(NullHandler):
         self.closed = reason
 
 
-async def probe(host: str, port: int, server_name: str, fwmark: int, timeout: float) -> ProbeResult:
-    """Handshake with the relay at ``host``:``port`` within ``timeout`` seconds."""
+async def probe(
+    host: str,
+    port: int,
+    server_name: str,
+    fwmark: int,
+    timeout: float,
+    quic_engine: str | None = None,
+) -> ProbeResult:
+    """Handshake with the relay at ``host``:``port`` within ``timeout`` seconds (with
+    QUIC engine ``quic_engine``, None: the default)."""
     loop = asyncio.get_running_loop()
     try:
         infos = await loop.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
@@ -59,6 +67,7 @@ async def probe(host: str, port: int, server_name: str, fwmark: int, timeout: fl
     except OSError as exc:
         sock.close()
         return ProbeResult(False, f"cannot send to {host}:{port}: {exc.strerror}")
+    engine = engines.load(quic_engine)
     config = engine.configuration(is_client=True, server_name=server_name, verify=False)
     quic = engine.client_connection(config)
     watch = _Watch()
@@ -75,7 +84,7 @@ async def probe(host: str, port: int, server_name: str, fwmark: int, timeout: fl
         changed.set()
 
     udp = UdpSocket(loop, sock, on_batch)
-    link = H3Link(loop, quic, udp.send, watch, addr)
+    link = H3Link(loop, quic, udp.send, watch, addr, engine)
     udp.start()
     start = monotonic()
     try:
@@ -98,7 +107,7 @@ async def probe(host: str, port: int, server_name: str, fwmark: int, timeout: fl
             return ProbeResult(True, f"relay closed the handshake: {watch.closed}")
         rtt = round((monotonic() - start) * 1000, 1)
         leaf, rest = link.peer_certificate()
-        link.close(engine.H3_NO_ERROR, "probe done")
+        link.close(engines.H3_NO_ERROR, "probe done")
         link.flush()
         return ProbeResult(True, chain=[leaf, *rest] if leaf is not None else None, rtt_ms=rtt)
     finally:

@@ -47,7 +47,7 @@ from masqued.proto.request import IPV6_MIN_MTU, build_response_headers, parse_co
 from masqued.proto.session import ProxySession
 from masqued.proto.template import UriTemplate
 from masqued.runtime.service import client_fields
-from masqued.transport import aioquic_engine as engine
+from masqued.transport import engines
 from masqued.transport.balance import Balancer
 from masqued.transport.dataplane import DataPlane, plane_for
 from masqued.transport.endpoint import QuicEndpoint, peer_ip
@@ -99,6 +99,8 @@ class RelaySettings:
     relay_addresses: tuple[bytes, ...] = ()
     # Resolvers told to every client (DNS_ASSIGN, or masqued-dns in stream mode).
     dns: DnsInfo | None = None
+    # The QUIC engine (masqued.transport.engines): "aioquic", "qh3"; None: the default.
+    quic_engine: str | None = None
 
 
 @dataclass(eq=False)
@@ -188,6 +190,7 @@ class RelayServer:
             workers=settings.workers,
             balancer=balancer,
             client_certificates=self._wants_certificates,
+            engine=settings.quic_engine,
         )
         self.tcp: TcpEndpoint | None = None
         if tcp_socks:
@@ -325,7 +328,7 @@ class RelayServer:
         tunnel = self.tunnels.get((link, stream_id))
         if tunnel is not None:
             # Trailers or a second HEADERS on an open tunnel: not allowed here.
-            self._abort(tunnel, engine.H3_MESSAGE_ERROR, "unexpected HEADERS on the tunnel")
+            self._abort(tunnel, engines.H3_MESSAGE_ERROR, "unexpected HEADERS on the tunnel")
             return
         self._request(link, stream_id, headers)
 
@@ -344,7 +347,7 @@ class RelayServer:
             # Address requests while the stream holds all it may unacknowledged: the
             # answers (RFC 9484 §4.7.2 wants one each) cannot be queued without limit.
             self._abort(
-                tunnel, engine.H3_EXCESSIVE_LOAD, "address requests beyond the stream's send bound"
+                tunnel, engines.H3_EXCESSIVE_LOAD, "address requests beyond the stream's send bound"
             )
             return
         if packets:
@@ -495,7 +498,7 @@ class RelayServer:
         try:
             link.send_headers(stream_id, build_response_headers(status, extra=extra), end=True)
         except Exception:  # the stream may already be gone
-            link.abort(stream_id, engine.H3_REQUEST_REJECTED)
+            link.abort(stream_id, engines.H3_REQUEST_REJECTED)
 
     def tls_refused(self, link: H2Link, reason: str) -> None:
         """The TCP endpoint's TLS refused a client certificate (not from client_ca):
@@ -551,7 +554,7 @@ class RelayServer:
         """End a tunnel from our side: release it and reset its stream."""
         self.end_tunnel(tunnel, reason)
         if not tunnel.link.closed:
-            tunnel.link.abort(tunnel.stream_id, engine.H3_REQUEST_CANCELLED)
+            tunnel.link.abort(tunnel.stream_id, engines.H3_REQUEST_CANCELLED)
 
     def pool_changed(self) -> None:
         """The pool grew (reload): ICMP errors may now come from a new family's gateway."""

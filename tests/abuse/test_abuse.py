@@ -24,9 +24,11 @@ from typing import Any
 import pytest
 
 from masqued.gate.auth import new_token
+from masqued.transport.limits import ReceiveLimits
 from tests.abuse import attack
 from tests.integration.lab import (
     PYTHON,
+    QUIC_ENGINE,
     RELAY_V4,
     REPO,
     TARGET_V4,
@@ -45,6 +47,12 @@ RSS_BOUND = 64 * MIB
 # attacker's namespace, which holds none of them and drops what comes back.
 SPOOF_NET = "198.18.64.0/18"
 RELAY = f"{RELAY_V4}:4433"
+# MASQUED_QUIC_ENGINE=qh3 attacks a qh3 relay: the same bounds must hold. qh3 cannot
+# ask for client certificates, so that relay takes tokens only.
+QH3 = QUIC_ENGINE == "qh3"
+# The credit a connection gets before its CONNECT is admitted: aioquic's connection
+# window; qh3's core has one window for the connection's life (limits.py).
+PRE_ADMISSION_CREDIT = ReceiveLimits().qh3_window if QH3 else ReceiveLimits().connection_window
 
 
 def n(count: float) -> int:
@@ -167,8 +175,12 @@ def abuse(pki_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[A
             the_lab.relay_ns,
             the_lab.relay_config(
                 extra=(
-                    'auth = ["mtls", "token"]\n'
-                    f'client_ca = "{pki_dir / "ca.pem"}"\n'
+                    (
+                        'quic_engine = "qh3"\nauth = ["token"]\n'
+                        if QH3
+                        else 'auth = ["mtls", "token"]\n'
+                    )
+                    + f'client_ca = "{pki_dir / "ca.pem"}"\n'
                     f'tokens_file = "{w / "tokens"}"\n'
                     f'state_dir = "{w / "state"}"\n'
                 )
@@ -200,7 +212,7 @@ def test_stream_gap_flood(abuse: Abuse) -> None:
     out = abuse.attack("gap", "--relay", RELAY, "--connections", str(conns), "--rounds", "8")
     sent, received = abuse.ping_received(ping)
     # Never more credit than the pre-admission window per connection.
-    assert out["claimed"] <= conns * 64 * 1024
+    assert out["claimed"] <= conns * PRE_ADMISSION_CREDIT
     assert received >= sent * 0.9
     # Held open without a CONNECT, the attacker's connections end at the admission
     # timeout (10 s), which frees the address's pending slots for the next test.
@@ -262,6 +274,7 @@ def test_spoofed_initial_flood(abuse: Abuse) -> None:
     abuse.check()
 
 
+@pytest.mark.skipif(QH3, reason="a qh3 relay takes no client certificates (auth = token)")
 def test_malformed_client_certificate(abuse: Abuse) -> None:
     cert = attack.malformed_eku_certificate(abuse.lab.workdir)
     mallory = abuse.lab.start_daemon(
@@ -318,9 +331,7 @@ def test_tls_handshakes_that_never_finish(abuse: Abuse) -> None:
     handshake timeout (10 s), counted."""
     conns = min(n(20), 30)  # below the 32 pending per address, or some are refused
     before = abuse.status()["results"].get("tls_handshake_timeout", 0)
-    out = abuse.attack(
-        "tlsstall", "--relay", RELAY, "--connections", str(conns), "--seconds", "14"
-    )
+    out = abuse.attack("tlsstall", "--relay", RELAY, "--connections", str(conns), "--seconds", "14")
     assert out["closed_by_relay"] == conns, out
     after = abuse.status()["results"].get("tls_handshake_timeout", 0)
     assert after - before == conns

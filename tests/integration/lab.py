@@ -34,6 +34,23 @@ from typing import Protocol
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 
+# The QUIC engine and event loop of the lab's daemons (README, Testing): configs that
+# name none get these. A relay whose config asks for client certificates (auth
+# "mtls") stays on aioquic, which can ask for them over HTTP/3; qh3 cannot.
+QUIC_ENGINE = os.environ.get("MASQUED_QUIC_ENGINE", "")
+EVENT_LOOP = os.environ.get("MASQUED_EVENT_LOOP", "")
+
+
+def engine_lines(extra: str, relay: bool) -> str:
+    """The quic_engine / event_loop lines a lab config gets (none if it sets its own)."""
+    lines = ""
+    if QUIC_ENGINE and "quic_engine" not in extra and not (relay and "mtls" in extra):
+        lines += f'quic_engine = "{QUIC_ENGINE}"\n'
+    if EVENT_LOOP and "event_loop" not in extra:
+        lines += f'event_loop = "{EVENT_LOOP}"\n'
+    return lines
+
+
 RELAY_V4 = "198.18.1.1"
 RELAY_V6 = "2001:db8:1::1"
 EGRESS_V4 = "198.19.0.1"
@@ -482,7 +499,7 @@ class NamespaceLab(LabTraffic):
             f"pool = [{pool_list}]\n"
             'egress = "auto"\n'
             f'nat = "{nat}"\n'
-            "mtu = 1300\n" + extra
+            "mtu = 1300\n" + engine_lines(extra, True) + extra
         )
 
     def client_config(
@@ -500,7 +517,7 @@ class NamespaceLab(LabTraffic):
             'server_name = "relay.example"\n'
             f'ca = "{pki / "ca.pem"}"\n'
             f"routes = [{route_list}]\n"
-            "mtu = 1300\n" + extra
+            "mtu = 1300\n" + engine_lines(extra, False) + extra
         )
 
     @property

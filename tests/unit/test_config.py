@@ -1143,9 +1143,7 @@ def test_example_commented_alternatives_parse(
     """Uncommenting any '# key = value' line (replacing the active one) still parses."""
     text = example(name, pkidir)
     lines = text.splitlines()
-    alternatives = [
-        i for i, line in enumerate(lines) if re.match(r"^# [a-z][a-z0-9_]* = ", line)
-    ]
+    alternatives = [i for i, line in enumerate(lines) if re.match(r"^# [a-z][a-z0-9_]* = ", line)]
     assert alternatives
     for i in alternatives:
         key = lines[i][2:].split(" ", 1)[0]
@@ -1507,3 +1505,32 @@ def test_relay_dns(
     assert [str(a) for a in cfg.dns] == ["198.19.0.53"] and cfg.dns_search == ("corp.example",)
     with pytest.raises(ConfigError, match="dns_search: needs dns"):
         load_config(write(relay_text(pkidir, dns_search='["corp.example"]')))
+
+
+# --- quic_engine, event_loop ---
+
+
+def test_quic_engine_and_event_loop(
+    relay: Callable[..., RelayConfig], client: Callable[..., ClientConfig]
+) -> None:
+    assert (relay().quic_engine, relay().event_loop) == ("aioquic", "asyncio")
+    cfg = relay(quic_engine='"qh3"', event_loop='"uvloop"')
+    assert (cfg.quic_engine, cfg.event_loop) == ("qh3", "uvloop")
+    cfg2 = client(quic_engine='"qh3"', event_loop='"uvloop"')
+    assert (cfg2.quic_engine, cfg2.event_loop) == ("qh3", "uvloop")
+    assert problems(relay, quic_engine='"quiche"') == [
+        'quic_engine: \'quiche\' is not one of "aioquic", "qh3"'
+    ]
+    assert problems(client, event_loop='"trio"') == [
+        'event_loop: \'trio\' is not one of "asyncio", "uvloop"'
+    ]
+
+
+def test_a_qh3_relay_refuses_mtls(relay: Callable[..., RelayConfig], pkidir: Path) -> None:
+    (problem,) = problems(
+        relay,
+        quic_engine='"qh3"',
+        auth='["mtls"]',
+        client_ca=toml_str(pkidir / "ca.pem"),
+    )
+    assert problem.startswith("quic_engine:") and "mtls" in problem
