@@ -282,14 +282,11 @@ class ProxySession:
             except PacketError:
                 drops[DROP_MALFORMED] += 1
                 continue
-            if (
-                dst in self.echo_dsts
-                and (src in keys or is_link_local(version, src))
-                and self.icmp.take(now)
-            ):
+            if dst in self.echo_dsts and (src in keys or is_link_local(version, src)):
                 reply = echo_reply(pkt, self.gateways[version])
                 if reply is not None:
-                    replies.append(reply)
+                    if self.icmp.take(now):
+                        replies.append(reply)
                     continue
             # RFC 9484 §7: link-local traffic belongs to the tunnel link (a peer's
             # kernel sends router solicitations from fe80::); never forwarded, and a
