@@ -45,6 +45,12 @@ class ReceiveLimits:
     # peer that never gets a tunnel can make the core hold, and an admitted tunnel's
     # stream-mode upload to this much in flight (8 Mbit/s per ms of RTT).
     qh3_window: int = 1 * MIB
+    # qh3: bytes a peer may send before its handshake completes (a ClientHello flight
+    # of two datagrams and four retransmissions of it, the client's Finished). qh3's
+    # core keeps out-of-order CRYPTO data at ~24 bytes of memory per byte (1 MB of
+    # Initials made the relay grow by 20 MiB; 16 KiB cost ~400 KiB per pending
+    # connection, aioquic's bound ~50 KiB); aioquic bounds those bytes itself.
+    qh3_handshake_bytes: int = 16 * KIB
     # Bytes an upper layer keeps for a connection while a message is incomplete
     # (HTTP/3 frame reassembly, TLS handshake messages); more closes the connection.
     max_held: int = 64 * KIB

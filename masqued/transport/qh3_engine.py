@@ -185,6 +185,39 @@ class _PaddedCore:
         return getattr(self._core, name)
 
 
+class _GuardedBridge(QuicTlsBridge):
+    """qh3's TLS bridge with masqued's bounds (GuardedConnection._create_tls)."""
+
+    windows: tuple[int, int, int, int, int]
+    max_held: int
+
+    def serialize_transport_parameters(self) -> bytes:
+        """qh3's transport parameters (from the configuration's max_data and
+        max_stream_data, and 100 + 103 streams) with the windows and stream counts the
+        core is built with: the peer must be told what the core enforces."""
+        data = super().serialize_transport_parameters()
+        parameters = pull_quic_transport_parameters(Buffer(data=data))
+        connection_window, stream_window, _, bidi, uni = self.windows
+        parameters.initial_max_data = connection_window
+        parameters.initial_max_stream_data_bidi_local = stream_window
+        parameters.initial_max_stream_data_bidi_remote = stream_window
+        parameters.initial_max_stream_data_uni = stream_window
+        parameters.initial_max_streams_bidi = bidi
+        parameters.initial_max_streams_uni = uni
+        buf = Buffer(capacity=len(data) + 64)
+        push_quic_transport_parameters(buf, parameters)
+        return bytes(buf.data)
+
+    def receive_crypto(
+        self, epoch: Any, data: bytes, offset: int | None = None, *, version: int | None = None
+    ) -> None:
+        # qh3's TLS buffers a handshake message until all of it arrived, and a message
+        # may claim 16 MiB: bound what waits there (RFC 9000 §7.5).
+        if len(self.tls._receive_buffer) + len(data) > self.max_held:
+            raise QuicTlsBridgeError(CRYPTO_BUFFER_EXCEEDED, "handshake message too large")
+        super().receive_crypto(epoch, data, offset, version=version)
+
+
 class GuardedConnection(QuicConnection):
     """qh3's QuicConnection with masqued's receive limits built into its core, the
     bounds on what its TLS and HTTP/3 layers hold, and (relay workers) a marked first
@@ -205,6 +238,7 @@ class GuardedConnection(QuicConnection):
         self._datagram_bytes = 0
         self._sent = 0  # bytes of every UDP payload sent: for delivered_bytes
         self.min_rtt = 0.0  # smallest RTT sample seen (engine.min_rtt)
+        self._handshake_bytes = 0  # received before the handshake completed
         if self.worker is not None:
             # The core takes host_cid as its source CID when it is built (the first
             # packet): marked, the client's packets reach this worker from then on.
@@ -263,46 +297,29 @@ class GuardedConnection(QuicConnection):
         self._applied_transport_parameters = None
         self._pre_handshake_state_replayed = False
 
-    def _transport_parameters(self, data: bytes) -> bytes:
-        """qh3's transport parameters (from the configuration's max_data and
-        max_stream_data, and 100 + 103 streams) with the windows and stream counts the
-        core is built with: the peer must be told what the core enforces."""
-        parameters = pull_quic_transport_parameters(Buffer(data=data))
-        connection_window, stream_window, _, bidi, uni = self._windows()
-        parameters.initial_max_data = connection_window
-        parameters.initial_max_stream_data_bidi_local = stream_window
-        parameters.initial_max_stream_data_bidi_remote = stream_window
-        parameters.initial_max_stream_data_uni = stream_window
-        parameters.initial_max_streams_bidi = bidi
-        parameters.initial_max_streams_uni = uni
-        buf = Buffer(capacity=len(data) + 64)
-        push_quic_transport_parameters(buf, parameters)
-        return bytes(buf.data)
-
     def _create_tls(self, remote_source_cid: bytes | None) -> QuicTlsBridge:
         bridge = super()._create_tls(remote_source_cid)
-        serialize = bridge.serialize_transport_parameters
-
-        def serialized() -> bytes:
-            return self._transport_parameters(serialize())
-
-        # Serialized once in the bridge's constructor and again on a version change.
-        bridge.serialize_transport_parameters = serialized  # type: ignore[method-assign]
-        bridge.tls.handshake_extensions = [(ExtensionType.QUIC_TRANSPORT_PARAMETERS, serialized())]
-        receive = bridge.receive_crypto
-        max_held = self.receive_limits.max_held
-
-        def bounded(epoch: Any, data: bytes, offset: int | None = None, **kw: Any) -> None:
-            # qh3's TLS buffers a handshake message until all of it arrived, and a
-            # message may claim 16 MiB: bound what waits there (RFC 9000 §7.5).
-            if len(bridge.tls._receive_buffer) + len(data) > max_held:
-                raise QuicTlsBridgeError(CRYPTO_BUFFER_EXCEEDED, "handshake message too large")
-            receive(epoch, data, offset, **kw)
-
-        bridge.receive_crypto = bounded  # type: ignore[method-assign]
+        # Our bounds as methods of a subclass (not closures stored on the bridge: those
+        # would tie the connection into reference cycles that only the cyclic GC frees).
+        bridge.__class__ = _GuardedBridge
+        assert isinstance(bridge, _GuardedBridge)
+        bridge.windows = self._windows()
+        bridge.max_held = self.receive_limits.max_held
+        # Serialized once in the bridge's constructor (and again on a version change).
+        bridge.tls.handshake_extensions = [
+            (ExtensionType.QUIC_TRANSPORT_PARAMETERS, bridge.serialize_transport_parameters())
+        ]
         return bridge
 
     def receive_datagram(self, data: bytes, addr: Any, now: float) -> None:
+        if not self._handshake_complete and not self._is_client:
+            self._handshake_bytes += len(data)
+            if self._handshake_bytes > self.receive_limits.qh3_handshake_bytes:
+                # Before the handshake everything is TLS: a peer sending more than a
+                # ClientHello needs is closed before the core buffers it (limits.py).
+                if self._core is not None and self._close_event is None:
+                    self.close(CRYPTO_BUFFER_EXCEEDED, None, "handshake too large")
+                return
         if self._handshake_complete or self._is_client or data[-1:] != b"\0":
             super().receive_datagram(data, addr, now)
             return
