@@ -7,10 +7,13 @@ APT_PACKAGES := python3 python3-venv python3-dev gcc iproute2 nftables iptables 
 	bash-completion man-db
 # The benchmark's tools and the peer VPNs it measures masqued against (bench/README.md).
 BENCH_APT_PACKAGES := iperf3 wireguard-go wireguard-tools openvpn openssl sysstat procps iproute2 iptables iputils-ping
-# Vagrant and its libvirt provider, to check the Vagrantfile (README "Testing in VMs").
-VAGRANT_APT_PACKAGES := vagrant vagrant-libvirt rsync
+# Vagrant and its libvirt provider, to check the Vagrantfile, and what `make vagrant-test`
+# boots the lab with here: libvirt, QEMU (TCG without KVM), and the tools that build the
+# local box (README "Testing in VMs").
+VAGRANT_APT_PACKAGES := vagrant vagrant-libvirt rsync libvirt-daemon-system libvirt-clients \
+	qemu-system-x86 qemu-utils dnsmasq-base mmdebstrap e2fsprogs iproute2
 
-.PHONY: deps venv demo test unit abuse lint clean deb docs lock systest bench-deps bench bench-smoke vagrant-deps vagrant-validate
+.PHONY: deps venv demo test unit abuse lint clean deb docs lock systest bench-deps bench bench-smoke vagrant-deps vagrant-validate vagrant-box vagrant-test vagrant-clean
 
 deps:
 	@if [ "$$(id -u)" != 0 ]; then echo "make deps: run as root"; exit 1; fi
@@ -99,7 +102,7 @@ lock: venv
 systest: deps venv
 	$(PY) -m pytest -q tests/system
 
-## vagrant-deps: Vagrant from Debian (with the libvirt provider; no hypervisor is installed)
+## vagrant-deps: Vagrant from Debian, its libvirt provider, libvirt, QEMU, mmdebstrap
 vagrant-deps:
 	@if [ "$$(id -u)" != 0 ]; then echo "make vagrant-deps: run as root"; exit 1; fi
 	@missing=""; for p in $(VAGRANT_APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
@@ -110,6 +113,22 @@ vagrant-validate: vagrant-deps
 	@dot=$$(mktemp -d); trap 'rm -rf "$$dot"' EXIT; \
 	VAGRANT_DOTFILE_PATH=$$dot vagrant validate && \
 	VAGRANT_DOTFILE_PATH=$$dot MASQUED_VAGRANT_CLIENTS=3 vagrant validate
+
+## vagrant-box: the lab's Debian 12 box built here (vagrant/build-box.sh) into $(VAGRANT_CACHE)
+VAGRANT_CACHE ?= /var/cache/masqued-vagrant
+vagrant-box: vagrant-deps
+	bash vagrant/build-box.sh $(VAGRANT_CACHE)
+	VAGRANT_HOME=$(VAGRANT_CACHE)/vagrant.d vagrant box add --force --name masqued/bookworm-local \
+		$(VAGRANT_CACHE)/masqued-bookworm.box
+
+## vagrant-test: box, vagrant up (relay, target, client), the any_lab tests in the VMs,
+## teardown; confined to a namespace, time-bounded (vagrant/vm-test.sh; ~1 h under TCG)
+vagrant-test: vagrant-deps venv
+	MASQUED_VAGRANT_CACHE=$(VAGRANT_CACHE) bash vagrant/vm-test.sh
+
+## vagrant-clean: remove the cached box ($(VAGRANT_CACHE))
+vagrant-clean:
+	rm -rf $(VAGRANT_CACHE)
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .mypy_cache .ruff_cache

@@ -75,12 +75,16 @@ systemctl restart masqued-lab-net.service
 say "addresses: $(ip -br addr | tr -s ' ' | paste -sd ';')"
 
 # -- packages -----------------------------------------------------------------------------
-# MASQUED_LAB_NO_APT=1: the tools are there already and no mirror is reachable (a
-# rehearsal of this script in containers); the .deb is still installed.
-if [ "${MASQUED_LAB_NO_APT:-0}" != 1 ]; then
+# Only what the box lacks (the local box, vagrant/build-box.sh, has them all: its VMs
+# have no mirror). MASQUED_LAB_NO_APT=1: never use apt's mirrors (a rehearsal of this
+# script in containers); the .deb is still installed.
+missing=()
+for p in python3 iproute2 iputils-ping nftables iptables procps tcpdump; do
+    dpkg-query -W -f '${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ] && [ "${MASQUED_LAB_NO_APT:-0}" != 1 ]; then
     apt-get update -qq
-    apt-get install -y -qq --no-install-recommends \
-        python3 iproute2 iputils-ping nftables iptables procps tcpdump >/dev/null
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 install -d -m 0755 "$helpers"
 for f in servers.py traffic.py rawclient.py udpload.py; do

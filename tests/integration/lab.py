@@ -126,6 +126,12 @@ class Lab(Protocol):
         ...
 
     @property
+    def time_scale(self) -> float:
+        """How much slower than the namespace lab the hosts are (waits and time limits
+        are multiplied by it; VMs under TCG: about 10)."""
+        ...
+
+    @property
     def daemons(self) -> Sequence[LabDaemon]: ...
 
     @property
@@ -322,6 +328,10 @@ class NamespaceLab(LabTraffic):
     def supervised(self) -> bool:
         """Daemons are plain child processes: nothing cleans up after a crash."""
         return False
+
+    @property
+    def time_scale(self) -> float:
+        return 1.0
 
     @property
     def namespaces(self) -> list[str]:

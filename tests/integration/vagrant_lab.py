@@ -16,7 +16,10 @@ bodies run against both. ``VagrantLab`` implements ``Lab``:
   its log is ``journalctl -u masqued@NAME`` from a cursor taken before the start;
 - background commands run as transient units (``systemd-run``) so that ``down()`` can
   stop them; the target's servers are the provisioned ``masqued-lab-servers`` unit;
-- the interfaces are found by address (``ip -j addr``), e.g. the relay's egress.
+- the interfaces are found by address (``ip -j addr``), e.g. the relay's egress;
+- every wait (a command's timeout, READY, a ping) is multiplied by
+  ``$MASQUED_LAB_TIME_SCALE`` (default 1): VMs emulated by TCG are about ten times
+  slower than the namespace lab (vagrant/vm-test.sh sets it).
 
 ``up()`` stops the provisioned instances (masqued@relay, masqued@client) and keeps their
 configs; ``down()`` stops everything the tests started and puts the provisioned state back.
@@ -35,7 +38,7 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePath, PurePosixPath
 
@@ -74,6 +77,8 @@ SPAWN_PREFIX = "mq-lab-"
 # Writes stdin to "$1", readable by root only (a config may name token files).
 WRITE_SCRIPT = 'umask 077 && cat > "$1"'
 LAB_ENV = "MASQUED_LAB"
+SCALE_ENV = "MASQUED_LAB_TIME_SCALE"
+MAX_SCALE = 100.0
 RUNNING = ("active", "activating", "reloading")
 # How ssh itself (not the remote command) reports that it could not get through.
 SSH_ERRORS = ("ssh:", "Connection ", "Permission denied", "kex_exchange", "Host key")
@@ -86,6 +91,26 @@ def client_host(i: int) -> str:
 
 def unit(name: str) -> str:
     return f"masqued@{name}.service"
+
+
+def time_scale(environ: Mapping[str, str] | None = None) -> float:
+    """The factor every wait of the Vagrant lab is multiplied by: ``$MASQUED_LAB_TIME_SCALE``.
+
+    Unset or empty: 1. A number from 1 to 100 (VMs are never faster than the namespace
+    lab it was written for, and 100 would turn a 20 s wait into half an hour);
+    anything else is a ``VagrantError`` naming the variable.
+    """
+    env = os.environ if environ is None else environ
+    raw = env.get(SCALE_ENV, "").strip()
+    if not raw:
+        return 1.0
+    try:
+        value = float(raw)
+    except ValueError:
+        raise VagrantError(f"{SCALE_ENV}={raw!r} is not a number") from None
+    if not 1.0 <= value <= MAX_SCALE:  # also rejects nan
+        raise VagrantError(f"{SCALE_ENV}={raw}: use a number from 1 to {MAX_SCALE:g}")
+    return value
 
 
 # -- finding the VMs ----------------------------------------------------------------------
@@ -189,6 +214,8 @@ class VagrantHosts:
     statedir: Path
     runner: Runner = run_local
     spawner: Spawner = spawn_local
+    # Multiplies every command's timeout and the lab's waits (time_scale()).
+    scale: float = 1.0
 
     @classmethod
     def discover(
@@ -197,13 +224,18 @@ class VagrantHosts:
         runner: Runner = run_local,
         spawner: Spawner = spawn_local,
         timeout: float = 120,
+        scale: float | None = None,
     ) -> VagrantHosts:
-        """Ask ``vagrant ssh-config`` for every VM that exists; fail unless all run."""
+        """Ask ``vagrant ssh-config`` for every VM that exists; fail unless all run.
+
+        ``scale``: the time scale (default: ``time_scale()`` from the environment).
+        """
+        factor = time_scale() if scale is None else scale
         base = root if root is not None else vagrant_dir()
         names = machines_created(base)
         if not names:
             raise VagrantError(f"no Vagrant VMs in {base} (run `vagrant up` there)")
-        res = runner(["vagrant", "ssh-config", *names], None, timeout)
+        res = runner(["vagrant", "ssh-config", *names], None, timeout * factor)
         if res.returncode != 0:
             raise VagrantError(
                 f"`vagrant ssh-config {' '.join(names)}` failed (are the VMs running? "
@@ -215,7 +247,7 @@ class VagrantHosts:
             raise VagrantError(f"vagrant ssh-config has no {', '.join(missing)}")
         # Short path: ssh's ControlPath must fit in a unix socket address.
         statedir = Path(tempfile.mkdtemp(prefix="mqv-", dir="/tmp"))
-        hosts = cls(config, statedir, runner, spawner)
+        hosts = cls(config, statedir, runner, spawner, factor)
         (statedir / "ssh_config").write_text(write_ssh_config(config))
         return hosts
 
@@ -263,7 +295,7 @@ class VagrantHosts:
         check: bool = True,
         timeout: float = 60,
     ) -> subprocess.CompletedProcess[str]:
-        res = self.runner(self.ssh_argv(host, cmd), stdin, timeout)
+        res = self.runner(self.ssh_argv(host, cmd), stdin, timeout * self.scale)
         if res.returncode == 255 and res.stderr.startswith(SSH_ERRORS):
             raise VagrantError(f"ssh to {host} failed: {res.stderr.strip()}")
         if check and res.returncode != 0:
@@ -384,6 +416,7 @@ class VagrantDaemon:
     def wait_ready(self, timeout: float = 20) -> None:
         # Type=notify: "active" only after READY=1. "activating" is also the state
         # between automatic restarts (Restart=on-failure), so keep waiting then.
+        timeout *= self.hosts.scale
         deadline = time.monotonic() + timeout
         state = self.state()
         # "inactive" too, until the queued restart job runs (--no-block).
@@ -422,7 +455,7 @@ class VagrantDaemon:
             self.unit,
             check=False,
         )
-        deadline = time.monotonic() + timeout
+        deadline = time.monotonic() + timeout * self.hosts.scale
         props = unit_properties(self.hosts, self.host, self.unit)
         while props.get("SubState") in ("running", "stop-sigterm") and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -458,6 +491,10 @@ class VagrantLab(LabTraffic):
     @property
     def supervised(self) -> bool:
         return True
+
+    @property
+    def time_scale(self) -> float:
+        return self.hosts.scale
 
     @property
     def relay_ns(self) -> str:
@@ -648,13 +685,16 @@ class VagrantLab(LabTraffic):
         """(Re)start the target's provisioned servers with the current servers.py."""
         self.servers_cursor = journal_cursor(self.hosts, TARGET)
         self.hosts.run(TARGET, "systemctl", "restart", SERVERS_UNIT)
-        deadline = time.monotonic() + 10
+        deadline = time.monotonic() + 10 * self.time_scale
         while time.monotonic() < deadline:
             out = self.run(TARGET, "ss", "-Hltn", check=False).stdout
             if ":5201" in out:
                 return
             time.sleep(0.2)
         raise AssertionError(f"target servers did not start:\n{self.servers_log()}")
+
+    def wait_ping(self, ns: str, addr: str, timeout: float = 20) -> float:
+        return super().wait_ping(ns, addr, timeout * self.time_scale)
 
     def servers_log(self) -> str:
         return journal_since(self.hosts, TARGET, SERVERS_UNIT, self.servers_cursor)

@@ -5,6 +5,8 @@ over "ssh" the way the VMs would."""
 
 from __future__ import annotations
 
+import contextlib
+import ipaddress
 import json
 import re
 import shlex
@@ -43,6 +45,7 @@ from tests.integration.vagrant_lab import (
     exit_code,
     machines_created,
     parse_ssh_config,
+    time_scale,
     write_ssh_config,
 )
 
@@ -559,6 +562,88 @@ def test_exit_codes_follow_popen_conventions() -> None:
     assert exit_code({"Result": "core-dump", "ExecMainCode": "3", "ExecMainStatus": "6"}) == -6
     assert exit_code({"Result": "success", "ExecMainCode": "0", "ExecMainStatus": "0"}) == 0
     assert exit_code({"Result": "resources", "ExecMainCode": "0"}) is None
+
+
+# -- the time scale (VMs under TCG) -----------------------------------------------------------
+
+
+def test_time_scale_comes_from_the_environment_and_is_checked() -> None:
+    assert time_scale({}) == 1.0
+    assert time_scale({"MASQUED_LAB_TIME_SCALE": ""}) == 1.0
+    assert time_scale({"MASQUED_LAB_TIME_SCALE": " 10 "}) == 10.0
+    assert time_scale({"MASQUED_LAB_TIME_SCALE": "2.5"}) == 2.5
+    for bad in ("ten", "0.5", "0", "-3", "nan", "inf", "1000"):
+        with pytest.raises(VagrantError, match="MASQUED_LAB_TIME_SCALE"):
+            time_scale({"MASQUED_LAB_TIME_SCALE": bad})
+
+
+def test_the_time_scale_stretches_command_timeouts_and_waits(
+    world: FakeVagrant, tmp_path: Path
+) -> None:
+    seen: list[float] = []
+
+    def runner(
+        argv: Sequence[str], stdin: str | None, timeout: float
+    ) -> subprocess.CompletedProcess[str]:
+        seen.append(timeout)
+        return world.runner(argv, stdin, timeout)
+
+    h = VagrantHosts.discover(tmp_path, runner=runner, spawner=world.spawner, scale=10)
+    try:
+        assert seen == [1200]  # vagrant ssh-config: 120 s by default
+        h.run("relay", "true", check=False, timeout=7)
+        assert seen[-1] == 70
+        lab = VagrantLab(h, tmp_path / "work")
+        assert lab.time_scale == 10
+        assert as_lab(lab).time_scale == 10
+    finally:
+        h.close()
+    assert VagrantHosts.discover(tmp_path, runner=world.runner, scale=None).scale == 1.0
+
+
+# -- confinement: the lab's and libvirt's networks (vagrant/vm-test.sh) ----------------------
+
+
+LAB_V4 = ipaddress.ip_network("198.18.0.0/15")
+LAB_V6 = ipaddress.ip_network("2001:db8::/32")
+
+
+def addresses_in(text: str) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+    """Every IPv4/IPv6 address or network written literally in ``text`` (what looks like
+    one and parses as one: times such as 18:26:02 do not)."""
+    found: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = []
+    v4 = r"(?<![\w.])\d{1,3}(?:\.\d{1,3}){3}(?:/\d{1,2})?(?![\w.])"
+    v6 = r"(?<![\w:])[0-9a-fA-F]{1,4}(?::[0-9a-fA-F]{0,4}){2,7}(?:/\d{1,3})?"
+    for m in re.finditer(f"{v4}|{v6}", text):
+        with contextlib.suppress(ValueError):
+            found.append(ipaddress.ip_network(m.group(0), strict=False))
+    return found
+
+
+def test_every_network_of_the_vm_lab_is_a_test_network() -> None:
+    harness = (REPO / "vagrant" / "vm-test.sh").read_text()
+    vagrantfile = (REPO / "Vagrantfile").read_text()
+    assert "mgmt_net=198.18.64.0/24" in harness
+    # The provider's default management network is named only to say it is not used.
+    allowed_mentions = {
+        ipaddress.ip_network("192.168.121.0/24"),
+        ipaddress.ip_network("255.255.255.0"),  # a netmask
+    }
+    for name, text in (("vagrant/vm-test.sh", harness), ("Vagrantfile", vagrantfile)):
+        nets = addresses_in(text)
+        assert nets, name
+        for net in nets:
+            if net in allowed_mentions:
+                continue
+            inside = net.subnet_of(LAB_V4) if net.version == 4 else net.subnet_of(LAB_V6)
+            assert inside, f"{name}: {net} is outside 198.18.0.0/15 and 2001:db8::/32"
+    # The management network takes the isolated mode whenever the harness sets it, and
+    # the lab's own networks never forward.
+    assert 'lv.management_network_mode = "none"' in vagrantfile
+    assert vagrantfile.count('libvirt__forward_mode: "none"') == 1
+    # The harness's namespace follows the mq-* rule and every run tears it down.
+    assert "ns=mq-vagrant-$$" in harness and 'ip netns delete "$ns"' in harness
+    assert "trap teardown EXIT" in harness
 
 
 # -- the Vagrantfile and the Python lab agree -------------------------------------------------
